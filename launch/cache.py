@@ -1,0 +1,90 @@
+"""Build or update the latent cache: ``python launch/cache.py --config cfg.yaml``.
+
+The YAML needs ``model: {pretrained: <diffusers SDXL folder>}`` (VAE, and the text encoders when
+``data.cache_text``) and a ``data:`` section holding the fields of ``ztsnr_ds.data.cache.CacheConfig``;
+an unknown ``data`` key is an error. Other top-level sections and other ``model`` keys are ignored, so the
+training YAML can be passed as is. Relative paths are relative to the working directory.
+
+Several processes split the images and rank 0 merges:
+    deepspeed --num_gpus 8 launch/cache.py --config cfg.yaml
+    torchrun --nproc_per_node 8 launch/cache.py --config cfg.yaml
+(RANK / WORLD_SIZE / LOCAL_RANK from the launcher; torch.distributed with gloo, only for barriers.)
+Re-running resumes an interrupted build and re-encodes only new or changed images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from jsonargparse import ArgumentParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+from ztsnr_ds.data.cache import BuildStats, CacheConfig, build_cache  # noqa: E402
+from ztsnr_ds.models import load_frozen  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cli_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Encode a dataset into the SDXL latent cache (see module docstring).")
+    parser.add_argument("--config", type=str, required=True,
+                        help="YAML with model.pretrained and data sections")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per VAE call")
+    parser.add_argument("--workers", type=int, default=4, help="threads hashing and decoding images")
+    parser.add_argument("--dtype", type=str, default="float32", choices=list(DTYPES),
+                        help="VAE / text encoder dtype; float32 is safe, the SDXL VAE overflows in float16")
+    parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher; unused")
+    return parser
+
+
+def read_sections(path: str | Path) -> tuple[CacheConfig, str]:
+    """(CacheConfig from ``data``, ``model.pretrained``) of a YAML file, validated by jsonargparse."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    model = raw.get("model") or {}
+    parser = ArgumentParser(prog=f"{Path(__file__).name} (sections of {path})")
+    parser.add_class_arguments(CacheConfig, "data")
+    parser.add_argument("--model.pretrained", type=str, required=True, help="diffusers SDXL folder")
+    sections = {"data": raw.get("data") or {}, "model": {"pretrained": model.get("pretrained")}}
+    namespace = parser.parse_object(sections)
+    init = parser.instantiate(namespace)
+    return init.data, init.model.pretrained
+
+
+def setup_distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the launcher's environment; gloo process group if world > 1."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1 and not dist.is_initialized():
+        # only barriers travel; a long timeout because ranks may finish hours apart on skewed buckets
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(hours=48))
+    return rank, world_size, int(os.environ.get("LOCAL_RANK", 0))
+
+
+def main(argv: list[str] | None = None) -> BuildStats:
+    args = cli_parser().parse_args(argv)
+    cfg, pretrained = read_sections(args.config)
+    rank, world_size, local_rank = setup_distributed()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank {rank}] %(levelname)s %(message)s")
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    parts = load_frozen(pretrained, dtype=DTYPES[args.dtype])
+    parts.vae.to(device)
+    if cfg.cache_text:
+        parts.text_encoder.to(device)
+        parts.text_encoder_2.to(device)
+    try:
+        return build_cache(cfg, parts, rank, world_size, batch_size=args.batch_size, workers=args.workers,
+                           progress=rank == 0)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

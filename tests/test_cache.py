@@ -1,0 +1,394 @@
+"""Latent cache on the tiny SDXL: latents vs an independent VAE encode, manifest, bad files, reuse,
+corruption, resume, rank split, shard bound, cached text and the launch script."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image, ImageOps
+
+from ztsnr_ds.data.buckets import BucketConfig, assign_bucket, make_buckets
+from ztsnr_ds.data.cache import (
+    HEADER_RESERVE,
+    CacheConfig,
+    CacheError,
+    LatentCache,
+    build_cache,
+    merge_parts,
+)
+from ztsnr_ds.data.tags import parse_tags, tag_weights
+from ztsnr_ds.models import TINY_TEXT_HIDDEN, load_frozen
+from ztsnr_ds.text import PromptEncoder
+
+BUCKETS = BucketConfig(max_area=128 * 128, step=64, min_side=64, max_side=256, max_aspect=4.0)
+SHARD_BYTES = HEADER_RESERVE + 2 * 2048  # two 128x128 latents (4 * 16 * 16 bf16) per shard
+# (width, height) of the good images: square-ish, wide and tall ones for every bucket
+SIZES = [
+    (128, 128),
+    (96, 96),
+    (200, 100),
+    (100, 200),
+    (256, 64),
+    (64, 256),
+    (150, 60),
+    (90, 250),
+    (300, 120),
+    (130, 140),
+    (70, 70),
+    (160, 90),
+]
+TAGS = ["1girl", "solo", "smile", "outdoors", "sky", "cat", "red_eyes", "hat"]
+BAD = {"empty.png", "corrupt.jpg", "truncated.png"}
+ROW_FIELDS = {
+    "id",
+    "key",
+    "path",
+    "sha256",
+    "bucket",
+    "orig_hw",
+    "crop_tl",
+    "time_ids",
+    "caption",
+    "tags",
+    "weight",
+    "shard",
+    "index",
+}
+
+
+def _noise_image(seed: int, width: int, height: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _write_dataset(root: Path) -> Path:
+    """Good images with tag captions (one without a caption), an EXIF-rotated JPEG and three bad files."""
+    root.mkdir(parents=True)
+    for i, (w, h) in enumerate(SIZES):
+        _noise_image(i, w, h).save(root / f"img{i:02d}.png")
+        if i != 5:
+            tags = [tag for j, tag in enumerate(TAGS) if (i + 1) % (j + 2)]  # tags of varied frequency
+            (root / f"img{i:02d}.txt").write_text(", ".join(tags))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 180x70, shown rotated by 90 degrees: upright 70 wide, 180 tall
+    (root / "sub").mkdir()
+    _noise_image(99, 180, 70).save(root / "sub" / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    (root / "sub" / "rotated.txt").write_text("cat, hat")
+    (root / "empty.png").write_bytes(b"")
+    (root / "corrupt.jpg").write_bytes(np.random.default_rng(7).bytes(500))
+    png = (root / "img00.png").read_bytes()
+    (root / "truncated.png").write_bytes(png[: len(png) // 2])
+    return root
+
+
+def _cfg(source: Path, cache_dir: Path, **kw) -> CacheConfig:
+    kw = {"buckets": BUCKETS, "crop": "random", "shard_max_mb": SHARD_BYTES / 2**20} | kw
+    return CacheConfig(source=str(source), cache_dir=str(cache_dir), **kw)
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+@contextmanager
+def count_vae_images(vae, fail_after_calls: int | None = None):
+    """Counts images through the VAE encoder; optionally raises on a later call (a simulated crash)."""
+    seen = {"images": 0, "calls": 0}
+
+    def hook(module, args):
+        if fail_after_calls is not None and seen["calls"] >= fail_after_calls:
+            raise SimulatedCrash
+        seen["calls"] += 1
+        seen["images"] += args[0].shape[0]
+
+    handle = vae.encoder.register_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _read_rows(cache_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (cache_dir / "manifest.jsonl").read_text().splitlines()]
+
+
+def _content(rows: list[dict]) -> list[dict]:
+    """Rows without their storage location."""
+    return [{k: v for k, v in row.items() if k not in ("shard", "index")} for row in rows]
+
+
+def _latents_by_key(cache_dir: Path) -> dict[str, torch.Tensor]:
+    cache = LatentCache(cache_dir)
+    return {row["key"]: cache.batch([row["id"]])["latents"][0] for row in cache.rows}
+
+
+def assert_same_latents(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Equal up to one bf16 rounding step (VAE batches of other sizes differ in the last fp32 bits)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=2**-7, atol=1e-3 * a[key].abs().max().item())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convs gain nothing from threads, and OpenMP spin-waits stall on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_sdxl):
+    return load_frozen(tiny_sdxl, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return _write_dataset(tmp_path_factory.mktemp("data") / "images")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, parts, dataset):
+    """One finished cache (random crops, posterior means); tests that change it work on a copy."""
+    cfg = _cfg(dataset, tmp_path_factory.mktemp("built") / "cache")
+    with count_vae_images(parts.vae) as seen:
+        stats = build_cache(cfg, parts, batch_size=3, workers=2, progress=False)
+    return cfg, stats, seen["images"]
+
+
+@pytest.fixture
+def copied(tmp_path, built):
+    cfg, _, _ = built
+    data = shutil.copytree(cfg.source, tmp_path / "images")
+    cache = shutil.copytree(cfg.cache_dir, tmp_path / "cache")
+    return _cfg(data, cache)
+
+
+def test_latents_equal_independent_vae_encoding(built, parts):
+    """latents == VAE(image resized to cover the bucket, cropped at time_ids' offset).mean * scale."""
+    cfg, _, _ = built
+    cache = LatentCache(cfg.cache_dir)
+    processor = VaeImageProcessor(vae_scale_factor=8)
+    for row in cache.rows:
+        oh, ow, top, left, th, tw = row["time_ids"]
+        img = ImageOps.exif_transpose(Image.open(row["path"])).convert("RGB")
+        assert img.size == (ow, oh)
+        scale = max(th / oh, tw / ow)  # cover the bucket, keep the aspect ratio
+        img = img.resize((max(tw, round(ow * scale)), max(th, round(oh * scale))), Image.Resampling.LANCZOS)
+        img = img.crop((left, top, left + tw, top + th))
+        with torch.no_grad():
+            ref = parts.vae.encode(processor.preprocess(img)).latent_dist.mean[0]
+        ref = ref * parts.vae.config.scaling_factor
+        got = cache.batch([row["id"]])["latents"][0]
+        assert got.dtype == torch.bfloat16 and got.shape == (4, th // 8, tw // 8)
+        torch.testing.assert_close(got.float(), ref, rtol=2**-7, atol=1e-3 * ref.abs().max().item())
+    assert any(row["crop_tl"] != [0, 0] for row in cache.rows)  # random crops were exercised
+
+
+def test_manifest_rows_report_and_reader(built):
+    cfg, stats, encoded = built
+    rows = _read_rows(Path(cfg.cache_dir))
+    assert [r["key"] for r in rows] == sorted(r["key"] for r in rows)
+    assert [r["id"] for r in rows] == list(range(len(SIZES) + 1)) and encoded == stats.encoded == len(rows)
+    buckets = make_buckets(BUCKETS)
+    for row in rows:
+        assert set(row) == ROW_FIELDS
+        path = Path(row["path"])
+        assert row["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        txt = path.with_suffix(".txt")
+        assert row["caption"] == (txt.read_text() if txt.exists() else "")
+        assert row["tags"] == parse_tags(row["caption"])
+        oh, ow, top, left, th, tw = row["time_ids"]
+        assert row["orig_hw"] == [oh, ow] and row["crop_tl"] == [top, left]
+        assert row["bucket"] == f"{th}x{tw}" and (th, tw) == assign_bucket(oh, ow, buckets)
+    rotated = next(r for r in rows if r["key"] == "sub/rotated.jpg")
+    assert rotated["orig_hw"] == [180, 70] and rotated["bucket"] == "192x64"  # upright, from the EXIF tag
+    weights = [r["weight"] for r in rows]
+    assert weights == pytest.approx(tag_weights([r["tags"] for r in rows], cfg.tag_weights))
+    assert np.mean(weights) == pytest.approx(1.0) and np.ptp(weights) > 0.1
+
+    report = json.loads((Path(cfg.cache_dir) / "report.json").read_text())
+    assert report["images"] == len(rows) and sum(report["buckets"].values()) == len(rows)
+    reasons = {b["key"]: b["reason"] for b in report["bad"]}
+    assert set(reasons) == BAD and reasons["empty.png"] == "empty file"
+    assert "truncated" in reasons["truncated.png"]
+    assert {p["key"] for p in report["scan_problems"]} == {"img05.png"} | BAD  # no caption; img05 is cached
+    assert not (Path(cfg.cache_dir) / "parts").exists() or not any((Path(cfg.cache_dir) / "parts").iterdir())
+
+    cache = LatentCache(cfg.cache_dir)
+    assert len(cache) == len(rows)
+    assert sorted(i for ids in cache.buckets.values() for i in ids) == list(range(len(rows)))
+    key, ids = max(cache.buckets.items(), key=lambda kv: len(kv[1]))
+    h, w = cache.height_width(key)
+    batch = cache.batch(ids)
+    assert (
+        batch["latents"].shape == (len(ids), 4, h // 8, w // 8) and batch["latents"].dtype == torch.bfloat16
+    )
+    assert batch["time_ids"].shape == (len(ids), 6)
+    assert batch["time_ids"].dtype == batch["weight"].dtype == torch.float32
+    assert batch["time_ids"].tolist() == [rows[i]["time_ids"] for i in ids]
+    assert batch["captions"] == [rows[i]["caption"] for i in ids] and "embeds" not in batch
+    with pytest.raises(ValueError, match="one bucket"):
+        cache.batch([ids[0], next(i for i in range(len(rows)) if i not in ids)])
+
+
+def test_shards_bounded_and_checksummed(built):
+    cfg, _, _ = built
+    root = Path(cfg.cache_dir)
+    meta = json.loads((root / "shards.json").read_text())
+    files = sorted(p.stem for p in (root / "shards").iterdir())
+    assert files == sorted(meta["shards"])
+    for name, info in meta["shards"].items():
+        data = (root / "shards" / f"{name}.safetensors").read_bytes()
+        assert len(data) == info["bytes"] <= SHARD_BYTES
+        assert hashlib.sha256(data).hexdigest() == info["sha256"]
+    per_bucket = [info["bucket"] for info in meta["shards"].values()]
+    assert max(per_bucket.count(b) for b in per_bucket) >= 2  # a bucket spilled into a second shard
+    for info in meta["shards"].values():  # packed: as many latents as fit beside the header reserve
+        h, w = map(int, info["bucket"].split("x"))
+        assert 1 <= info["count"] <= (SHARD_BYTES - HEADER_RESERVE) // (4 * (h // 8) * (w // 8) * 2) == 2
+
+
+def test_rerun_reuses_and_reencodes_only_changes(copied, parts):
+    before = _latents_by_key(Path(copied.cache_dir))
+    with count_vae_images(parts.vae) as seen:
+        stats = build_cache(copied, parts, batch_size=3, workers=2, progress=False)
+    assert seen["images"] == stats.encoded == 0 and stats.reused == len(before)
+
+    data = Path(copied.source)
+    _noise_image(1234, 128, 128).save(data / "img00.png")  # same size, new pixels
+    (data / "img01.png").unlink()
+    (data / "img01.txt").unlink()
+    (data / "img02.txt").write_text("brand new tag")  # caption only: latents reused, row updated
+    with count_vae_images(parts.vae) as seen:
+        stats = build_cache(copied, parts, batch_size=3, workers=2, progress=False)
+    assert seen["images"] == stats.encoded == 1
+    after = _latents_by_key(Path(copied.cache_dir))
+    assert set(after) == set(before) - {"img01.png"}
+    assert not torch.equal(after["img00.png"], before["img00.png"])
+    assert_same_latents(
+        {k: v for k, v in after.items() if k != "img00.png"},
+        {k: v for k, v in before.items() if k in after and k != "img00.png"},
+    )
+    rows = {r["key"]: r for r in _read_rows(Path(copied.cache_dir))}
+    assert rows["img02.png"]["tags"] == ["brand new tag"]
+    meta = json.loads((Path(copied.cache_dir) / "shards.json").read_text())
+    assert sorted(p.stem for p in (Path(copied.cache_dir) / "shards").iterdir()) == sorted(meta["shards"])
+
+
+def test_corrupt_shard_detected_on_read_and_rebuilt(copied, parts):
+    root = Path(copied.cache_dir)
+    before = _latents_by_key(root)
+    rows = _read_rows(root)
+    victim = rows[0]["shard"]
+    path = root / "shards" / f"{victim}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # a flipped bit in the tensor data, header intact
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=rf"{victim}.*sha256 mismatch.*launch/cache\.py"):
+        LatentCache(root).batch([rows[0]["id"]])
+
+    in_victim = sum(r["shard"] == victim for r in rows)
+    with count_vae_images(parts.vae) as seen:
+        stats = build_cache(copied, parts, batch_size=3, workers=2, progress=False)
+    assert [c["shard"] for c in stats.corrupt_shards] == [victim]
+    assert seen["images"] == stats.encoded == in_victim
+    assert stats.report["corrupt_shards"][0]["shard"] == victim
+    assert_same_latents(_latents_by_key(root), before)  # every shard verified again
+
+
+def test_interrupted_build_resumes_from_completed_shards(tmp_path, parts, dataset, built):
+    cfg = _cfg(dataset, tmp_path / "cache")
+    with pytest.raises(SimulatedCrash), count_vae_images(parts.vae, fail_after_calls=3):
+        build_cache(cfg, parts, batch_size=2, workers=2, progress=False)
+    done = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "shards").glob("*.safetensors")}
+    assert done and not (tmp_path / "cache" / "manifest.jsonl").exists()
+    kept = sum(
+        json.loads(line)["count"]
+        for line in (tmp_path / "cache" / "parts" / "progress-rank0.jsonl").read_text().splitlines()
+        if line
+    )
+
+    with count_vae_images(parts.vae) as seen:
+        stats = build_cache(cfg, parts, batch_size=2, workers=2, progress=False)
+    assert stats.reused == kept > 0 and seen["images"] == stats.encoded == len(SIZES) + 1 - kept
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in done.items())  # completed shards untouched
+    ref_cfg = built[0]
+    assert _content(_read_rows(tmp_path / "cache")) == _content(_read_rows(Path(ref_cfg.cache_dir)))
+    assert_same_latents(_latents_by_key(tmp_path / "cache"), _latents_by_key(Path(ref_cfg.cache_dir)))
+
+
+def test_two_ranks_match_one_rank(tmp_path, parts, dataset, built):
+    """Posterior samples and random crops are seeded per image, so the split cannot change them."""
+    one, two = (_cfg(dataset, tmp_path / name, latent="sample") for name in ("one", "two"))
+    build_cache(one, parts, batch_size=4, workers=2, progress=False)
+    stats = [
+        build_cache(two, parts, rank=r, world_size=2, batch_size=3, workers=2, progress=False) for r in (0, 1)
+    ]
+    assert not (tmp_path / "two" / "manifest.jsonl").exists()  # no torch.distributed: merge is explicit
+    assert all(s.encoded > 0 for s in stats)
+    report = merge_parts(two, world_size=2)
+    assert report["images"] == len(SIZES) + 1 and {b["key"] for b in report["bad"]} == BAD
+    assert _content(_read_rows(tmp_path / "two")) == _content(_read_rows(tmp_path / "one"))
+    a, b, mean = (_latents_by_key(p) for p in (tmp_path / "one", tmp_path / "two", Path(built[0].cache_dir)))
+    assert_same_latents(a, b)
+    assert all(not torch.allclose(a[k].float(), mean[k].float(), atol=1e-4) for k in a)  # samples, not means
+
+
+def test_cached_text_embeddings(tmp_path, parts, dataset):
+    cfg = _cfg(dataset, tmp_path / "cache", crop="center", cache_text=True, shard_max_mb=1.0)
+    build_cache(cfg, parts, batch_size=4, workers=2, progress=False)
+    cache = LatentCache(cfg.cache_dir)
+    encoder = PromptEncoder.from_parts(parts)
+    for ids in cache.buckets.values():
+        batch = cache.batch(ids)
+        embeds, pooled = encoder.encode(batch["captions"])
+        assert batch["embeds"].dtype == batch["pooled"].dtype == torch.bfloat16
+        assert batch["embeds"].shape == (len(ids), 77, 2 * TINY_TEXT_HIDDEN)
+        torch.testing.assert_close(batch["embeds"].float(), embeds, rtol=2**-7, atol=1e-2)
+        torch.testing.assert_close(batch["pooled"].float(), pooled, rtol=2**-7, atol=1e-2)
+
+    (Path(cfg.source) / "sub" / "rotated.txt").write_text("dog")  # cached text must follow the caption
+    try:
+        stats = build_cache(cfg, parts, batch_size=4, workers=2, progress=False)
+    finally:
+        (Path(cfg.source) / "sub" / "rotated.txt").write_text("cat, hat")
+    assert stats.encoded == 1
+
+
+def _launch_module():
+    path = Path(__file__).resolve().parents[1] / "launch" / "cache.py"
+    spec = importlib.util.spec_from_file_location("launch_cache", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_launch_script_reads_training_yaml(tmp_path, tiny_sdxl, dataset):
+    launch = _launch_module()
+    data = {
+        "source": str(dataset),
+        "cache_dir": str(tmp_path / "cache"),
+        "crop": "center",
+        "buckets": {"max_area": 128 * 128, "min_side": 64, "max_side": 256},
+    }
+    config = {"model": {"pretrained": str(tiny_sdxl), "unet_path": None}, "data": data, "optim": {"lr": 1e-4}}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    stats = launch.main(["--config", str(tmp_path / "train.yaml"), "--batch_size", "4", "--workers", "2"])
+    assert stats.encoded == len(SIZES) + 1 and stats.report["images"] == len(SIZES) + 1
+    assert len(LatentCache(tmp_path / "cache")) == len(SIZES) + 1
+
+    config["data"]["shard_size_mb"] = 8  # a typo must not pass silently
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit):
+        launch.main(["--config", str(tmp_path / "typo.yaml")])

@@ -1,0 +1,226 @@
+"""Source scanning and safe image loading, on real files written to tmp_path."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ztsnr_ds.data.sources import (
+    MISSING_CAPTION,
+    BadImage,
+    ImageRecord,
+    Problem,
+    load_image,
+    scan_source,
+    summarize_problems,
+    to_rgb,
+)
+
+RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
+
+
+def _pixels(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.int16)
+
+
+# ---- colour modes ------------------------------------------------------------------------------
+
+
+def _palette_image(transparent: bool) -> Image.Image:
+    img = Image.new("P", (8, 8), 0)
+    img.putpalette([*RED, *BLUE] + [0] * 762)
+    img.paste(1, (0, 0, 4, 8))  # left half index 1 (blue), right half index 0 (red)
+    if transparent:
+        img.info["transparency"] = 0
+    return img
+
+
+def _alpha(mode: str) -> Image.Image:
+    """Left half opaque colour, right half fully transparent, so the right must come out white."""
+    colour = (255, 0, 0, 255) if mode == "RGBA" else (0, 255)
+    img = Image.new(mode, (8, 8), colour)
+    img.paste((0, 0, 0, 0) if mode == "RGBA" else (0, 0), (4, 0, 8, 8))
+    return img
+
+
+# name -> (file name, image, expected left half RGB, expected right half RGB, tolerance)
+CASES = {
+    "1": ("bw.png", Image.new("1", (8, 8), 1), WHITE, WHITE, 0),
+    "L": ("grey.png", Image.new("L", (8, 8), 100), (100,) * 3, (100,) * 3, 0),
+    "LA": ("grey_alpha.png", _alpha("LA"), (0, 0, 0), WHITE, 0),
+    "P": ("palette.png", _palette_image(False), BLUE, RED, 0),
+    "P+transparency": ("palette_t.png", _palette_image(True), BLUE, WHITE, 0),
+    "RGB": ("rgb.webp", Image.new("RGB", (8, 8), GREEN), GREEN, GREEN, 8),
+    "RGBA": ("rgba.PNG", _alpha("RGBA"), RED, WHITE, 0),
+    "CMYK": ("cmyk.jpg", Image.new("CMYK", (8, 8), (255, 0, 0, 0)), (0, 255, 255), (0, 255, 255), 8),
+    "I;16": ("deep.png", Image.fromarray(np.full((8, 8), 16416, np.uint16)), (64,) * 3, (64,) * 3, 0),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(CASES))
+def test_load_image_converts_every_mode_to_rgb(tmp_path, mode):
+    name, img, left, right, tol = CASES[mode]
+    path = tmp_path / name
+    img.save(path, quality=95) if name.endswith("jpg") else img.save(path)
+    with Image.open(path) as raw:
+        assert raw.mode == img.mode  # the file really holds the mode under test
+    out = load_image(path)
+    assert out.mode == "RGB" and out.size == (8, 8)
+    px = _pixels(out)
+    assert np.abs(px[:, :4] - left).max() <= tol
+    assert np.abs(px[:, 4:] - right).max() <= tol
+
+
+def test_alpha_is_composited_over_white_with_partial_alpha():
+    out = _pixels(to_rgb(Image.new("RGBA", (2, 2), (0, 0, 255, 64))))
+    # over white: c = a * fg + (1 - a) * 255 with a = 64 / 255
+    expected = np.rint(np.array([0, 0, 255]) * 64 / 255 + 255 * (1 - 64 / 255))
+    assert np.abs(out - expected).max() <= 1
+
+
+def test_32bit_integer_grey_is_scaled_not_clipped():
+    img = Image.fromarray(np.array([[0, 257, 32768, 65535, 70000]], np.int32))
+    assert img.mode == "I"
+    assert _pixels(to_rgb(img))[0, :, 0].tolist() == [0, 1, 128, 255, 255]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # stored 40 wide x 20 tall: quadrants red, green / blue, white
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:10, :20], arr[:10, 20:], arr[10:, :20], arr[10:, 20:] = RED, GREEN, BLUE, WHITE
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: display = stored rotated 90 degrees clockwise
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(arr).save(path, exif=exif.tobytes(), quality=95)
+    out = load_image(path)
+    assert out.size == (20, 40)
+    expected = np.rot90(arr, k=-1).astype(np.int16)  # k=-1: clockwise
+    # compare quadrant means (JPEG blurs the edges)
+    got, want = _pixels(out), expected
+    for rows in (slice(2, 18), slice(22, 38)):
+        for cols in (slice(2, 8), slice(12, 18)):
+            assert np.abs(got[rows, cols].mean((0, 1)) - want[rows, cols].mean((0, 1))).max() < 12
+
+
+# ---- bad files ---------------------------------------------------------------------------------
+
+
+def _bomb_png(path, side: int) -> None:
+    """A real 1-bit side x side PNG of zeros: tiny on disk, huge once decoded."""
+    row = b"\x00" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
+
+
+def test_bad_files_raise_bad_image(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+    Image.fromarray(noise).save(tmp_path / "full.png")
+    blob = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image, just text\n")
+    cases = {"truncated.png": "unreadable", "empty.jpg": "empty file", "text.png": "unreadable"}
+    for name, reason in cases.items():
+        with pytest.raises(BadImage) as err:
+            load_image(tmp_path / name)
+        assert err.value.reason.startswith(reason), (name, err.value.reason)
+    assert load_image(tmp_path / "full.png").size == (64, 64)
+
+
+def test_decompression_bomb_and_too_small(tmp_path):
+    bomb, huge_bomb = tmp_path / "bomb.png", tmp_path / "huge_bomb.png"
+    _bomb_png(bomb, 9000)  # 81 MP: under PIL's own guard, so only our max_pixels check can stop it
+    _bomb_png(huge_bomb, 20000)  # 400 MP: above PIL's hard limit (2 x Image.MAX_IMAGE_PIXELS)
+    assert bomb.stat().st_size < 100_000 and huge_bomb.stat().st_size < 100_000
+    with pytest.raises(BadImage, match="decompression bomb: 9000x9000 exceeds max_pixels=10000000"):
+        load_image(bomb, max_pixels=10_000_000)
+    # a caller limit above PIL's: PIL's DecompressionBombError is reported the same way
+    with pytest.raises(BadImage, match="decompression bomb: Image size"):
+        load_image(huge_bomb, max_pixels=10**12)
+    Image.new("RGB", (40, 20)).save(tmp_path / "small.png")
+    with pytest.raises(BadImage, match="too small.*min_side=32"):
+        load_image(tmp_path / "small.png", min_side=32)
+    assert load_image(tmp_path / "small.png", min_side=20).size == (40, 20)
+
+
+# ---- scanning ----------------------------------------------------------------------------------
+
+
+def _touch_image(path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 4)).save(path, format="PNG" if path.suffix.lower() != ".jpg" else "JPEG")
+
+
+def test_scan_folder(tmp_path):
+    for name in ("b.png", "sub/a.JPG", "sub/deeper/c.webp", "nocap.jpeg", ".hidden/x.png"):
+        _touch_image(tmp_path / name)
+    (tmp_path / "b.txt").write_text("Blue_Sky, cloud\n")
+    (tmp_path / "sub/a.txt").write_text("girl, solo")
+    (tmp_path / "sub/deeper/c.txt").write_text("")
+    (tmp_path / "notes.md").write_text("ignored")
+    records, problems = scan_source(tmp_path)
+    assert records == [
+        ImageRecord(tmp_path / "b.png", "Blue_Sky, cloud", "b.png"),
+        ImageRecord(tmp_path / "nocap.jpeg", "", "nocap.jpeg"),
+        ImageRecord(tmp_path / "sub/a.JPG", "girl, solo", "sub/a.JPG"),
+        ImageRecord(tmp_path / "sub/deeper/c.webp", "", "sub/deeper/c.webp"),
+    ]
+    assert problems == [Problem("nocap.jpeg", tmp_path / "nocap.jpeg", MISSING_CAPTION)]
+
+
+def test_scan_manifest_refuses_escapes_and_reports(tmp_path):
+    root = tmp_path / "data"
+    for name in ("img/ok.png", "img/nocap.png", "img/dup.png"):
+        _touch_image(root / name)
+    _touch_image(tmp_path / "outside.png")
+    lines = [
+        {"image": "img/ok.png", "caption": "a, b"},
+        {"image": "../outside.png", "caption": "escape"},
+        {"image": "img/../../outside.png", "caption": "sneaky escape"},
+        {"image": str(tmp_path / "outside.png"), "caption": "absolute"},
+        {"image": "img/nocap.png"},
+        {"image": "img/gone.png", "caption": "missing file"},
+        {"image": "img/dup.png", "caption": "first"},
+        {"image": "./img/dup.png", "caption": "second"},
+    ]
+    text = "\n".join(json.dumps(line) for line in lines[:3]) + "\n{not json\n\n"
+    text += "\n".join(json.dumps(line) for line in lines[3:]) + "\n"
+    (root / "train.jsonl").write_text(text)
+    records, problems = scan_source(root / "train.jsonl")
+    assert [(r.key, r.caption) for r in records] == [
+        ("img/dup.png", "first"),
+        ("img/nocap.png", ""),
+        ("img/ok.png", "a, b"),
+    ]
+    assert records[2].path == root / "img/ok.png"
+    assert problems == sorted(problems)
+    assert [(p.key, p.reason.split(":")[0]) for p in problems] == [
+        ("img/dup.png", "duplicate entry"),
+        ("img/nocap.png", MISSING_CAPTION),
+        ("train.jsonl:2", "refused path"),
+        ("train.jsonl:3", "refused path"),
+        ("train.jsonl:4", "bad manifest line"),
+        ("train.jsonl:6", "refused path"),
+        ("train.jsonl:8", "missing file"),
+    ]
+    assert "escapes the manifest folder" in problems[2].reason and "absolute" in problems[5].reason
+    assert summarize_problems(problems) == {
+        "bad manifest line": 1,
+        "duplicate entry": 1,
+        MISSING_CAPTION: 1,
+        "missing file": 1,
+        "refused path": 3,
+    }

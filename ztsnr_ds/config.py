@@ -1,0 +1,279 @@
+"""Typed training configuration, read by jsonargparse from YAML and the command line.
+
+One dataclass per component, a docstring under every field (jsonargparse turns them
+into `--help`), checks in `__post_init__` that name the key to change. Everything is
+validated by `parse()` before a model is loaded or a process group is joined.
+"""
+
+from __future__ import annotations
+
+import sys
+from argparse import ArgumentError
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from ztsnr_ds.data.cache import CacheConfig
+from ztsnr_ds.data.sampler import BucketBatchSampler
+
+ZTSNR_MODES = ("terminal", "rescale", "off")
+WEIGHTINGS = ("min_snr", "soft_min_snr", "none")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} = {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{key} = {value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str
+    """Diffusers SDXL folder: VAE, text encoders, tokenizers (and the UNet unless unet_path)."""
+    unet_path: str | None = None
+    """UNet to train instead of <pretrained>/unet: a diffusers UNet folder, a UNet .safetensors
+    (diffusers keys) or a full single-file SDXL .safetensors (SGM keys)."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward: about a third more compute for far less memory."""
+
+
+@dataclass
+class NoiseConfig:
+    ztsnr: str = "terminal"
+    """Zero terminal SNR: terminal (NAI: sigma_999 := sigma_max), rescale (Lin et al.), off."""
+    sigma_max: float = 20000.0
+    """Stand-in for infinite sigma at the terminal timestep (NAI uses 20000)."""
+    resolution_scaling: bool = True
+    """Scale finite sigmas by sqrt(H*W / base_area), so bigger images get more noise."""
+    base_area: int = 1024 * 1024
+    """Pixel area at which sigmas are the plain table (1024x1024 for SDXL)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("noise.ztsnr", self.ztsnr, ZTSNR_MODES)
+        _check_positive("noise.sigma_max", self.sigma_max)
+        _check_positive("noise.base_area", self.base_area)
+
+
+@dataclass
+class LossConfig:
+    weighting: str = "min_snr"
+    """Per-sigma loss weight: min_snr, soft_min_snr or none."""
+    gamma: float = 5.0
+    """Min-SNR gamma (Hang et al. 2023)."""
+    terminal_weight: float = 1.0
+    """Weight of samples at sigma_max, where min_snr would give ~2.5e-9."""
+
+    def __post_init__(self) -> None:
+        _check_choice("loss.weighting", self.weighting, WEIGHTINGS)
+        _check_positive("loss.gamma", self.gamma)
+        _check_positive("loss.terminal_weight", self.terminal_weight, allow_zero=True)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-5
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+    kahan: bool = False
+    """Keep a bf16 Kahan buffer of what stochastic rounding lost (2 more bytes per parameter)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("optimizer.lr", self.lr)
+        _check_positive("optimizer.weight_decay", self.weight_decay, allow_zero=True)
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optimizer.betas = {self.betas} must lie in [0, 1)")
+
+
+@dataclass
+class CaptionConfig:
+    shuffle_tags: bool = True
+    """Shuffle comma-separated tags each time a caption is encoded (live text encoding only)."""
+    keep_first: int = 1
+    """Tags kept in place at the front when shuffling (e.g. the rating or subject tag)."""
+    dropout: float = 0.05
+    """Probability of training on the empty prompt (makes classifier-free guidance work)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout <= 1.0:
+            raise ValueError(f"captions.dropout = {self.dropout} must lie in [0, 1]")
+        _check_positive("captions.keep_first", self.keep_first, allow_zero=True)
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str = "runs/sdxl"
+    """Run folder: checkpoints/, samples/, tensorboard/, config.yaml."""
+    micro_batch: int = 1
+    """Samples per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; global batch = micro_batch * grad_accum * world size."""
+    max_steps: int = 1000
+    """Optimizer steps to train."""
+    lr_schedule: str = "constant"
+    """constant (after warmup) or cosine (to min_lr_ratio * lr at max_steps)."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to lr."""
+    min_lr_ratio: float = 0.1
+    """Floor of the cosine schedule as a fraction of lr."""
+    seed: int = 0
+    """Seeds noise, sigma draws, caption shuffles and stochastic rounding (offset per rank)."""
+    save_every: int = 500
+    """Steps between checkpoints (and one at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are deleted only after a newer one is complete."""
+    resume: str = "auto"
+    """auto (latest complete checkpoint in output_dir if any), none, or a checkpoint tag folder."""
+    log_every: int = 10
+    """Steps between metric logs (each log is one host sync)."""
+    max_nonfinite: int = 10
+    """Consecutive skipped non-finite micro-batches after which the run stops."""
+
+    def __post_init__(self) -> None:
+        for key in ("micro_batch", "grad_accum", "max_steps", "save_every", "log_every", "max_nonfinite"):
+            _check_positive(f"trainer.{key}", getattr(self, key))
+        _check_positive("trainer.warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_choice("trainer.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.keep_last < 1:
+            raise ValueError(f"trainer.keep_last = {self.keep_last} must be >= 1")
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 500
+    """Steps between validation grids (and one at the end); 0 turns validation off."""
+    prompts: list[str] = field(default_factory=lambda: ["1girl, solo, looking at viewer",
+                                                        "scenery, mountain"])
+    """Prompts sampled with fixed seeds each time."""
+    negative: str = ""
+    """Negative prompt (the unconditional branch of classifier-free guidance)."""
+    steps: int = 28
+    """Euler steps."""
+    schedule: str = "trailing"
+    """Inference sigma schedule: trailing or karras."""
+    cfg_scale: float = 5.0
+    """Classifier-free guidance scale."""
+    cfg_rescale: float = 0.7
+    """CFG-rescale phi (0 disables)."""
+    height: int = 1024
+    """Image height in pixels (multiple of 8)."""
+    width: int = 1024
+    """Image width in pixels (multiple of 8)."""
+    seed: int = 0
+    """Seed of the first prompt's noise; prompt i uses seed + i."""
+
+    def __post_init__(self) -> None:
+        _check_positive("validation.every", self.every, allow_zero=True)
+        for key in ("height", "width"):
+            if getattr(self, key) % 8:
+                raise ValueError(f"validation.{key} = {getattr(self, key)} must be a multiple of 8")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard events to <output_dir>/tensorboard."""
+    wandb: bool = False
+    """Also log to Weights & Biases."""
+    wandb_project: str = "ztsnr_ds"
+    """W&B project."""
+    wandb_mode: str = "offline"
+    """online or offline (offline needs no network; `wandb sync` uploads later)."""
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    """Which SDXL to start from."""
+    data: CacheConfig
+    """Latent cache (built by launch/cache.py from the same section)."""
+    captions: CaptionConfig = field(default_factory=CaptionConfig)
+    """Live caption augmentation."""
+    sampler: Callable[[dict, int, int, int], BucketBatchSampler] = BucketBatchSampler
+    """Batch sampler: class_path + init_args; called with (buckets, micro_batch, world_size, rank)."""
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    """Noise schedule."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Objective weighting."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamWSR settings."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Loop, schedule, checkpoints."""
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Validation images."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics sinks."""
+    deepspeed_config: str = "ds_configs/zero2_bf16.json"
+    """DeepSpeed JSON (ZeRO-2 + pure bf16 by default); batch sizes are filled in from trainer.*."""
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Train an SDXL UNet with the NAI V3 ZTSNR recipe under DeepSpeed.",
+                            exit_on_error=False, default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="Training YAML (configs/*.yaml).")
+    parser.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher; ignored.")
+    parser.add_class_arguments(TrainConfig, fail_untyped=True)
+    return parser
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and the fix."""
+
+
+def check_inputs(config: TrainConfig) -> None:
+    """Fail before any work if an input the run needs is missing; name the key."""
+    checks = [
+        ("model.pretrained", Path(config.model.pretrained), "a diffusers SDXL folder"),
+        ("data.cache_dir", Path(config.data.cache_dir) / "manifest.jsonl",
+         "a latent cache: run `python launch/cache.py --config <this yaml>` first"),
+        ("deepspeed_config", Path(config.deepspeed_config), "a DeepSpeed JSON (see ds_configs/)"),
+    ]
+    if config.model.unet_path:
+        checks.append(("model.unet_path", Path(config.model.unet_path), "a UNet folder or .safetensors"))
+    for key, path, what in checks:
+        if not path.exists():
+            raise ConfigError(f"{key}: {path} does not exist; expected {what}")
+
+
+def parse(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict]:
+    """Parse, instantiate and check; returns the config and its JSON-able resolved form."""
+    parser = build_parser()
+    try:
+        namespace = parser.parse_args(argv)
+        init = parser.instantiate(namespace)
+        config = TrainConfig(**{k: getattr(init, k) for k in TrainConfig.__dataclass_fields__})
+    except (ArgumentError, ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from err
+    check_inputs(config)
+    return config, to_dict(config, namespace)
+
+
+def parse_or_exit(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict]:
+    """`parse` for entry points: a bad config prints one clear message and exits with status 2."""
+    try:
+        return parse(argv)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def to_dict(config: TrainConfig, namespace: Namespace) -> dict:
+    """JSON-able resolved config (stored in checkpoints and read back by export and sample)."""
+    out = {k: asdict(getattr(config, k)) for k in TrainConfig.__dataclass_fields__
+           if k not in ("sampler", "deepspeed_config")}
+    out["sampler"] = namespace.sampler.as_dict() if hasattr(namespace.sampler, "as_dict") else None
+    out["deepspeed_config"] = config.deepspeed_config
+    return out

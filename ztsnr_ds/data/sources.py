@@ -1,0 +1,221 @@
+"""Training sources: scan a folder tree or a JSONL manifest, load images safely as RGB.
+
+A source is either
+- a folder tree of images (jpg, jpeg, png, webp; any letter case) with same-stem ``.txt``
+  captions (comma-separated tags), or
+- a ``.jsonl`` manifest with one ``{"image": path, "caption": text}`` object per line, image paths
+  relative to the manifest's folder.
+
+Nothing in a scan stops on a bad entry: every problem becomes a :class:`Problem` and the caller
+writes the report. Image decoding problems surface later, in :func:`load_image`, as
+:class:`BadImage` so the cache writer can skip the file and list it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+DEFAULT_MAX_PIXELS = 8192 * 8192
+"""Refuse images above this many pixels before decoding (decompression-bomb guard). It sits below
+PIL's own global guard (``Image.MAX_IMAGE_PIXELS`` ~ 89.5 MP), which this module never changes."""
+
+MISSING_CAPTION = "missing caption"
+"""Reason of a :class:`Problem` whose record is kept with an empty caption."""
+
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+# What PIL raises on corrupt data: OSError covers UnidentifiedImageError and "image file is truncated".
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One training image.
+
+    path: file to load. caption: raw caption text ("" when missing). key: path relative to the
+    dataset root in POSIX form; unique within a source, stable across machines (used as cache id).
+    """
+
+    path: Path
+    caption: str
+    key: str
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """Something a scan or a load could not use as-is. Sorts by (key, path, reason)."""
+
+    key: str
+    path: Path
+    reason: str
+
+
+class BadImage(Exception):
+    """An image file that cannot be used for training; ``reason`` is a short human-readable cause."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def scan_source(path: str | Path) -> tuple[list[ImageRecord], list[Problem]]:
+    """Records and problems of a folder tree or a ``.jsonl`` manifest, both sorted by key.
+
+    Records with a missing caption are kept (caption "") and also listed as a MISSING_CAPTION problem.
+    """
+    path = Path(path)
+    if path.is_dir():
+        records, problems = scan_folder(path)
+    elif path.suffix.lower() == ".jsonl" and path.is_file():
+        records, problems = read_manifest(path)
+    else:
+        raise ValueError(f"source {str(path)!r} is neither a folder nor a .jsonl manifest")
+    return sorted(records, key=lambda r: r.key), sorted(problems)
+
+
+def scan_folder(root: Path) -> tuple[list[ImageRecord], list[Problem]]:
+    """Images under ``root`` with their same-stem ``.txt`` captions; hidden files and folders skipped."""
+    records: list[ImageRecord] = []
+    problems: list[Problem] = []
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not _is_hidden(p.relative_to(root)))
+    captions = {(p.parent, p.stem): p for p in files if p.suffix.lower() == ".txt"}
+    for file in files:
+        if file.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        key = file.relative_to(root).as_posix()
+        caption_file = captions.get((file.parent, file.stem))
+        caption = _read_caption(caption_file, key, problems) if caption_file else None
+        if caption is None:
+            caption = ""
+            problems.append(Problem(key, file, MISSING_CAPTION))
+        records.append(ImageRecord(file, caption, key))
+    return records, problems
+
+
+def read_manifest(manifest: Path) -> tuple[list[ImageRecord], list[Problem]]:
+    """Records of a JSONL manifest; paths must stay inside the manifest's folder.
+
+    Absolute paths and paths that climb out with ``..`` are refused (checked lexically, so a
+    dataset made of symlinks still works). Missing files, bad lines and duplicates are problems.
+    """
+    root = manifest.parent
+    records: dict[str, ImageRecord] = {}
+    problems: list[Problem] = []
+    lines = manifest.read_text(encoding="utf-8").splitlines()
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{manifest.name}:{lineno}"
+        try:
+            record = _manifest_record(root, _parse_line(line), problems)
+        except ValueError as err:  # json.JSONDecodeError is a ValueError too
+            problems.append(Problem(where, manifest, str(err)))
+            continue
+        if record.key in records:
+            problems.append(Problem(record.key, record.path, f"duplicate entry: again on {where}"))
+        else:
+            records[record.key] = record
+    return list(records.values()), problems
+
+
+def _parse_line(line: str) -> dict:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"bad manifest line: {err}") from err
+    if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not entry["image"]:
+        raise ValueError("bad manifest line: expected an object with a non-empty string 'image'")
+    return entry
+
+
+def _manifest_record(root: Path, entry: dict, problems: list[Problem]) -> ImageRecord:
+    """One manifest entry -> record; raises ValueError("category: detail") for unusable entries."""
+    raw = entry["image"]
+    if PurePosixPath(raw).is_absolute() or Path(raw).is_absolute():
+        raise ValueError(f"refused path: absolute: {raw!r}")
+    key = os.path.normpath(raw).replace(os.sep, "/")
+    if key == ".." or key.startswith("../"):
+        raise ValueError(f"refused path: escapes the manifest folder: {raw!r}")
+    path = root / key
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise ValueError(f"unsupported extension: {raw!r}")
+    if not path.is_file():
+        raise ValueError(f"missing file: {raw!r}")
+    caption = entry.get("caption")
+    if caption is None:
+        problems.append(Problem(key, path, MISSING_CAPTION))
+        caption = ""
+    elif not isinstance(caption, str):
+        raise ValueError(f"bad manifest line: 'caption' must be a string, got {type(caption).__name__}")
+    return ImageRecord(path, caption.strip(), key)
+
+
+def _read_caption(path: Path, key: str, problems: list[Problem]) -> str | None:
+    """Stripped caption text, or None (plus a problem) when the file cannot be decoded."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        problems.append(Problem(key, path, f"unreadable caption: {err}"))
+        return None
+
+
+def _is_hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def summarize_problems(problems: list[Problem]) -> dict[str, int]:
+    """Count of problems per reason category (the text before the first ':'), for logs and reports."""
+    return dict(sorted(Counter(p.reason.split(":")[0] for p in problems).items()))
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 0) -> Image.Image:
+    """Decode ``path`` to an upright RGB image detached from the file.
+
+    EXIF orientation is applied; every colour mode ends as 8-bit RGB (see :func:`to_rgb`).
+    Raises BadImage for empty, unreadable or truncated files, images above ``max_pixels`` (checked
+    from the header, before decoding), and images whose smaller side is below ``min_side``.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BadImage("empty file")
+        with Image.open(path) as img:
+            _check_size(img.size, max_pixels, min_side)
+            img.load()
+            return to_rgb(ImageOps.exif_transpose(img))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadImage(f"decompression bomb: {err}") from err
+    except _DECODE_ERRORS as err:
+        raise BadImage(f"unreadable: {type(err).__name__}: {err}") from err
+
+
+def _check_size(size: tuple[int, int], max_pixels: int, min_side: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise BadImage(f"decompression bomb: {width}x{height} exceeds max_pixels={max_pixels}")
+    if min(width, height) < min_side:
+        raise BadImage(f"too small: {width}x{height}, smaller side below min_side={min_side}")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB copy of ``img``.
+
+    Transparency (RGBA, LA, PA, palette with a transparent colour) is composited over white, since
+    a black background would teach the model dark fringes. 16/32-bit integer greys ("I;16*", "I")
+    are taken as 16-bit data and scaled by 255/65535: PIL's own conversion clips them at 255.
+    """
+    if img.mode.startswith("I"):
+        grey = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) * (255 / 65535)
+        return Image.fromarray(np.rint(grey).astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")

@@ -1,0 +1,95 @@
+"""Distributed set-up and the DeepSpeed engine, in one place.
+
+Everything that asks "which rank am I" lives here; model and math code never do.
+The DeepSpeed JSON holds the ZeRO/BF16 settings; batch sizes come from the
+training YAML and are written into the dict, so the two can never silently disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+
+BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 does the logging, validation images and file writes outside DeepSpeed."""
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join (or create) the process group; plain `python launch/train.py` becomes a world of one.
+
+    The deepspeed launcher, torchrun, slurm and mpirun all export RANK / WORLD_SIZE /
+    LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without them we fill in a single-process world.
+    DeepSpeed picks nccl on CUDA and gloo on its CPU accelerator.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank)
+
+
+def build_ds_config(path: str | Path, micro_batch: int, grad_accum: int, world_size: int) -> dict:
+    """Read a DeepSpeed JSON and write the trainer's batch settings into it.
+
+    train_batch_size = micro_batch * grad_accum * world_size. A JSON value other than
+    "auto" (or absent) that disagrees is an error: which number wins would be a guess.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist (set --deepspeed_config)")
+    config = json.loads(path.read_text())
+    wanted = dict(zip(BATCH_KEYS, (micro_batch, grad_accum, micro_batch * grad_accum * world_size)))
+    for key, value in wanted.items():
+        found = config.get(key, "auto")
+        if found != "auto" and found != value:
+            raise ValueError(
+                f"{path}: {key} = {found} disagrees with the training config's value {value} "
+                f"(micro_batch={micro_batch}, grad_accum={grad_accum}, world_size={world_size}); "
+                f'set it to "auto" in the JSON or change trainer.micro_batch / trainer.grad_accum'
+            )
+        config[key] = value
+    return config
+
+
+def is_pure_bf16(ds_config: dict) -> bool:
+    """True when DeepSpeed keeps bf16 masters and bf16 moments (no fp32 copy of the weights)."""
+    bf16 = ds_config.get("bf16", {})
+    return bool(bf16.get("enabled") and bf16.get("bf16_master_weights_and_grads"))
+
+
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict):
+    """Wrap the model and our client optimizer in a DeepSpeed engine; returns the engine.
+
+    With bf16 enabled DeepSpeed casts the module to bf16 itself; in pure-bf16 mode the
+    client optimizer then sees one flat bf16 partition per rank, otherwise fp32 masters.
+    """
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine

@@ -1,0 +1,158 @@
+"""Build and load the SDXL parts: UNet (trained), VAE and two text encoders (frozen).
+
+A real SDXL and the tiny SDXL-shaped model that tests and `make demo` use go
+through the same loaders: both are diffusers folders (`model_index.json`, `unet/`,
+`vae/`, `text_encoder/`, `text_encoder_2/`, `tokenizer/`, `tokenizer_2/`).
+Nothing here reaches a hub: every load is `local_files_only`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+# Tiny SDXL-shaped UNet: the same block structure as SDXL (3 levels, no attention in the
+# first, 2 resnets per level, linear projections, text_time added conditions) with
+# channels small enough for bf16 on a CPU. 6 * 8 (time ids) + 32 (pooled) = 80.
+TINY_UNET_CONFIG: dict = dict(
+    sample_size=32,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64, 64),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(2, 4, 4),
+    cross_attention_dim=64,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=80,
+    norm_num_groups=32,
+)
+TINY_TEXT_HIDDEN = 32  # each encoder; concatenated 2 * 32 = 64 = cross_attention_dim
+TINY_VAE_CONFIG: dict = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 16, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=256,
+    scaling_factor=0.13025,
+)
+
+
+@dataclass
+class FrozenParts:
+    """Everything the trainer does not train: VAE, text encoders, tokenizers."""
+
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+
+
+def load_unet(path: str | Path, dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
+    """Load a UNet from a diffusers SDXL folder (`<path>/unet`), a UNet folder, or safetensors.
+
+    A `.safetensors` file with diffusers keys needs a `config.json` beside it; one with SGM
+    keys (a full single-file SDXL) is converted by `ztsnr_ds.export.load_single_file_unet`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} is neither a diffusers SDXL folder (with unet/config.json) nor a UNet folder "
+                "(with config.json); pass --model.unet_path to a folder or .safetensors file"
+            )
+        return UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+    if path.suffix == ".safetensors" and path.is_file():
+        from ztsnr_ds.export import load_unet_safetensors
+
+        return load_unet_safetensors(path, dtype=dtype)
+    raise FileNotFoundError(f"UNet path {path} does not exist or is not a folder / .safetensors file")
+
+
+def load_frozen(folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> FrozenParts:
+    """Load VAE, both text encoders and tokenizers from a diffusers SDXL folder; frozen, eval."""
+    folder = Path(folder)
+    missing = [s for s in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+               if not (folder / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a diffusers SDXL folder: missing {', '.join(missing)}/")
+    kw = dict(torch_dtype=dtype, local_files_only=True)
+    parts = FrozenParts(
+        vae=AutoencoderKL.from_pretrained(folder / "vae", **kw),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", **kw),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", **kw),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True),
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True),
+    )
+    for module in (parts.vae, parts.text_encoder, parts.text_encoder_2):
+        module.requires_grad_(False).eval()
+    return parts
+
+
+def _write_tiny_tokenizer(folder: Path, pad_token: str) -> CLIPTokenizer:
+    """A byte-level CLIP BPE tokenizer with a 514-entry vocabulary and no merges."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token)
+    tokenizer.model_max_length = 77
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _tiny_text_config(hidden_act: str, vocab_size: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=TINY_TEXT_HIDDEN, intermediate_size=2 * TINY_TEXT_HIDDEN,
+        num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
+        hidden_act=hidden_act, projection_dim=TINY_TEXT_HIDDEN, bos_token_id=512, eos_token_id=513,
+        pad_token_id=513,
+    )
+
+
+def write_tiny_sdxl(out: str | Path, seed: int = 0) -> Path:
+    """Write a tiny SDXL-shaped diffusers folder with random weights; needs no download.
+
+    CLIP-L stand-in uses quick_gelu, the bigG stand-in gelu and a projection, as in SDXL.
+    """
+    out = Path(out)
+    torch.manual_seed(seed)
+    tok = _write_tiny_tokenizer(out / "tokenizer", pad_token="<|endoftext|>")
+    _write_tiny_tokenizer(out / "tokenizer_2", pad_token="!")
+    CLIPTextModel(_tiny_text_config("quick_gelu", len(tok))).save_pretrained(out / "text_encoder")
+    CLIPTextModelWithProjection(_tiny_text_config("gelu", len(tok))).save_pretrained(out / "text_encoder_2")
+    UNet2DConditionModel(**TINY_UNET_CONFIG).save_pretrained(out / "unet")
+    AutoencoderKL(**TINY_VAE_CONFIG).save_pretrained(out / "vae")
+    (out / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.42.1",
+        "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }, indent=2))
+    return out

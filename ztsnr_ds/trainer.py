@@ -1,0 +1,295 @@
+"""The training loop: one step from cached latents to an optimizer update, readable top to bottom.
+
+    batch (one bucket) -> text conditioning (cached or live) -> sigma per sample
+    (resolution-scaled for the bucket) -> x = x0 + sigma * eps -> UNet(c_in * x, t(sigma))
+    -> weighted v loss (B,) -> mean -> engine.backward -> engine.step
+
+`Trainer.__init__` assembles the components through small `build_*` helpers;
+`Trainer.train()` is the loop. Rank-dependent behaviour comes from `DistInfo` only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from pathlib import Path
+
+import torch
+from deepspeed.accelerator import get_accelerator
+from tqdm import tqdm
+
+from ztsnr_ds import checkpoint
+from ztsnr_ds.config import TrainConfig, TrainerConfig
+from ztsnr_ds.data.cache import LatentCache
+from ztsnr_ds.data.tags import shuffle_caption
+from ztsnr_ds.engine import DistInfo, build_ds_config, initialize, is_pure_bf16
+from ztsnr_ds.metrics import BandMeter, MetricLogger, image_grid
+from ztsnr_ds.models import load_frozen, load_unet
+from ztsnr_ds.objective import VObjective, add_noise, append_dims, c_in
+from ztsnr_ds.optim import AdamWSR
+from ztsnr_ds.sampling import SDXLDenoiser, sample_euler
+from ztsnr_ds.schedule import NoiseSchedule
+from ztsnr_ds.text import PromptEncoder
+
+
+def lr_at(step: int, cfg: TrainerConfig, peak: float) -> float:
+    """Linear warmup to `peak`, then constant or cosine down to min_lr_ratio * peak."""
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return peak
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    floor = cfg.min_lr_ratio * peak
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class StopTraining(RuntimeError):
+    """Raised when the run cannot go on (e.g. too many non-finite losses in a row)."""
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, config_dict: dict, dist: DistInfo) -> None:
+        self.cfg, self.config_dict, self.dist = cfg, config_dict, dist
+        self.output_dir = Path(cfg.trainer.output_dir)
+        self.device = torch.device(get_accelerator().device_name(dist.local_rank))
+        self.cache = LatentCache(cfg.data.cache_dir)
+        self.schedule = NoiseSchedule(cfg.noise.ztsnr, cfg.noise.sigma_max,
+                                      cfg.noise.base_area if cfg.noise.resolution_scaling else None)
+        self.objective = VObjective(cfg.loss.weighting, cfg.loss.gamma, cfg.loss.terminal_weight,
+                                    cfg.noise.sigma_max)
+        self.parts = load_frozen(cfg.model.pretrained, dtype=torch.bfloat16)
+        for module in (self.parts.vae, self.parts.text_encoder, self.parts.text_encoder_2):
+            module.to(self.device)
+        self.prompts = PromptEncoder.from_parts(self.parts)
+        self.build_engine()
+        self.sampler = cfg.sampler(self.cache.buckets, cfg.trainer.micro_batch, dist.world_size, dist.rank)
+        # Per-rank random streams, all saved in checkpoints: noise/sigma draws and caption edits.
+        self.noise_gen = torch.Generator().manual_seed(cfg.trainer.seed * 1000 + dist.rank)
+        self.caption_rng = random.Random(cfg.trainer.seed * 1000 + dist.rank)
+        self.step = 0
+        self.nonfinite_total = 0
+        self.stop_requested = False
+        self.bands = BandMeter(self.device)
+        self.logger = MetricLogger(self.output_dir, config_dict, dist.is_main, cfg.logging.tensorboard,
+                                   cfg.logging.wandb, cfg.logging.wandb_project, cfg.logging.wandb_mode)
+
+    # ----------------------------------------------------------------------------- set-up
+    def build_engine(self) -> None:
+        cfg = self.cfg
+        ds_config = build_ds_config(cfg.deepspeed_config, cfg.trainer.micro_batch, cfg.trainer.grad_accum,
+                                    self.dist.world_size)
+        # Pure bf16 never holds fp32 weights, so load bf16; the fp32-master mode keeps full precision.
+        dtype = torch.bfloat16 if is_pure_bf16(ds_config) else torch.float32
+        unet = load_unet(cfg.model.unet_path or cfg.model.pretrained, dtype=dtype)
+        if cfg.model.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels)
+        unet.train()
+        opt = cfg.optimizer
+        self.optimizer = AdamWSR(unet.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+                                 weight_decay=opt.weight_decay, kahan=opt.kahan, seed=cfg.trainer.seed,
+                                 rank=self.dist.rank)
+        self.unet_config = dict(unet.config)
+        self.engine = initialize(unet, self.optimizer, ds_config)
+
+    def state(self) -> dict:
+        return {
+            checkpoint.STEP: self.step,
+            checkpoint.EPOCH_KEY: self.sampler.epoch,
+            checkpoint.SAMPLER: self.sampler.state_dict(),
+            checkpoint.CONFIG: self.config_dict,
+            checkpoint.UNET_CONFIG: json.loads(json.dumps(self.unet_config, default=str)),
+            checkpoint.COUNTERS: {"nonfinite_total": self.nonfinite_total},
+        }
+
+    @property
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"noise": self.noise_gen}
+
+    def save(self) -> Path:
+        caption_state = self.caption_rng.getstate()
+        state = self.state() | {"caption_rng": [caption_state[0], list(caption_state[1]), caption_state[2]]}
+        return checkpoint.save(self.engine, self.output_dir, self.step, state, self.generators,
+                               self.cfg.trainer.keep_last, self.dist.is_main)
+
+    def resume(self) -> None:
+        tag = checkpoint.find_resume_tag(self.output_dir, self.cfg.trainer.resume)
+        if tag is None:
+            return
+        state = checkpoint.load(self.engine, tag, self.generators)
+        self.step = state[checkpoint.STEP]
+        self.sampler.load_state_dict(state[checkpoint.SAMPLER])
+        self.nonfinite_total = state[checkpoint.COUNTERS]["nonfinite_total"]
+        py = state["caption_rng"]
+        self.caption_rng.setstate((py[0], tuple(py[1]), py[2]))
+        if self.dist.is_main:
+            print(f"resumed from {tag} at step {self.step}")
+
+    # ----------------------------------------------------------------------------- one step
+    def conditioning(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings (B, 77, D) and pooled (B, P): cached or encoded live, with caption dropout."""
+        cap = self.cfg.captions
+        n = len(batch["captions"])
+        drop = torch.tensor([self.caption_rng.random() < cap.dropout for _ in range(n)])
+        if "embeds" in batch:
+            embeds, pooled = batch["embeds"].to(self.device), batch["pooled"].to(self.device)
+            if drop.any():
+                empty_embeds, empty_pooled = self.prompts.empty(1)
+                embeds[drop], pooled[drop] = empty_embeds.to(embeds.dtype), empty_pooled.to(pooled.dtype)
+            return embeds, pooled
+        captions = [
+            "" if d else shuffle_caption(c, cap.keep_first, self.caption_rng) if cap.shuffle_tags else c
+            for c, d in zip(batch["captions"], drop.tolist())
+        ]
+        return self.prompts.encode(captions)
+
+    def forward_loss(self, batch: dict, bucket: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample weighted v loss (B,) and the sigmas drawn for it (B,)."""
+        x0 = batch["latents"].to(self.device, torch.float32)  # (B, 4, h/8, w/8), already * scaling
+        height, width = self.cache.height_width(bucket)
+        sigma = self.schedule.sample_sigmas(len(x0), height, width, self.noise_gen).to(self.device)
+        noise = torch.randn(x0.shape, generator=self.noise_gen).to(self.device)
+        embeds, pooled = self.conditioning(batch)
+        x = add_noise(x0, noise, sigma)
+        model_in = (c_in(append_dims(sigma, x.ndim)) * x).to(torch.bfloat16)
+        v_pred = self.engine(model_in, self.schedule.timestep(sigma).to(self.device),
+                             encoder_hidden_states=embeds.to(torch.bfloat16),
+                             added_cond_kwargs={"text_embeds": pooled.to(torch.bfloat16),
+                                                "time_ids": batch["time_ids"].to(self.device)}).sample
+        weight = batch["weight"].to(self.device)
+        return self.objective.loss(v_pred.float(), x0, noise, sigma, weight), sigma
+
+    def train_step(self, batches) -> float:
+        """One optimizer step over grad_accum good micro-batches; returns the global mean loss.
+
+        A micro-batch whose loss is non-finite on any rank is dropped on all ranks before
+        backward (DeepSpeed's bf16 path has no overflow skip), and the next one takes its place.
+        """
+        losses: list[float] = []
+        consecutive = 0
+        while len(losses) < self.cfg.trainer.grad_accum:
+            bucket, ids = next(batches)
+            per_sample, sigma = self.forward_loss(self.cache.batch(ids), bucket)
+            loss = per_sample.mean()
+            flags = torch.stack([loss.detach().float(), (~torch.isfinite(loss)).float()])
+            torch.distributed.all_reduce(flags)  # sum over ranks
+            total, nonfinite = flags.tolist()  # host sync: every rank must agree before backward
+            if nonfinite:
+                consecutive += 1
+                self.nonfinite_total += 1
+                if self.dist.is_main:
+                    tqdm.write(f"step {self.step}: non-finite loss on {int(nonfinite)} rank(s), "
+                               f"micro-batch skipped ({self.nonfinite_total} so far)")
+                if consecutive >= self.cfg.trainer.max_nonfinite:
+                    raise StopTraining(f"{consecutive} non-finite losses in a row at step {self.step}; "
+                                       "stopping. The last complete checkpoint is intact; lower "
+                                       "optimizer.lr or check the data, then resume.")
+                continue
+            consecutive = 0
+            self.engine.backward(loss)
+            self.engine.step()
+            self.bands.add(per_sample, sigma)
+            losses.append(total / self.dist.world_size)
+        return sum(losses) / len(losses)
+
+    # ----------------------------------------------------------------------------- validation
+    @torch.no_grad()
+    def validate(self) -> Path | None:
+        """Rank 0 samples the fixed prompts with the ZTSNR Euler sampler and writes a PNG grid."""
+        if not self.dist.is_main:
+            return None
+        val = self.cfg.validation
+        unet = self.engine.module
+        unet.eval()
+        denoiser = SDXLDenoiser(unet, self.schedule)
+        sigmas = self.schedule.inference_sigmas(val.schedule, val.steps, val.height, val.width)
+        time_ids = torch.tensor([[val.height, val.width, 0, 0, val.height, val.width]], dtype=torch.float32)
+        uncond_embeds, uncond_pooled = self.prompts.encode([val.negative])
+        images = []
+        for i, prompt in enumerate(val.prompts):
+            embeds, pooled = self.prompts.encode([prompt])
+            gen = torch.Generator().manual_seed(val.seed + i)
+            noise = torch.randn((1, 4, val.height // 8, val.width // 8), generator=gen).to(self.device)
+            cond = dict(encoder_hidden_states=embeds, text_embeds=pooled, time_ids=time_ids.to(self.device))
+            uncond = dict(cond, encoder_hidden_states=uncond_embeds, text_embeds=uncond_pooled)
+            latents = sample_euler(denoiser, noise * sigmas[0], sigmas.to(self.device), cond, uncond,
+                                   val.cfg_scale, val.cfg_rescale)
+            vae = self.parts.vae
+            images.append(vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float())
+        unet.train()
+        grid = image_grid(torch.cat(images))
+        out = self.output_dir / "samples" / f"step{self.step:08d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(out)
+        self.logger.image("validation", grid, self.step, caption=" | ".join(val.prompts))
+        return out
+
+    # ----------------------------------------------------------------------------- the loop
+    def _request_stop(self, signum, _frame) -> None:
+        self.stop_requested = True
+        if self.dist.is_main:
+            tqdm.write(f"signal {signum}: finishing this step, saving a checkpoint, then exiting")
+
+    def _agree_to_stop(self) -> bool:
+        flag = torch.tensor([float(self.stop_requested)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _log(self, metrics_file, loss: float, lr: float, seconds: float) -> None:
+        record = {"step": self.step, "loss": loss, "lr": lr, "epoch": self.sampler.epoch}
+        if self.step % self.cfg.trainer.log_every == 0:
+            grad_norm = self.engine.get_global_grad_norm()
+            global_batch = self.cfg.trainer.micro_batch * self.cfg.trainer.grad_accum * self.dist.world_size
+            record |= {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                       "step_time": seconds, "samples_per_s": global_batch / seconds,
+                       "nonfinite_total": self.nonfinite_total}
+            record |= self.bands.read_and_reset()
+            self.logger.scalars({k: v for k, v in record.items() if k != "step"}, self.step)
+        if self.dist.is_main:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+    def train(self) -> None:
+        cfg = self.cfg.trainer
+        self.resume()
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGINT, self._request_stop)
+        batches = iter(self.sampler)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        metrics_file = open(self.output_dir / "metrics.jsonl", "a") if self.dist.is_main else None
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (self.dist.is_main and self.cfg.logging.progress))
+        saved_at = self.step
+        try:
+            while self.step < cfg.max_steps:
+                start = time.perf_counter()
+                lr = lr_at(self.step, cfg, self.cfg.optimizer.lr)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss = self.train_step(batches)
+                self.step += 1
+                self._log(metrics_file, loss, lr, time.perf_counter() - start)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=self.sampler.epoch)
+                stop = self._agree_to_stop()
+                if self.step % cfg.save_every == 0 or stop:
+                    self.save()
+                    saved_at = self.step
+                if stop:
+                    return
+                if self.cfg.validation.every and self.step % self.cfg.validation.every == 0:
+                    self.validate()
+            if saved_at != self.step:
+                self.save()
+            if self.cfg.validation.every and self.step % self.cfg.validation.every:
+                self.validate()
+        finally:
+            bar.close()
+            if metrics_file is not None:
+                metrics_file.close()
+            self.logger.close()
