@@ -72,7 +72,7 @@ def main() -> int:
     run([sys.executable, "launch/export.py", "--checkpoint", str(run_dir), "--format", "single_file",
          "--base", str(out / "model"), "--out", str(export / "demo_sdxl_ztsnr.safetensors")])
     run([sys.executable, "launch/export.py", "--checkpoint", str(run_dir), "--format", "diffusers",
-         "--out", str(export / "unet")])
+         "--out", str(export / "diffusers")])
     first, last = loss_summary(run_dir / "metrics.jsonl")
     print(f"\nloss: first 20 steps {first:.4f} -> last 20 steps {last:.4f} ({last / first:.0%} of start)")
     print(f"checkpoints:       {run_dir / 'checkpoints'}")

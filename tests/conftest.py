@@ -8,8 +8,16 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from ztsnr_ds.models import write_tiny_sdxl  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models are op-overhead bound: one thread is faster, and OpenMP spin-waits stall a shared
+    2-core machine (measured 10-30x slower tiny steps with 2 threads under load)."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

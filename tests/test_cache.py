@@ -138,15 +138,6 @@ def assert_same_latents(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         torch.testing.assert_close(a[key], b[key], rtol=2**-7, atol=1e-3 * a[key].abs().max().item())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convs gain nothing from threads, and OpenMP spin-waits stall on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def parts(tiny_sdxl):
     return load_frozen(tiny_sdxl, dtype=torch.float32)

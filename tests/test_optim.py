@@ -36,15 +36,6 @@ def sr_reference(x: float, noise: int) -> float:
     return struct.unpack("<f", struct.pack("<I", bits))[0]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a loaded 2-core box thread barriers cost 10-30x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_hashes_match_references():
     assert splitmix64(0) == 0xE220A8397B1DCDAF  # first output of splitmix64 seeded with 0
     xs = torch.tensor([0, 1, 2, 12345, -1, 2**31 - 1, -(2**31), 0x7FEB352D], dtype=torch.int32)

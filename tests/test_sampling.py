@@ -29,15 +29,6 @@ def _cond(seed: int) -> dict:
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A 16x16 UNet is op-overhead bound: one thread is faster, and 2x less CPU on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)

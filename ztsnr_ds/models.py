@@ -66,7 +66,7 @@ def load_unet(path: str | Path, dtype: torch.dtype = torch.float32) -> UNet2DCon
     """Load a UNet from a diffusers SDXL folder (`<path>/unet`), a UNet folder, or safetensors.
 
     A `.safetensors` file with diffusers keys needs a `config.json` beside it; one with SGM
-    keys (a full single-file SDXL) is converted by `ztsnr_ds.export.load_single_file_unet`.
+    keys (a full single-file SDXL) is converted by `ztsnr_ds.export.load_unet_safetensors`.
     """
     path = Path(path)
     if path.is_dir():

@@ -1,0 +1,162 @@
+"""End to end on CPU through the real DeepSpeed engine: tiny SDXL folder -> cache -> training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ztsnr_ds import checkpoint
+from ztsnr_ds.config import ConfigError, parse
+from ztsnr_ds.data.buckets import BucketConfig
+from ztsnr_ds.data.cache import CacheConfig, build_cache
+from ztsnr_ds.data.synthetic import write_dataset
+from ztsnr_ds.engine import init_distributed
+from ztsnr_ds.models import load_frozen
+from ztsnr_ds.trainer import StopTraining, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_config(tiny_sdxl, tmp_path_factory) -> Path:
+    """A demo-style YAML pointing at the tiny model and a 16-image cache."""
+    root = tmp_path_factory.mktemp("train")
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    config["model"]["pretrained"] = str(tiny_sdxl)
+    config["data"] |= {"source": str(write_dataset(root / "data", n=16)), "cache_dir": str(root / "cache")}
+    config["trainer"] |= {"micro_batch": 2, "max_steps": 4, "save_every": 2, "log_every": 1,
+                          "warmup_steps": 1}
+    config["validation"] |= {"every": 0, "steps": 3, "height": 64, "width": 64}
+    config["logging"] = {"tensorboard": False, "progress": False}
+    data = config["data"] | {"buckets": BucketConfig(**config["data"]["buckets"])}
+    build_cache(CacheConfig(**data), load_frozen(tiny_sdxl, dtype=torch.float32), progress=False)
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def make_trainer(run_config: Path, output_dir: Path, *overrides: str) -> Trainer:
+    argv = ["--config", str(run_config), "--trainer.output_dir", str(output_dir), *overrides]
+    cfg, config_dict = parse(argv)
+    return Trainer(cfg, config_dict, init_distributed())
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def test_resumed_run_repeats_the_uninterrupted_one_bitwise(run_config, tmp_path):
+    straight = make_trainer(run_config, tmp_path / "a", "--trainer.max_steps", "4")
+    straight.train()
+    first_half = make_trainer(run_config, tmp_path / "b", "--trainer.max_steps", "2")
+    first_half.train()
+    second_half = make_trainer(run_config, tmp_path / "b", "--trainer.max_steps", "4")
+    second_half.train()
+    assert second_half.step == 4
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert a == b  # bitwise: same floats, printed by json with full precision
+    assert all(torch.isfinite(torch.tensor(list(a.values()))))
+    for p, q in zip(straight.engine.module.parameters(), second_half.engine.module.parameters()):
+        assert torch.equal(p, q)
+    # keep_last = 2 of the demo config: tags 2 and 4 remain, each complete.
+    tags = checkpoint.complete_tags(tmp_path / "b" / "checkpoints")
+    assert [t.name for t in tags] == ["step00000002", "step00000004"]
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step00000004"
+    state = checkpoint.read_state(tags[-1])
+    assert state["step"] == 4 and state["config"]["noise"]["ztsnr"] == "terminal"
+
+
+def test_validation_grid_is_written(run_config, tmp_path):
+    trainer = make_trainer(run_config, tmp_path, "--trainer.max_steps", "1", "--validation.every", "1")
+    trainer.train()
+    grid = tmp_path / "samples" / "step00000001.png"
+    from PIL import Image
+
+    with Image.open(grid) as img:  # two 64x64 prompts side by side
+        assert img.size == (128, 64)
+        assert len(set(img.getdata())) > 1
+
+
+def _nan_on(trainer: Trainer, calls: set[int]) -> None:
+    """Make the latent batches of the given call numbers NaN (a poisoned shard)."""
+    real_batch, count = trainer.cache.batch, [0]
+
+    def batch(ids):
+        out = real_batch(ids)
+        count[0] += 1
+        if count[0] in calls:
+            out["latents"] = torch.full_like(out["latents"], float("nan"))
+        return out
+
+    trainer.cache.batch = batch
+
+
+def test_nonfinite_batch_is_skipped_and_counted(run_config, tmp_path):
+    trainer = make_trainer(run_config, tmp_path, "--trainer.max_steps", "2")
+    _nan_on(trainer, {2})
+    trainer.train()
+    assert trainer.step == 2 and trainer.nonfinite_total == 1
+    assert all(torch.isfinite(p).all() for p in trainer.engine.module.parameters())
+    assert all(v == v for v in losses(tmp_path).values())
+
+
+def test_too_many_nonfinite_stops_and_keeps_last_checkpoint(run_config, tmp_path):
+    make_trainer(run_config, tmp_path, "--trainer.max_steps", "2").train()
+    trainer = make_trainer(run_config, tmp_path, "--trainer.max_steps", "4", "--trainer.max_nonfinite", "3")
+    _nan_on(trainer, set(range(1, 100)))
+    with pytest.raises(StopTraining, match="3 non-finite losses in a row"):
+        trainer.train()
+    assert [t.name for t in checkpoint.complete_tags(tmp_path / "checkpoints")] == ["step00000002"]
+
+
+def test_incomplete_checkpoint_is_ignored(run_config, tmp_path):
+    make_trainer(run_config, tmp_path, "--trainer.max_steps", "2").train()
+    (tmp_path / "checkpoints" / "step00000003").mkdir()  # killed mid-save: no ztsnr_state.json
+    with pytest.warns(UserWarning, match="incomplete checkpoint"):
+        tag = checkpoint.find_resume_tag(tmp_path, "auto")
+    assert tag.name == "step00000002"
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--trainer.max_steps", "ten"], "trainer.max_steps"),
+    (["--trainer.max_stepz", "10"], "trainer.max_stepz"),
+    (["--noise.ztsnr", "infinite"], "noise.ztsnr"),
+    (["--loss.weighting", "snr"], "loss.weighting"),
+    (["--data.cache_dir", "/nonexistent/cache"], "data.cache_dir"),
+    (["--model.pretrained", "/nonexistent/sdxl"], "model.pretrained"),
+])
+def test_config_errors_name_the_key(run_config, args, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse(["--config", str(run_config), *args])
+
+
+def test_sigterm_saves_and_exits_cleanly(run_config, tmp_path):
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(run_config),
+                             "--trainer.output_dir", str(tmp_path), "--trainer.max_steps", "100000",
+                             "--trainer.save_every", "100000"], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    tags = checkpoint.complete_tags(tmp_path / "checkpoints")
+    assert len(tags) == 1
+    assert checkpoint.read_state(tags[0])["step"] == max(losses(tmp_path))
