@@ -15,7 +15,6 @@ Re-running resumes an interrupted build and re-encodes only new or changed image
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +26,7 @@ from jsonargparse import ArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 from ztsnr_ds.data.cache import BuildStats, CacheConfig, build_cache  # noqa: E402
+from ztsnr_ds.engine import init_distributed  # noqa: E402
 from ztsnr_ds.models import load_frozen  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,19 +57,12 @@ def read_sections(path: str | Path) -> tuple[CacheConfig, str]:
     return init.data, init.model.pretrained
 
 
-def setup_distributed() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from the launcher's environment; gloo process group if world > 1."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world_size > 1 and not dist.is_initialized():
-        # only barriers travel; a long timeout because ranks may finish hours apart on skewed buckets
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(hours=48))
-    return rank, world_size, int(os.environ.get("LOCAL_RANK", 0))
-
-
 def main(argv: list[str] | None = None) -> BuildStats:
     args = cli_parser().parse_args(argv)
     cfg, pretrained = read_sections(args.config)
-    rank, world_size, local_rank = setup_distributed()
+    # Only barriers travel (gloo, even on GPUs); a long timeout because ranks may finish hours apart.
+    dist_info = init_distributed(backend="gloo", timeout=timedelta(hours=48))
+    rank, world_size, local_rank = dist_info.rank, dist_info.world_size, dist_info.local_rank
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(levelname)s %(message)s")
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")

@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         noise = noise_settings(schedule)
         print(f"{source.kind} {source.path}; base {base}; noise: "
               + ", ".join(f"{k} {v} ({origin[k]})" for k, v in noise.items()), file=sys.stderr)
-        if set(origin.values()) == {"default"}:
-            print(f"{args.model} records no noise settings: using the defaults above; set --ztsnr, "
-                  "--sigma-max and --base-area if it was trained otherwise", file=sys.stderr)
+        if not source.noise:
+            print(f"{args.model} records no noise settings: the defaults above apply unless flags set "
+                  "them; pass --ztsnr, --sigma-max, --base-area if it was trained otherwise", file=sys.stderr)
         unet, parts = load_model(source, base, DTYPES[dtype_name])
     except SampleInputError as e:
         parser.error(str(e))

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import deepspeed
@@ -37,19 +38,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(backend: str | None = None, timeout: timedelta | None = None) -> DistInfo:
     """Join (or create) the process group; plain `python launch/train.py` becomes a world of one.
 
     The deepspeed launcher, torchrun, slurm and mpirun all export RANK / WORLD_SIZE /
     LOCAL_RANK / MASTER_ADDR / MASTER_PORT; without them we fill in a single-process world.
-    DeepSpeed picks nccl on CUDA and gloo on its CPU accelerator.
+    DeepSpeed picks nccl on CUDA and gloo on its CPU accelerator unless `backend` says otherwise.
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(verbose=False)
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
