@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -288,8 +290,6 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Tr
 
 def unet_shapes(config: dict) -> dict[str, torch.Size]:
     """Parameter shapes of the UNet a config describes, without allocating it."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
 
     with init_empty_weights():
         return {k: v.shape for k, v in UNet2DConditionModel.from_config(config).state_dict().items()}
@@ -342,8 +342,6 @@ def export_metadata(trained: TrainedUNet, title: str | None = None) -> dict[str,
 
 def export_diffusers(trained: TrainedUNet, out: str | Path, title: str | None = None) -> Path:
     """Write out/unet (config.json + safetensors), out/scheduler (ZTSNR Euler, v-pred) and out/README.md."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
 
     out = Path(out)
     save_safetensors(trained.state_dict, out / "unet" / UNET_WEIGHTS,
@@ -457,8 +455,6 @@ def load_unet_safetensors(path: str | Path, dtype: torch.dtype = torch.float32,
     Config, first found: `config`; the file's ztsnr_ds.unet_config metadata; for diffusers keys a
     config.json beside the file; for SGM keys configs/sdxl_unet/config.json (stock SDXL).
     """
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
 
     path = Path(path)
     if not path.is_file():
@@ -478,6 +474,12 @@ def load_unet_safetensors(path: str | Path, dtype: torch.dtype = torch.float32,
     except ExportError as e:
         raise ExportError(f"{fix}: {e}") from e
     check_shapes(unet_shapes(config), state, fix)
+    return unet_from_state(config, state, dtype)
+
+
+def unet_from_state(config: dict, state: dict[str, torch.Tensor],
+                    dtype: torch.dtype) -> UNet2DConditionModel:
+    """A UNet from a config and its full state dict, without initialising random weights first."""
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(config)
     unet.load_state_dict(state, strict=True, assign=True)

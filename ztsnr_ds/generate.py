@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL.PngImagePlugin import PngInfo
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from ztsnr_ds import checkpoint
@@ -37,6 +36,7 @@ from ztsnr_ds.export import (
     load_checkpoint,
     resolve_tag,
     save_safetensors,
+    unet_from_state,
 )
 from ztsnr_ds.metrics import image_grid
 from ztsnr_ds.models import FrozenParts, load_frozen, load_unet
@@ -96,19 +96,25 @@ def _inspect_checkpoint(path: Path) -> ModelSource:
     return ModelSource("checkpoint", tag_dir, recorded, Path(pretrained) if pretrained else None)
 
 
+def _read_header(path: Path) -> tuple[dict[str, str], list[str]]:
+    """Metadata and tensor names of a .safetensors file (its header only)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}, list(f.keys())
+    except SafetensorError as e:
+        raise SampleInputError("--model", f"{path} is not a readable .safetensors file: {e}") from e
+
+
 def _inspect_folder(path: Path) -> ModelSource:
     folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
-    weights = folder / UNET_WEIGHTS
-    noise = {}
-    if weights.is_file():
-        with safe_open(str(weights), "pt") as f:
-            noise = noise_from_metadata(f.metadata() or {})
+    weights = folder / UNET_WEIGHTS  # sharded or variant files carry no ztsnr_ds metadata
+    noise = noise_from_metadata(_read_header(weights)[0]) if weights.is_file() else {}
     return ModelSource("diffusers", path, noise, path if (path / "model_index.json").is_file() else None)
 
 
 def _inspect_file(path: Path) -> ModelSource:
-    with safe_open(str(path), "pt") as f:
-        metadata, sgm = f.metadata() or {}, any(k.startswith(UNET_PREFIX) for k in f.keys())
+    metadata, keys = _read_header(path)
+    sgm = any(k.startswith(UNET_PREFIX) for k in keys)
     return ModelSource("single_file" if sgm else "diffusers", path, noise_from_metadata(metadata))
 
 
@@ -171,14 +177,6 @@ def resolve_schedule(recorded: dict, overrides: dict) -> tuple[NoiseSchedule, di
 def noise_settings(schedule: NoiseSchedule) -> dict:
     """The NOISE_SETTINGS of a schedule, JSON-able (for the PNG settings)."""
     return {"ztsnr": schedule.mode, "sigma_max": schedule.sigma_max, "base_area": schedule.base_area}
-
-
-def unet_from_state(config: dict, state: dict[str, Tensor], dtype: torch.dtype) -> UNet2DConditionModel:
-    """A UNet from a config and its full state dict, without initialising random weights first."""
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(config)
-    unet.load_state_dict(state, strict=True, assign=True)
-    return unet.to(dtype).eval()
 
 
 def load_model(source: ModelSource, base: Path,

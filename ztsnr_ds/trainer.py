@@ -6,15 +6,21 @@
 
 `Trainer.__init__` assembles the components through small `build_*` helpers;
 `Trainer.train()` is the loop. Rank-dependent behaviour comes from `DistInfo` only.
+
+Every random draw of a sample (sigma, noise, caption dropout and tag shuffle) comes from
+streams seeded by (seed, epoch, sample id) alone (`sample_streams`), so a global batch trains
+on the same numbers whatever the number of ranks, and resume needs no state for them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,11 +32,11 @@ from ztsnr_ds.config import TrainConfig, TrainerConfig
 from ztsnr_ds.data.cache import LatentCache
 from ztsnr_ds.data.tags import shuffle_caption
 from ztsnr_ds.engine import DistInfo, build_ds_config, initialize, is_pure_bf16
+from ztsnr_ds.generate import SampleSpec, generate
 from ztsnr_ds.metrics import BandMeter, MetricLogger, image_grid
 from ztsnr_ds.models import load_frozen, load_unet
 from ztsnr_ds.objective import VObjective, add_noise, append_dims, c_in
 from ztsnr_ds.optim import AdamWSR
-from ztsnr_ds.sampling import SDXLDenoiser, sample_euler
 from ztsnr_ds.schedule import NoiseSchedule
 from ztsnr_ds.text import PromptEncoder
 
@@ -44,6 +50,32 @@ def lr_at(step: int, cfg: TrainerConfig, peak: float) -> float:
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     floor = cfg.min_lr_ratio * peak
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def sample_streams(seed: int, epoch: int, sample_id: int) -> tuple[torch.Generator, random.Random]:
+    """The random streams of one use of one sample: torch (sigma, noise) and Python (caption edits).
+
+    Seeded from (seed, epoch, id) only, not from the rank or the position in a batch, so 1 rank
+    with micro-batch 4 and 2 ranks with micro-batch 2 draw the same numbers for the same global
+    batch. The sampler uses an id at most once per epoch, so every use gets fresh draws.
+    """
+    digest = hashlib.sha256(f"{seed}:{epoch}:{sample_id}".encode()).digest()
+    return (torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")),
+            random.Random(int.from_bytes(digest[8:16], "little")))
+
+
+def rebatched_sampler_state(saved: dict, sampler) -> dict:
+    """A sampler state saved with another global batch G (micro_batch x world size), moved to `sampler`'s G.
+
+    Positions count global batches of the saved G and the epoch plan depends on G, so the exact
+    continuation is lost. This keeps the epoch and the number of samples consumed in it: the
+    position becomes floor(consumed / G_new) in the new G's plan of the same epoch. Within this
+    epoch some samples may then be seen twice and others not at all; later epochs are complete.
+    """
+    consumed = saved["position"] * saved["global_batch"]
+    position = min(consumed // sampler.global_batch, sampler.batches_per_epoch)
+    return saved | {"position": position, "carry": {}, "global_batch": sampler.global_batch,
+                    "micro_batch": sampler.micro_batch, "world_size": sampler.world_size}
 
 
 class StopTraining(RuntimeError):
@@ -64,11 +96,9 @@ class Trainer:
         for module in (self.parts.vae, self.parts.text_encoder, self.parts.text_encoder_2):
             module.to(self.device)
         self.prompts = PromptEncoder.from_parts(self.parts)
+        self.resume_tag = checkpoint.find_resume_tag(self.output_dir, cfg.trainer.resume)
         self.build_engine()
         self.sampler = cfg.sampler(self.cache.buckets, cfg.trainer.micro_batch, dist.world_size, dist.rank)
-        # Per-rank random streams, all saved in checkpoints: noise/sigma draws and caption edits.
-        self.noise_gen = torch.Generator().manual_seed(cfg.trainer.seed * 1000 + dist.rank)
-        self.caption_rng = random.Random(cfg.trainer.seed * 1000 + dist.rank)
         self.step = 0
         self.nonfinite_total = 0
         self.stop_requested = False
@@ -81,6 +111,9 @@ class Trainer:
         cfg = self.cfg
         ds_config = build_ds_config(cfg.deepspeed_config, cfg.trainer.micro_batch, cfg.trainer.grad_accum,
                                     self.dist.world_size)
+        if checkpoint.needs_universal(self.resume_tag, self.dist.world_size):
+            # Saved by another number of ranks: DeepSpeed reloads ZeRO partitions only in universal form.
+            ds_config["checkpoint"] = {"load_universal": True}
         # Pure bf16 never holds fp32 weights, so load bf16; the fp32-master mode keeps full precision.
         dtype = torch.bfloat16 if is_pure_bf16(ds_config) else torch.float32
         unet = load_unet(cfg.model.unet_path or cfg.model.pretrained, dtype=dtype)
@@ -100,6 +133,7 @@ class Trainer:
     def state(self) -> dict:
         return {
             checkpoint.STEP: self.step,
+            checkpoint.WORLD_SIZE: self.dist.world_size,
             checkpoint.EPOCH_KEY: self.sampler.epoch,
             checkpoint.SAMPLER: self.sampler.state_dict(),
             checkpoint.CONFIG: self.config_dict,
@@ -107,35 +141,38 @@ class Trainer:
             checkpoint.COUNTERS: {"nonfinite_total": self.nonfinite_total},
         }
 
-    @property
-    def generators(self) -> dict[str, torch.Generator]:
-        return {"noise": self.noise_gen}
-
     def save(self) -> Path:
-        caption_state = self.caption_rng.getstate()
-        state = self.state() | {"caption_rng": [caption_state[0], list(caption_state[1]), caption_state[2]]}
-        return checkpoint.save(self.engine, self.output_dir, self.step, state, self.generators,
+        # No named generators: the per-sample streams are a function of (seed, epoch, id).
+        return checkpoint.save(self.engine, self.output_dir, self.step, self.state(), {},
                                self.cfg.trainer.keep_last, self.dist.is_main)
 
     def resume(self) -> None:
-        tag = checkpoint.find_resume_tag(self.output_dir, self.cfg.trainer.resume)
-        if tag is None:
+        """Load the tag found at start-up (self.resume_tag), if any: weights, optimizer, step, sampler."""
+        if self.resume_tag is None:
             return
-        state = checkpoint.load(self.engine, tag, self.generators)
+        state = checkpoint.load(self.engine, self.resume_tag, {}, self.dist.is_main)
         self.step = state[checkpoint.STEP]
-        self.sampler.load_state_dict(state[checkpoint.SAMPLER])
+        saved = state[checkpoint.SAMPLER]
+        if saved["global_batch"] != self.sampler.global_batch:
+            warnings.warn(f"{self.resume_tag} was saved with global batch {saved['global_batch']} "
+                          f"(micro_batch x world size), now {self.sampler.global_batch}: the sampler keeps "
+                          "epoch and samples consumed, but the rest of this epoch may repeat or skip some "
+                          "samples (set trainer.micro_batch to keep the product for an exact continuation)",
+                          stacklevel=2)
+            saved = rebatched_sampler_state(saved, self.sampler)
+        self.sampler.load_state_dict(saved)
         self.nonfinite_total = state[checkpoint.COUNTERS]["nonfinite_total"]
-        py = state["caption_rng"]
-        self.caption_rng.setstate((py[0], tuple(py[1]), py[2]))
         if self.dist.is_main:
-            print(f"resumed from {tag} at step {self.step}")
+            print(f"resumed from {self.resume_tag} at step {self.step}")
 
     # ----------------------------------------------------------------------------- one step
-    def conditioning(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text embeddings (B, 77, D) and pooled (B, P): cached or encoded live, with caption dropout."""
+    def conditioning(self, batch: dict, rngs: list[random.Random]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings (B, 77, D) and pooled (B, P): cached or encoded live, with caption dropout.
+
+        rngs: one Python stream per sample (dropout draw, then tag shuffle).
+        """
         cap = self.cfg.captions
-        n = len(batch["captions"])
-        drop = torch.tensor([self.caption_rng.random() < cap.dropout for _ in range(n)])
+        drop = torch.tensor([rng.random() < cap.dropout for rng in rngs])
         if "embeds" in batch:
             embeds, pooled = batch["embeds"].to(self.device), batch["pooled"].to(self.device)
             if drop.any():
@@ -143,18 +180,20 @@ class Trainer:
                 embeds[drop], pooled[drop] = empty_embeds.to(embeds.dtype), empty_pooled.to(pooled.dtype)
             return embeds, pooled
         captions = [
-            "" if d else shuffle_caption(c, cap.keep_first, self.caption_rng) if cap.shuffle_tags else c
-            for c, d in zip(batch["captions"], drop.tolist())
+            "" if d else shuffle_caption(c, cap.keep_first, rng) if cap.shuffle_tags else c
+            for c, d, rng in zip(batch["captions"], drop.tolist(), rngs)
         ]
         return self.prompts.encode(captions)
 
-    def forward_loss(self, batch: dict, bucket: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_loss(self, batch: dict, bucket: str, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample weighted v loss (B,) and the sigmas drawn for it (B,)."""
         x0 = batch["latents"].to(self.device, torch.float32)  # (B, 4, h/8, w/8), already * scaling
         height, width = self.cache.height_width(bucket)
-        sigma = self.schedule.sample_sigmas(len(x0), height, width, self.noise_gen).to(self.device)
-        noise = torch.randn(x0.shape, generator=self.noise_gen).to(self.device)
-        embeds, pooled = self.conditioning(batch)
+        streams = [sample_streams(self.cfg.trainer.seed, self.sampler.epoch, i) for i in ids]
+        sigma = torch.cat([self.schedule.sample_sigmas(1, height, width, gen) for gen, _ in streams])
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=gen) for gen, _ in streams])
+        sigma, noise = sigma.to(self.device), noise.to(self.device)  # (B,), (B, 4, h/8, w/8)
+        embeds, pooled = self.conditioning(batch, [rng for _, rng in streams])
         x = add_noise(x0, noise, sigma)
         model_in = (c_in(append_dims(sigma, x.ndim)) * x).to(torch.bfloat16)
         v_pred = self.engine(model_in, self.schedule.timestep(sigma).to(self.device),
@@ -174,7 +213,7 @@ class Trainer:
         consecutive = 0
         while len(losses) < self.cfg.trainer.grad_accum:
             bucket, ids = next(batches)
-            per_sample, sigma = self.forward_loss(self.cache.batch(ids), bucket)
+            per_sample, sigma = self.forward_loss(self.cache.batch(ids), bucket, ids)
             loss = per_sample.mean()
             flags = torch.stack([loss.detach().float(), (~torch.isfinite(loss)).float()])
             torch.distributed.all_reduce(flags)  # sum over ranks
@@ -204,25 +243,14 @@ class Trainer:
         if not self.dist.is_main:
             return None
         val = self.cfg.validation
-        unet = self.engine.module
+        spec = SampleSpec(prompts=list(val.prompts), negative=val.negative, seed=val.seed, steps=val.steps,
+                          schedule=val.schedule, cfg=val.cfg_scale, cfg_rescale=val.cfg_rescale,
+                          width=val.width, height=val.height)
+        unet = self.engine.module  # ZeRO-2 keeps full weights on every rank
         unet.eval()
-        denoiser = SDXLDenoiser(unet, self.schedule)
-        sigmas = self.schedule.inference_sigmas(val.schedule, val.steps, val.height, val.width)
-        time_ids = torch.tensor([[val.height, val.width, 0, 0, val.height, val.width]], dtype=torch.float32)
-        uncond_embeds, uncond_pooled = self.prompts.encode([val.negative])
-        images = []
-        for i, prompt in enumerate(val.prompts):
-            embeds, pooled = self.prompts.encode([prompt])
-            gen = torch.Generator().manual_seed(val.seed + i)
-            noise = torch.randn((1, 4, val.height // 8, val.width // 8), generator=gen).to(self.device)
-            cond = dict(encoder_hidden_states=embeds, text_embeds=pooled, time_ids=time_ids.to(self.device))
-            uncond = dict(cond, encoder_hidden_states=uncond_embeds, text_embeds=uncond_pooled)
-            latents = sample_euler(denoiser, noise * sigmas[0], sigmas.to(self.device), cond, uncond,
-                                   val.cfg_scale, val.cfg_rescale)
-            vae = self.parts.vae
-            images.append(vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float())
+        samples = generate(unet, self.parts, self.schedule, spec, progress=False)
         unet.train()
-        grid = image_grid(torch.cat(images))
+        grid = image_grid(samples.images)
         out = self.output_dir / "samples" / f"step{self.step:08d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         grid.save(out)
