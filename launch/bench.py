@@ -8,10 +8,17 @@ name without ``bench_``, its arguments become the subcommand's options, and it p
 from __future__ import annotations
 
 import argparse
+import cProfile
+import gc
+import itertools
+import json
+import os
 import platform
+import pstats
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -20,7 +27,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 from ztsnr_ds.optim import DEFAULT_CHUNK, AdamWSR  # noqa: E402
 
 Argument = tuple[tuple[str, ...], dict[str, Any]]
@@ -142,6 +150,491 @@ def bench_optim(args: argparse.Namespace) -> None:
             f"{1e3 * TRAFFIC[name] * n / bandwidth:.0f} |"
         )
 
+
+# ----------------------------------------------------------------------------- step
+
+
+def tiny_training_config(root: Path, micro_batch: int) -> Path:
+    """configs/demo.yaml on a fresh tiny SDXL and 16 generated images cached with text embeddings."""
+    import yaml
+
+    from ztsnr_ds.data.buckets import BucketConfig
+    from ztsnr_ds.data.cache import CacheConfig, build_cache
+    from ztsnr_ds.data.synthetic import write_dataset
+    from ztsnr_ds.models import load_frozen, write_tiny_sdxl
+
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    config["model"]["pretrained"] = str(write_tiny_sdxl(root / "model"))
+    config["data"] |= {"source": str(write_dataset(root / "data", n=16)), "cache_dir": str(root / "cache"),
+                       "cache_text": True}
+    config["trainer"] |= {"output_dir": str(root / "run"), "micro_batch": micro_batch}
+    config["logging"] = {"tensorboard": False, "progress": False}
+    data = config["data"] | {"buckets": BucketConfig(**config["data"]["buckets"])}
+    build_cache(CacheConfig(**data), load_frozen(root / "model", dtype=torch.float32), progress=False)
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def unet_call(trainer, batch: dict, bucket: str, ids: list[int]) -> tuple[tuple, dict]:
+    """The arguments trainer.forward_loss passes to the UNet for this batch (caught by a pre-hook)."""
+    caught: dict = {}
+    handle = trainer.engine.module.register_forward_pre_hook(
+        lambda _module, args, kwargs: caught.update(args=args, kwargs=kwargs), with_kwargs=True)
+    with torch.no_grad():
+        trainer.forward_loss(batch, bucket, ids)
+    handle.remove()
+    return caught["args"], caught["kwargs"]
+
+
+class BareLoop:
+    """The trainer's forward, loss, backward, clipping and AdamW on a plain UNet: no DeepSpeed, no
+    data or draws per step (one fixed batch, the trainer's own inputs for it)."""
+
+    def __init__(self, trainer, bucket: str, ids: list[int], optimizer: str) -> None:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        from ztsnr_ds.models import load_unet
+        from ztsnr_ds.trainer import sample_streams
+
+        batch = trainer.cache.batch(ids)
+        self.args, self.kwargs = unet_call(trainer, batch, bucket, ids)
+        height, width = trainer.cache.height_width(bucket)
+        gens = [sample_streams(trainer.cfg.trainer.seed, trainer.sampler.epoch, i)[0] for i in ids]
+        self.sigma = torch.cat([trainer.schedule.sample_sigmas(1, height, width, g) for g in gens])
+        self.x0 = batch["latents"].float()  # (B, 4, h/8, w/8)
+        self.noise = torch.stack([torch.randn(self.x0.shape[1:], generator=g) for g in gens])
+        self.weight, self.objective = batch["weight"], trainer.objective
+        self.unet = load_unet(trainer.cfg.model.pretrained, dtype=torch.bfloat16)
+        self.unet.set_attn_processor(AttnProcessor2_0())
+        self.unet.train()
+        opt = trainer.cfg.optimizer
+        kwargs = dict(lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay)
+        self.optimizer = (torch.optim.AdamW(self.unet.parameters(), foreach=True, **kwargs)
+                          if optimizer == "torch" else AdamWSR(self.unet.parameters(), **kwargs))
+
+    def step(self) -> None:
+        v_pred = self.unet(*self.args, **self.kwargs).sample
+        loss = self.objective.loss(v_pred.float(), self.x0, self.noise, self.sigma, self.weight).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)  # gradient_clipping in ds_configs
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def profile_ms(fn: Callable[[], Any], steps: int) -> dict[tuple[str, str], float]:
+    """cProfile cumulative milliseconds per call of fn, for every function it ran, keyed (file, name)."""
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: [fn() for _ in range(steps)])
+    out: dict[tuple[str, str], float] = {}
+    for (file, _line, name), (_cc, _nc, _tt, cumtime, _callers) in pstats.Stats(profiler).stats.items():
+        out[(file, name)] = out.get((file, name), 0.0) + 1e3 * cumtime / steps
+    return out
+
+
+def cumulative(profile: dict[tuple[str, str], float], *functions: tuple[str, str]) -> float:
+    """Sum of the profile's times of functions given as (file suffix, name prefix)."""
+    return sum(ms for (file, name), ms in profile.items()
+               for suffix, prefix in functions if file.endswith(suffix) and name.startswith(prefix))
+
+
+UNET_FORWARD = ("diffusers/models/unets/unet_2d_condition.py", "forward")
+RUN_BACKWARD = ("~", "<method 'run_backward'")
+LOSS = ("ztsnr_ds/objective.py", "loss")
+ADAMWSR_STEP = ("ztsnr_ds/optim.py", "step")
+ZERO = "deepspeed/runtime/zero/stage_1_and_2.py"
+ZERO_CLIP = ((ZERO, "scaled_global_norm"), (ZERO, "unscale_and_clip_grads"))
+ZERO_OVERFLOW = (ZERO, "check_overflow")
+ZERO_COPY_BACK = (ZERO, "_update_model_bit16_weights")
+# (component, trainer functions, trainer functions to subtract, bare-loop functions)
+PROFILE_ROWS: tuple[tuple[str, tuple, tuple, tuple], ...] = (
+    ("cache read, per-sample draws, conditioning",
+     (("ztsnr_ds/data/cache.py", "batch"), ("ztsnr_ds/trainer.py", "sample_streams"),
+      ("ztsnr_ds/schedule.py", "sample_sigmas"), ("~", "<built-in method randn"),
+      ("ztsnr_ds/trainer.py", "conditioning")), (), ()),
+    ("UNet forward", (UNET_FORWARD,), (), (UNET_FORWARD,)),
+    ("DeepSpeed engine forward, outside the UNet", (("deepspeed/runtime/engine.py", "forward"),),
+     (UNET_FORWARD,), ()),
+    ("loss (VObjective.loss)", (LOSS,), (), (LOSS,)),
+    ("autograd backward, without DeepSpeed's hooks", (RUN_BACKWARD,),
+     ((ZERO, "grad_handling_hook"),), (RUN_BACKWARD,)),
+    ("DeepSpeed gradient hooks (copy into the reduce bucket)", ((ZERO, "grad_handling_hook"),), (), ()),
+    ("DeepSpeed backward, outside autograd (bucket reduce, epilogue)",
+     (("deepspeed/runtime/engine.py", "backward"),), (("torch/_tensor.py", "backward"),), ()),
+    ("gradient norm and clipping", ZERO_CLIP, (), (("torch/nn/utils/clip_grad.py", "clip_grad_norm_"),)),
+    ("optimizer math", (ADAMWSR_STEP,), (), (("torch/optim/adam.py", "step"),)),
+    ("DeepSpeed overflow check (inf/nan scan of the gradients)", (ZERO_OVERFLOW,), (), ()),
+    ("DeepSpeed copy of the updated partition into the weights", (ZERO_COPY_BACK,), (), ()),
+    ("DeepSpeed step, the rest", (("deepspeed/runtime/engine.py", "step"),),
+     (ADAMWSR_STEP, ZERO_OVERFLOW, ZERO_COPY_BACK, *ZERO_CLIP), ()),
+)
+
+
+def print_profile(trainer_profile: dict, bare_profile: dict) -> None:
+    """Table of PROFILE_ROWS in ms per step; what the rows miss is listed as the rest."""
+    whole = (cumulative(trainer_profile, ("ztsnr_ds/trainer.py", "train_step")),
+             cumulative(bare_profile, ("launch/bench.py", "step")))
+    print("| component | bare loop ms/step | trainer ms/step | trainer - bare |")
+    print("|---|---|---|---|")
+    listed = [0.0, 0.0]
+    for name, functions, minus, bare_functions in PROFILE_ROWS:
+        ms = (cumulative(trainer_profile, *functions) - cumulative(trainer_profile, *minus),
+              cumulative(bare_profile, *bare_functions))
+        listed = [listed[0] + ms[0], listed[1] + ms[1]]
+        print(f"| {name} | {ms[1]:.1f} | {ms[0]:.1f} | {ms[0] - ms[1]:+.1f} |")
+    for name, ms in (("rest (non-finite check all_reduce + host sync, Python glue)",
+                      (whole[0] - listed[0], whole[1] - listed[1])),
+                     ("**whole step (under cProfile)**", whole)):
+        print(f"| {name} | {ms[1]:.1f} | {ms[0]:.1f} | {ms[0] - ms[1]:+.1f} |")
+
+
+@benchmark(
+    arg("--micro-batch", type=int, default=4, help="samples per step (latents 4x16x16)"),
+    arg("--warmup", type=int, default=2),
+    arg("--repeats", type=int, default=10),
+    arg("--profile-steps", type=int, default=3, help="steps under cProfile for the breakdown"),
+)
+def bench_step(args: argparse.Namespace) -> None:
+    """Trainer step (DeepSpeed ZeRO-2, AdamWSR, ZTSNR loss, cached batch) vs a bare PyTorch loop.
+
+    Tiny SDXL-shaped UNet, one batch of cached latents and text embeddings, every case in one process.
+    """
+    from ztsnr_ds.config import parse
+    from ztsnr_ds.engine import init_distributed
+    from ztsnr_ds.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, config_dict = parse(["--config", str(tiny_training_config(Path(tmp), args.micro_batch))])
+        trainer = Trainer(cfg, config_dict, init_distributed())
+        bucket, ids = next(iter(trainer.sampler))
+        same_batch = itertools.repeat((bucket, ids))
+        bare = {name: BareLoop(trainer, bucket, ids, name) for name in ("torch", "sr")}
+        captions = trainer.cache.batch(ids)["captions"]
+        cases = {"bare loop, torch.optim.AdamW (bf16 params)": bare["torch"].step,
+                 "bare loop, AdamWSR per tensor": bare["sr"].step,
+                 "trainer.train_step (DeepSpeed ZeRO-2 pure bf16, AdamWSR on the flat partition)":
+                     lambda: trainer.train_step(same_batch),
+                 "live text encoding of the batch (cache_text: false)":
+                     lambda: trainer.prompts.encode(captions)}
+        runs = interleaved_times(cases, args.warmup, args.repeats)
+        profiles = (profile_ms(lambda: trainer.train_step(same_batch), args.profile_steps),
+                    profile_ms(bare["torch"].step, args.profile_steps))
+    n_params = sum(p.numel() for p in trainer.engine.module.parameters())
+    print(f"Tiny SDXL UNet ({n_params / 1e6:.2f}M parameters), batch {args.micro_batch} of 4x16x16 latents "
+          f"(bucket {bucket}), bf16, SDPA attention; median (min) of {args.repeats} steps after "
+          f"{args.warmup} warmup, cases interleaved.\n")
+    base = statistics.median(runs[next(iter(cases))])
+    print("| case | ms/step median (min) | x bare torch |")
+    print("|---|---|---|")
+    for name, seconds in runs.items():
+        med = statistics.median(seconds)
+        print(f"| {name} | {1e3 * med:.0f} ({1e3 * min(seconds):.0f}) | {med / base:.3f} |")
+    print(f"\nWhere the time goes (cProfile, {args.profile_steps} steps each; the profiler inflates "
+          "Python-heavy rows):\n")
+    print_profile(*profiles)
+
+
+# ----------------------------------------------------------------------------- memory
+
+MEMORY_CONFIGS = {"pure bf16 (zero2_bf16.json)": "ds_configs/zero2_bf16.json",
+                  "fp32 masters (zero2_bf16_fp32master.json)": "ds_configs/zero2_bf16_fp32master.json"}
+# DESIGN.md sec. 9, bytes per parameter on one of N ranks: weights + (grads + master + moments) / N.
+DESIGN_BYTES = {"ds_configs/zero2_bf16.json": (2, 2 + 2 + 4),
+                "ds_configs/zero2_bf16_fp32master.json": (2, 2 + 4 + 8)}
+
+
+def proc_status_kib(field: str) -> int:
+    """A memory field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: peak resident)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def held_tensor_bytes(engine, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of every distinct tensor storage alive, by role, counted once each (first role wins).
+
+    Storages reachable from Python objects (gc) plus the .grad of module and optimizer params
+    (a grad may have no Python object of its own).
+    """
+    flat = [p for group in optimizer.param_groups for p in group["params"]]
+    module = list(engine.module.parameters())
+    roles = {
+        "optimizer state": [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)],
+        "flat partition (master weights)": flat,
+        "flat partition grad": [p.grad for p in flat if p.grad is not None],
+        "module weights": module,
+        "module grads": [p.grad for p in module if p.grad is not None],
+        "other (DeepSpeed buffers)": [o for o in gc.get_objects() if torch.is_tensor(o)],
+    }
+    seen: set[int] = set()
+    out = dict.fromkeys(roles, 0)
+    for role, tensors in roles.items():
+        for t in tensors:
+            storage = t.untyped_storage()
+            if storage.data_ptr() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                out[role] += storage.nbytes()
+    return out
+
+
+def memory_case(config: str, width: int, depth: int) -> dict[str, float]:
+    """Train a deep bf16 MLP 2 steps under `config` on one rank; bytes per parameter, by role and RSS."""
+    from ztsnr_ds.engine import build_ds_config, init_distributed, initialize, is_pure_bf16
+
+    init_distributed()
+    ds_config = build_ds_config(ROOT / config, micro_batch=2, grad_accum=1, world_size=1)
+    dtype = torch.bfloat16 if is_pure_bf16(ds_config) else torch.float32  # as Trainer.build_engine
+    gc.collect()
+    baseline = proc_status_kib("VmRSS")
+    layers = [torch.nn.Linear(width, width, dtype=dtype) for _ in range(depth)]
+    model = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.GELU())])
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = AdamWSR(model.parameters(), lr=1e-4)
+    engine = initialize(model, optimizer, ds_config)
+    init_peak = proc_status_kib("VmHWM") - baseline
+    held: dict[str, int] = {}
+    # At the end of the optimizer step weights, grads, masters and moments are all alive: the peak.
+    optimizer.register_step_post_hook(lambda *_: held.update(held_tensor_bytes(engine, optimizer)))
+    x = torch.randn(2, width).to(torch.bfloat16)
+    for _ in range(2):
+        engine.backward(engine(x).float().pow(2).mean())
+        engine.step()
+    rss = {"peak RSS after initialize - baseline": init_peak,
+           "peak RSS after 2 steps - baseline": proc_status_kib("VmHWM") - baseline,
+           "RSS after 2 steps - baseline": proc_status_kib("VmRSS") - baseline}
+    return {"params": n_params} | {k: v / n_params for k, v in held.items()} | {
+        k: 1024 * v / n_params for k, v in rss.items()}
+
+
+@benchmark(
+    arg("--width", type=int, default=3072, help="MLP width"),
+    arg("--depth", type=int, default=12, help="Linear layers (12 x 3072^2: 113M parameters)"),
+    arg("--case", choices=list(MEMORY_CONFIGS.values()), help=argparse.SUPPRESS),
+)
+def bench_memory(args: argparse.Namespace) -> None:
+    """Bytes per parameter for weights, grads and optimizer state on one rank: pure bf16 vs fp32 masters."""
+    if args.case:  # child process: one configuration, a clean RSS baseline
+        print(json.dumps(memory_case(args.case, args.width, args.depth)))
+        return
+    results = {}
+    for name, config in MEMORY_CONFIGS.items():
+        cmd = [sys.executable, __file__, "memory", "--case", config, "--width", str(args.width),
+               "--depth", str(args.depth)] + (["--threads", str(args.threads)] if args.threads else [])
+        child = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[name] = json.loads(child.stdout.strip().splitlines()[-1])
+    first = next(iter(results.values()))
+    print(f"Deep MLP: {args.depth} x Linear({args.width}, {args.width}), {first['params'] / 1e6:.1f}M "
+          "parameters, ZeRO-2 on one rank, 2 training steps, each configuration in a fresh process. "
+          "Tensors are counted at the end of the second optimizer step (every distinct storage once).\n")
+    rows = [k for k in first if k != "params"]
+    print("| bytes per parameter | " + " | ".join(results) + " |")
+    print("|---|" + "---|" * len(results))
+    for row in rows:
+        print(f"| {row} | " + " | ".join(f"{r[row]:.2f}" for r in results.values()) + " |")
+    tensors = [sum(r[k] for k in rows if "RSS" not in k) for r in results.values()]
+    print("| **all tensors** | " + " | ".join(f"**{t:.2f}**" for t in tensors) + " |")
+    model = [sum(DESIGN_BYTES[c]) for c in MEMORY_CONFIGS.values()]
+    print("| DESIGN.md model (N = 1) | " + " | ".join(f"{m}" for m in model) + " |")
+
+# ----------------------------------------------------------------------------- mfu
+
+SDXL_FLOP_PER_SAMPLE = 20.2e12  # DESIGN.md sec. 9: fwd + bwd at latent 128x128, FlopCounterMode, no recompute
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
+    """Measured bf16 matmul FLOP/s: the best of `repeats` n x n x n products (2 n^3 FLOP each)."""
+    a, b = (torch.randn(n, n, device=device).to(torch.bfloat16) for _ in range(2))
+    out, best = torch.empty_like(a), float("inf")
+    for _ in range(repeats + 2):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def sdxl_unet_step(config: Path, batch: int, latent: int, checkpointing: bool,
+                   device: torch.device) -> tuple[Callable[[], None], torch.nn.Module]:
+    """fwd + bwd of a randomly initialised UNet (bf16, SDPA) on SDXL-shaped inputs; returns (step, unet).
+
+    Shapes: latents (B, 4, L, L), text embeddings (B, 77, cross_attention_dim), pooled (B, 1280),
+    time_ids (B, 6): the SDXL conditioning of configs/sdxl_unet/config.json.
+    """
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet_config = json.loads(config.read_text())
+    unet = UNet2DConditionModel.from_config(unet_config).to(device, torch.bfloat16)
+    unet.set_attn_processor(AttnProcessor2_0())
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16)
+
+    x, t = randn(batch, 4, latent, latent), torch.rand(batch, device=device) * 999
+    cond = dict(encoder_hidden_states=randn(batch, 77, unet_config["cross_attention_dim"]),
+                added_cond_kwargs={"text_embeds": randn(batch, pooled),
+                                   "time_ids": torch.full((batch, 6), 1024.0, device=device)})
+
+    def step() -> None:
+        unet(x, t, **cond).sample.float().pow(2).mean().backward()
+        unet.zero_grad(set_to_none=True)
+
+    return step, unet
+
+
+def time_unet(args: argparse.Namespace, device: torch.device, checkpointing: bool
+              ) -> tuple[float, float, float]:
+    """(seconds per fwd + bwd, FLOP per sample counted without recompute, peak GPU GiB) of one UNet."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step, _unet = sdxl_unet_step(args.unet_config, args.batch, args.latent, checkpointing, device)
+    with FlopCounterMode(display=False) as counter:  # the first call doubles as warmup
+        step()
+    flop = counter.get_total_flops() / args.batch
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = interleaved_times({"step": lambda: (step(), synchronize(device))}, args.warmup, args.repeats)
+    memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return statistics.median(times["step"]), flop, memory
+
+
+@benchmark(
+    arg("--batch", type=int, default=1, help="samples per step"),
+    arg("--latent", type=int, default=128, help="latent side (128 = 1024x1024 pixels)"),
+    arg("--warmup", type=int, default=2),
+    arg("--repeats", type=int, default=5),
+    arg("--unet-config", type=Path, default=ROOT / "configs" / "sdxl_unet" / "config.json"),
+    arg("--matmul-size", type=int, default=8192, help="n of the n^3 bf16 matmul that measures the peak"),
+    arg("--device", default="cuda", help="cuda; cpu only as a smoke test of this code with a tiny config"),
+)
+def bench_mfu(args: argparse.Namespace) -> None:
+    """SDXL UNet fwd+bwd samples/s and MFU on one GPU (bf16, SDPA), with and without checkpointing.
+
+    MFU = samples/s x model FLOP per sample / measured bf16 matmul peak. Model FLOP are counted by
+    FlopCounterMode without recompute (checkpointing adds work, not model FLOP), and also shown at
+    DESIGN.md's 20.2 TFLOP per sample.
+    """
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("skipped: `bench.py mfu` needs a CUDA GPU and torch.cuda.is_available() is False here.")
+        return
+    peak = matmul_peak(device, args.matmul_size)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{name}; {args.unet_config.name}, random weights, bf16, SDPA, batch {args.batch}, latent "
+          f"{args.latent}x{args.latent}; fwd + bwd (no optimizer step), median of {args.repeats} steps after "
+          f"{args.warmup} warmup. Measured bf16 matmul peak ({args.matmul_size}^3 torch.mm): "
+          f"{peak / 1e12:.1f} TFLOP/s.\n")
+    print("| gradient checkpointing | ms/step | samples/s | TFLOP/sample (counted) | TFLOP/s | MFU "
+          "| MFU at 20.2 TFLOP/sample | peak GPU memory GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for checkpointing in (False, True):
+        seconds, flop, memory = time_unet(args, device, checkpointing)
+        rate = args.batch / seconds
+        print(f"| {checkpointing} | {1e3 * seconds:.0f} | {rate:.2f} | {flop / 1e12:.2f} | "
+              f"{rate * flop / 1e12:.1f} | {rate * flop / peak:.1%} | "
+              f"{rate * SDXL_FLOP_PER_SAMPLE / peak:.1%} | {memory:.1f} |")
+
+# ----------------------------------------------------------------------------- data
+
+
+def synthetic_latent_cache(root: Path, n: int, side: int, shard_mb: float) -> None:
+    """n random latents (4, side/8, side/8) bf16 in the side x side bucket, written into a latent cache
+    by data/cache.py's own shard writer and merge: a real build minus the images and the VAE."""
+    from ztsnr_ds.data import cache
+    from ztsnr_ds.data.sources import ImageRecord
+
+    cfg = cache.CacheConfig(source=str(root / "images"), cache_dir=str(root), shard_max_mb=shard_mb)
+    (root / cache.SHARD_DIR).mkdir(parents=True)
+    (root / cache.PARTS_DIR).mkdir()
+    writer = cache._ShardWriter(root, 0, "bench", int(shard_mb * 2**20))
+    bucket, time_ids = (side, side), (side, side, 0, 0, side, side)
+    generator = torch.Generator().manual_seed(0)
+    for lo in range(0, n, 16):
+        jobs = [cache._Job(ImageRecord(root / "images" / f"{i:05d}.png", "1girl, solo", f"{i:05d}.png"),
+                           f"{i:064x}", bucket) for i in range(lo, min(n, lo + 16))]
+        latents = torch.randn(len(jobs), 4, side // 8, side // 8, generator=generator).to(torch.bfloat16)
+        rows = [cache._row(job, time_ids) for job in jobs]
+        writer.add(cache.bucket_key(bucket), rows, {"latents": latents})
+    writer.flush()
+    part = {"rank": 0, "world_size": 1, "fingerprint": "bench", "scan": "bench", "cache_text": False,
+            "rows": writer.rows, "shards": writer.infos, "bad": [], "corrupt_shards": [], "scan_problems": [],
+            "encoded": len(writer.rows), "reused": 0}
+    cache._write_atomic(cache._part_path(root, 0, 1), json.dumps(part).encode())
+    cache.merge_parts(cfg, world_size=1)
+
+
+def evict_from_page_cache(folder: Path) -> None:
+    """Drop the files' pages from the OS page cache (POSIX_FADV_DONTNEED), so the next read hits the disk."""
+    for path in folder.rglob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@benchmark(
+    arg("--samples", type=int, default=256, help="latents in the synthetic cache"),
+    arg("--side", type=int, default=1024, help="image side in pixels (latents side/8)"),
+    arg("--batch", type=int, default=8, help="samples per LatentCache.batch call"),
+    arg("--shard-mb", type=float, default=64.0, help="data.shard_max_mb (the default)"),
+    arg("--repeats", type=int, default=15, help="passes per case"),
+    arg("--consumption", type=float, default=20.0, help="samples/s one GPU trains on (SDXL 1024^2)"),
+)
+def bench_data(args: argparse.Namespace) -> None:
+    """Samples/s LatentCache.batch delivers on one core (SDXL-size bf16 latents) vs one GPU's consumption.
+
+    Each pass opens a new reader (no other reader alive: pages mapped by a process cannot be evicted).
+    """
+    from ztsnr_ds.data.cache import LatentCache
+    from ztsnr_ds.data.sampler import BucketBatchSampler
+
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
+    torch.set_num_threads(1)
+    cases = {"cold page cache, sha256 check on first open (verify=True, the trainer's setting)": (True, True),
+             "cold page cache, no check: every read from disk (a cache larger than RAM)": (True, False),
+             "warm page cache, reader already open and checked (steady state)": (False, True)}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        synthetic_latent_cache(root, args.samples, args.side, args.shard_mb)
+        buckets, shards = LatentCache(root).buckets, list((root / "shards").iterdir())
+        sampler = BucketBatchSampler(buckets, args.batch, 1, 0, seed=0)
+
+        def one_pass(cold: bool, verify: bool) -> float:
+            """Seconds to read one epoch of batches through a new reader."""
+            reader = LatentCache(root, verify=verify)
+            if cold:
+                evict_from_page_cache(root)
+            else:
+                reader.batch(buckets[next(iter(buckets))][: args.batch])  # open and check beforehand
+            start = time.perf_counter()
+            for _ in range(len(sampler)):
+                reader.batch(next(sampler)[1])
+            return time.perf_counter() - start
+
+        runs = {name: [] for name in cases}
+        for _ in range(args.repeats):
+            for name, flags in cases.items():
+                runs[name].append(one_pass(*flags))
+    per_pass, sample_mib = len(sampler) * args.batch, 4 * (args.side // 8) ** 2 * 2 / 2**20
+    print(f"{args.samples} latents of 4x{args.side // 8}x{args.side // 8} bf16 in {len(shards)} shard(s) "
+          f"written by data/cache.py's shard writer; batches of {args.batch} in sampler order "
+          f"({per_pass * sample_mib:.0f} MiB per pass), 1 core, 1 torch thread; median of {args.repeats} "
+          "passes, cases interleaved.\n")
+    print(f"| case | samples/s | MiB/s | x {args.consumption:g} samples/s per GPU |")
+    print("|---|---|---|---|")
+    for name, seconds in runs.items():
+        rate = per_pass / statistics.median(seconds)
+        print(f"| {name} | {rate:.0f} | {rate * sample_mib:.0f} | {rate / args.consumption:.0f} |")
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

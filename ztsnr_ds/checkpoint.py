@@ -2,8 +2,10 @@
 
 Layout of a run:
     <output_dir>/checkpoints/step00001000/   DeepSpeed's files (every rank's ZeRO partition)
-        rng/rank00000.json                    each rank's RNG states (python, numpy, torch, noise)
-        ztsnr_state.json                      step, sampler position, config, UNet config
+        rng/rank00000.json                    each rank's RNG states (python, numpy, torch, named)
+        ztsnr_state.json                      step, world size, sampler position, config, UNet config
+        universal/                            DeepSpeed's universal form, made when a run with
+                                              another number of ranks resumes from this tag
     <output_dir>/checkpoints/latest           name of the newest complete tag
 
 `ztsnr_state.json` is written last, after a barrier, so its presence marks a tag as
@@ -19,6 +21,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -28,10 +32,11 @@ import torch
 STATE_FILE = "ztsnr_state.json"
 LATEST_FILE = "latest"
 TAG_PREFIX = "step"
+UNIVERSAL_DIR = "universal"
 
 # Keys of ztsnr_state.json.
-STEP, EPOCH_KEY, SAMPLER, CONFIG, UNET_CONFIG, COUNTERS = (
-    "step", "epoch", "sampler", "config", "unet_config", "counters")
+STEP, EPOCH_KEY, SAMPLER, CONFIG, UNET_CONFIG, COUNTERS, WORLD_SIZE = (
+    "step", "epoch", "sampler", "config", "unet_config", "counters", "world_size")
 
 
 def tag_for(step: int) -> str:
@@ -143,10 +148,46 @@ def _rotate(checkpoint_dir: Path, keep_last: int) -> None:
             shutil.rmtree(tag, ignore_errors=True)
 
 
-def load(engine, tag_dir: Path, generators: dict[str, torch.Generator]) -> dict:
-    """Load weights, optimizer and RNG into the live engine; returns the trainer state."""
+def needs_universal(tag_dir: Path | None, world_size: int) -> bool:
+    """True when tag_dir was saved by another number of ranks (DeepSpeed then needs its universal form).
+
+    The engine must be built with `"checkpoint": {"load_universal": true}` for such a tag.
+    Tags written before the world size was recorded count as same-size (DeepSpeed checks that).
+    """
+    if tag_dir is None:
+        return False
+    saved = read_state(tag_dir).get(WORLD_SIZE)
+    return saved is not None and saved != world_size
+
+
+def to_universal(tag_dir: Path, is_main: bool) -> Path:
+    """tag_dir/universal, converted once by the main process with DeepSpeed's ds_to_universal.
+
+    The converter merges every rank's ZeRO partition into per-parameter files (weights, exp_avg,
+    exp_avg_sq, step; optimizer param_groups), which any number of ranks can load. It does not
+    carry other optimizer state: AdamWSR's Kahan buffer restarts from zero. Converted into a
+    temporary folder and renamed, so a crash mid-conversion never leaves a half folder in use.
+    """
+    out = Path(tag_dir) / UNIVERSAL_DIR
+    if is_main and not out.is_dir():
+        tmp = out.with_name(UNIVERSAL_DIR + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                        str(tag_dir), "--output_folder", str(tmp), "--inject_missing_state"],
+                       check=True, stdout=subprocess.DEVNULL)
+        os.replace(tmp, out)
+    torch.distributed.barrier()  # nobody loads before the folder is complete
+    return out
+
+
+def load(engine, tag_dir: Path, generators: dict[str, torch.Generator], is_main: bool) -> dict:
+    """Load weights, optimizer and RNG into the live engine; returns the trainer state.
+
+    An engine built with load_universal (see needs_universal) loads the tag's universal form.
+    """
     tag_dir = Path(tag_dir)
-    load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+    folder = to_universal(tag_dir, is_main) if engine.load_universal_checkpoint() else tag_dir
+    load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name,
                                           load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")

@@ -1,0 +1,334 @@
+"""Data parallelism on CPU (gloo) through the real DeepSpeed launcher, ZeRO-2 partitions, and resume
+across world sizes.
+
+Runs (module fixtures, each shared by several tests; tiny SDXL UNet, 16x16 latents, 3 steps,
+a checkpoint after every step):
+    one_rank    in this process, 1 rank, micro-batch 4
+    two_ranks   `deepspeed --num_gpus 2 tests/dist_worker.py ...` (run as `python -m
+                deepspeed.launcher.runner`, the deepspeed script's module), micro-batch 2: 2 ranks, gloo
+    two_to_one  in this process, 1 rank, resumed from two_ranks' step 1
+    one_to_two  two "nodes" on loopback, one process each (`python -m deepspeed.launcher.launch
+                --world_info ... --node_rank k`, what `deepspeed --hostfile H --no_ssh --node_rank k`
+                runs), resumed from one_rank's step 1
+Global batch = micro-batch x world size = 4 in all of them, so every run draws the same global
+batches (see test_two_ranks_train_on_the_same_global_batches_as_one).
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+from tests.dist_worker import partition, record_ids
+from ztsnr_ds import checkpoint
+from ztsnr_ds.config import parse
+from ztsnr_ds.data.buckets import BucketConfig
+from ztsnr_ds.data.cache import CacheConfig, build_cache
+from ztsnr_ds.data.synthetic import write_dataset
+from ztsnr_ds.engine import init_distributed
+from ztsnr_ds.models import load_frozen, load_unet
+from ztsnr_ds.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = "tests/dist_worker.py"
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+# Set in this process by init_distributed (a world of one); the launcher sets its own per rank.
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+STEPS, RESUME_STEP = 3, 1
+
+
+@dataclass
+class Run:
+    output_dir: Path
+    ids: list[list[int]]  # sample ids of each global micro-batch, rank 0's first
+    modules: list[dict[str, torch.Tensor]]  # each rank's UNet weights at the end
+    resumed: list[dict]  # each rank's optimizer partition right after resume ({} without resume)
+
+    def losses(self) -> dict[int, float]:
+        records = [json.loads(line) for line in (self.output_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in records}
+
+    def grad_norms(self) -> dict[int, float]:
+        records = [json.loads(line) for line in (self.output_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["grad_norm"] for r in records}
+
+    def tag(self, step: int) -> Path:
+        return self.output_dir / "checkpoints" / checkpoint.tag_for(step)
+
+
+# ----------------------------------------------------------------------------- launching
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(commands: list[list[str]], log_dir: Path, timeout: float = 300) -> None:
+    """Run the commands side by side (e.g. one launcher per node) and wait for all of them.
+
+    Output goes to log files (pipes could fill and stall a rank its peers wait for); a failure or
+    timeout kills each command's process group and fails the test with the logs' tails.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS} | CHILD_ENV
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logs = [log_dir / f"launch{i}.log" for i in range(len(commands))]
+    procs = []
+    for cmd, log in zip(commands, logs):
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    deadline = time.monotonic() + timeout
+    try:
+        codes = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    if codes is None or any(codes):
+        tails = "\n".join(f"--- {log.name} ---\n{log.read_text()[-3000:]}" for log in logs)
+        pytest.fail(f"launch failed (exit codes {codes}):\n{tails}")
+
+
+def train_args(config: Path, output_dir: Path, micro_batch: int, *extra: str) -> list[str]:
+    return ["--config", str(config), "--trainer.output_dir", str(output_dir),
+            "--trainer.micro_batch", str(micro_batch), *extra]
+
+
+def recorded_run(output_dir: Path, record: Path, world_size: int) -> Run:
+    """A launched run as dist_worker recorded it: per-rank files joined in rank order."""
+    ranks = [torch.load(record / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    ids = [sum(step_ids, []) for step_ids in zip(*(r["ids"] for r in ranks))]
+    return Run(output_dir, ids, [r["module"] for r in ranks], [r["resumed"] for r in ranks])
+
+
+def in_process_run(config: Path, output_dir: Path, micro_batch: int, *extra: str) -> tuple[Trainer, list]:
+    """A 1-rank Trainer in this process (the world of one init_distributed makes) and its id record."""
+    cfg, config_dict = parse(train_args(config, output_dir, micro_batch, *extra))
+    trainer = Trainer(cfg, config_dict, init_distributed())
+    return trainer, record_ids(trainer)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def run_config(tiny_sdxl, tmp_path_factory) -> Path:
+    """configs/demo.yaml on the tiny model and a 32-image cache (5 buckets, 7 global batches of 4)."""
+    root = tmp_path_factory.mktemp("distributed")
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    config["model"]["pretrained"] = str(tiny_sdxl)
+    config["data"] |= {"source": str(write_dataset(root / "data", n=32)), "cache_dir": str(root / "cache")}
+    config["trainer"] |= {"max_steps": STEPS, "save_every": 1, "keep_last": STEPS, "log_every": 1,
+                          "warmup_steps": 1}
+    config["validation"] |= {"every": 0}
+    config["logging"] = {"tensorboard": False, "progress": False}
+    data = config["data"] | {"buckets": BucketConfig(**config["data"]["buckets"])}
+    build_cache(CacheConfig(**data), load_frozen(tiny_sdxl, dtype=torch.float32), progress=False)
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_rank(run_config, tmp_path_factory) -> Run:
+    out = tmp_path_factory.mktemp("one_rank")
+    trainer, ids = in_process_run(run_config, out, 4)
+    trainer.train()
+    return Run(out, ids, [trainer.engine.module.state_dict()], [{}])
+
+
+@pytest.fixture(scope="module")
+def two_ranks(run_config, tmp_path_factory) -> Run:
+    out = tmp_path_factory.mktemp("two_ranks")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+           str(free_port()), WORKER, "--record", str(out / "record"), *train_args(run_config, out, 2)]
+    launch([cmd], out / "logs")
+    return recorded_run(out, out / "record", world_size=2)
+
+
+@pytest.fixture(scope="module")
+def two_to_one(run_config, two_ranks, tmp_path_factory) -> Run:
+    """two_ranks' step-1 checkpoint resumed on 1 rank (micro-batch 4: the same global batch)."""
+    out = tmp_path_factory.mktemp("two_to_one")
+    trainer, ids = in_process_run(run_config, out, 4, "--trainer.resume", str(two_ranks.tag(RESUME_STEP)))
+    trainer.resume()
+    resumed = partition(trainer.optimizer)
+    trainer.resume_tag = None  # resumed above; train() goes on from here
+    trainer.train()
+    return Run(out, ids, [trainer.engine.module.state_dict()], [resumed])
+
+
+@pytest.fixture(scope="module")
+def one_to_two(run_config, one_rank, tmp_path_factory) -> Run:
+    """one_rank's step-1 checkpoint resumed by two single-process "nodes" (127.0.0.1 and localhost)."""
+    out = tmp_path_factory.mktemp("one_to_two")
+    world_info = base64.urlsafe_b64encode(json.dumps({"localhost": [0], "127.0.0.1": [0]}).encode()).decode()
+    port = free_port()
+    args = train_args(run_config, out, 2, "--trainer.resume", str(one_rank.tag(RESUME_STEP)))
+    nodes = [[sys.executable, "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+              f"--node_rank={k}", "--master_addr=127.0.0.1", f"--master_port={port}",
+              WORKER, "--record", str(out / "record"), *args] for k in range(2)]
+    launch(nodes, out / "logs")
+    return recorded_run(out, out / "record", world_size=2)
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+
+def flat(module: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.float().flatten() for t in module.values()])
+
+
+def weights_close(a: dict, b: dict, start: dict, rtol: float) -> None:
+    """||a - b|| <= rtol * ||b - start||: the runs agree up to a fraction of what training moved."""
+    moved = (flat(b) - flat(start)).norm()
+    assert moved > 0
+    assert (flat(a) - flat(b)).norm() <= rtol * moved
+
+
+def assert_losses_close(a: dict[int, float], b: dict[int, float], first: int) -> None:
+    """Losses of the same steps agree: at `first` (same weights, same inputs) to float rounding, later
+    to 1% (the weights differ by stochastic rounding; other batches or noise change the loss by ~50%)."""
+    assert sorted(a) == sorted(b) and a
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4 if step == first else 1e-2), step
+
+
+def optim_files(tag: Path) -> list[Path]:
+    """The tag's ZeRO partition files, rank order (bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt)."""
+    files = sorted(glob.glob(str(tag / "*zero_pp_rank_*_optim_states.pt")),
+                   key=lambda f: int(f.split("zero_pp_rank_")[1].split("_")[0]))
+    return [Path(f) for f in files]
+
+
+def saved_partitions(tag: Path) -> dict[str, torch.Tensor]:
+    """Every rank's saved partition (flat weights and moments) concatenated in rank order."""
+    states = [torch.load(f, weights_only=False)["optimizer_state_dict"] for f in optim_files(tag)]
+    out = {"param": torch.cat([s["single_partition_of_fp32_groups"][0] for s in states])}
+    for key in ("exp_avg", "exp_avg_sq"):
+        out[key] = torch.cat([s["base_optimizer_state"]["state"][0][key] for s in states])
+    return out
+
+
+def assert_resumed_bitwise(resumed: list[dict], tag: Path, n_params: int) -> None:
+    """The live partitions right after resume, joined, equal the saved ones bit for bit (padding aside)."""
+    saved = saved_partitions(tag)
+    for key, value in saved.items():
+        live = torch.cat([r[key] for r in resumed])
+        assert live.dtype == value.dtype == torch.bfloat16
+        assert torch.equal(live[:n_params], value[:n_params]), key
+    assert [r["step"] for r in resumed] == [RESUME_STEP] * len(resumed)
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_two_ranks_train_on_the_same_global_batches_as_one(one_rank, two_ranks, tiny_sdxl):
+    """2 ranks x micro-batch 2 against 1 rank x micro-batch 4, gradient accumulation 1 in both.
+
+    The sampler plans global batches of G = micro_batch x world_size and gives rank r the slice
+    [r * micro, (r + 1) * micro), so both runs see the same 4 ids per step. 1 rank x (2 x accum 2)
+    would not: its G is 2, so it draws different (2-sample) batches from a different epoch plan.
+    Sigma, noise and caption edits are seeded per (seed, epoch, sample id), not per rank, so the
+    per-sample inputs match too. Step 1 starts from the same weights: its loss and gradient norm
+    agree to float rounding. After it the runs differ only by (a) the bf16 gradient reduction
+    (two bf16 partial gradients averaged over gloo instead of one batch-of-4 backward) and (b)
+    AdamWSR's stochastic rounding, whose noise is keyed by rank: rank 1's half of the flat
+    partition rounds with other noise than the same elements on 1 rank. (b) dominates: weights
+    whose update is below one bf16 ulp move by a whole ulp or not at all. Measured after 3 steps:
+    ||w2 - w1|| = 0.13 ||w1 - w0||; with per-rank noise streams (the earlier trainer) the step-1
+    losses differ by far more than the tolerance below.
+    """
+    assert two_ranks.ids == one_rank.ids and len(one_rank.ids) == STEPS
+    assert all(len(ids) == 4 == len(set(ids)) for ids in one_rank.ids)
+    assert_losses_close(two_ranks.losses(), one_rank.losses(), first=1)
+    assert two_ranks.grad_norms()[1] == pytest.approx(one_rank.grad_norms()[1], rel=1e-3)
+    start = load_unet(tiny_sdxl, dtype=torch.bfloat16).state_dict()
+    weights_close(two_ranks.modules[0], one_rank.modules[0], start, rtol=0.25)
+
+
+def test_every_rank_holds_the_same_weights(two_ranks, one_to_two):
+    """After the ZeRO-2 step each rank all-gathers the others' updated partitions: the ranks' modules
+    are bitwise equal, and equal to what zero_to_fp32 assembles from the saved partitions."""
+    for run in (two_ranks, one_to_two):
+        rank0, rank1 = run.modules
+        assert rank0.keys() == rank1.keys()
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+        tag = run.tag(STEPS)
+        gathered = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+        assert all(torch.equal(gathered[k].to(v.dtype), v) for k, v in rank0.items())
+
+
+def test_zero2_partition_is_one_over_world_of_the_optimizer_state(one_rank, two_ranks):
+    """Each of 2 ranks saves half the flat bf16 master and moments: 6 bytes per parameter / 2 in pure
+    bf16 (DESIGN.md sec. 9: (2 master + 4 moments) / N), against 6 bytes per parameter on 1 rank."""
+    n_params = sum(t.numel() for t in one_rank.modules[0].values())
+    (single,) = optim_files(one_rank.tag(STEPS))
+    halves = optim_files(two_ranks.tag(STEPS))
+    assert len(halves) == 2
+    for path in halves:
+        state = torch.load(path, weights_only=False)["optimizer_state_dict"]
+        numel = state["base_optimizer_state"]["state"][0]["exp_avg"].numel()
+        assert 0 <= 2 * numel - n_params < 4  # ZeRO pads the flat buffer to a multiple of 2 * world
+        assert 6 * numel <= path.stat().st_size <= 1.01 * 6 * numel
+        assert path.stat().st_size / single.stat().st_size == pytest.approx(0.5, abs=0.005)
+    assert 6 * n_params <= single.stat().st_size <= 1.01 * 6 * n_params
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(one_rank, two_ranks, two_to_one, tiny_sdxl):
+    """2 -> 1 through DeepSpeed's universal checkpoint: moments, weights and step carry over bit for
+    bit, and the run continues with the global batches the 2-rank run trained on next."""
+    n_params = sum(t.numel() for t in one_rank.modules[0].values())
+    assert_resumed_bitwise(two_to_one.resumed, two_ranks.tag(RESUME_STEP), n_params)
+    assert (two_ranks.tag(RESUME_STEP) / checkpoint.UNIVERSAL_DIR / "zero").is_dir()
+    assert two_to_one.ids == two_ranks.ids[RESUME_STEP:]
+    later = {s: v for s, v in two_ranks.losses().items() if s > RESUME_STEP}
+    assert_losses_close(two_to_one.losses(), later, first=RESUME_STEP + 1)
+    start = load_unet(tiny_sdxl, dtype=torch.bfloat16).state_dict()
+    weights_close(two_to_one.modules[0], two_ranks.modules[0], start, rtol=0.25)
+    assert checkpoint.read_state(two_to_one.tag(STEPS))[checkpoint.WORLD_SIZE] == 1
+
+
+def test_one_rank_checkpoint_resumes_on_two_nodes(one_rank, one_to_two, tiny_sdxl):
+    """1 -> 2 (two loopback nodes): the universal checkpoint splits the saved moments over the ranks
+    bit for bit; the run goes on with the global batches the 1-rank run trained on next."""
+    n_params = sum(t.numel() for t in one_rank.modules[0].values())
+    assert_resumed_bitwise(one_to_two.resumed, one_rank.tag(RESUME_STEP), n_params)
+    assert one_to_two.ids == one_rank.ids[RESUME_STEP:]
+    later = {s: v for s, v in one_rank.losses().items() if s > RESUME_STEP}
+    assert_losses_close(one_to_two.losses(), later, first=RESUME_STEP + 1)
+    start = load_unet(tiny_sdxl, dtype=torch.bfloat16).state_dict()
+    weights_close(one_to_two.modules[0], one_rank.modules[0], start, rtol=0.25)
+    assert checkpoint.read_state(one_to_two.tag(STEPS))[checkpoint.WORLD_SIZE] == 2
+
+
+def test_resume_with_another_global_batch_keeps_epoch_and_samples_consumed(run_config, two_ranks, tmp_path):
+    """Saved with G = 4 (2 x 2), resumed with G = 2 (1 x 2): positions count global batches, so the
+    sampler restarts the saved epoch's G = 2 plan after as many samples as were consumed, and warns."""
+    saved = checkpoint.read_state(two_ranks.tag(RESUME_STEP))[checkpoint.SAMPLER]
+    trainer, _ = in_process_run(run_config, tmp_path, 2, "--trainer.resume", str(two_ranks.tag(RESUME_STEP)))
+    with pytest.warns(UserWarning, match="global batch 4 .* now 2"):
+        trainer.resume()
+    state = trainer.sampler.state_dict()
+    assert (state["epoch"], state["global_batch"]) == (saved["epoch"], 2)
+    assert state["position"] == math.floor(saved["position"] * 4 / 2) > 0
