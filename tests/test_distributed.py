@@ -31,17 +31,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from tests.dist_worker import partition, record_ids
 from ztsnr_ds import checkpoint
 from ztsnr_ds.config import parse
-from ztsnr_ds.data.buckets import BucketConfig
-from ztsnr_ds.data.cache import CacheConfig, build_cache
-from ztsnr_ds.data.synthetic import write_dataset
 from ztsnr_ds.engine import init_distributed
-from ztsnr_ds.models import load_frozen, load_unet
+from ztsnr_ds.models import load_unet
 from ztsnr_ds.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,21 +128,10 @@ def in_process_run(config: Path, output_dir: Path, micro_batch: int, *extra: str
 
 
 @pytest.fixture(scope="module")
-def run_config(tiny_sdxl, tmp_path_factory) -> Path:
+def run_config(make_run_config) -> Path:
     """configs/demo.yaml on the tiny model and a 32-image cache (5 buckets, 7 global batches of 4)."""
-    root = tmp_path_factory.mktemp("distributed")
-    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    config["model"]["pretrained"] = str(tiny_sdxl)
-    config["data"] |= {"source": str(write_dataset(root / "data", n=32)), "cache_dir": str(root / "cache")}
-    config["trainer"] |= {"max_steps": STEPS, "save_every": 1, "keep_last": STEPS, "log_every": 1,
-                          "warmup_steps": 1}
-    config["validation"] |= {"every": 0}
-    config["logging"] = {"tensorboard": False, "progress": False}
-    data = config["data"] | {"buckets": BucketConfig(**config["data"]["buckets"])}
-    build_cache(CacheConfig(**data), load_frozen(tiny_sdxl, dtype=torch.float32), progress=False)
-    path = root / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    trainer = {"max_steps": STEPS, "save_every": 1, "keep_last": STEPS, "log_every": 1, "warmup_steps": 1}
+    return make_run_config("distributed", 32, trainer, {"every": 0})
 
 
 @pytest.fixture(scope="module")

@@ -12,36 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from ztsnr_ds import checkpoint
 from ztsnr_ds.config import ConfigError, parse
-from ztsnr_ds.data.buckets import BucketConfig
-from ztsnr_ds.data.cache import CacheConfig, build_cache
-from ztsnr_ds.data.synthetic import write_dataset
 from ztsnr_ds.engine import init_distributed
-from ztsnr_ds.models import load_frozen
 from ztsnr_ds.trainer import StopTraining, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def run_config(tiny_sdxl, tmp_path_factory) -> Path:
+def run_config(make_run_config) -> Path:
     """A demo-style YAML pointing at the tiny model and a 16-image cache."""
-    root = tmp_path_factory.mktemp("train")
-    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    config["model"]["pretrained"] = str(tiny_sdxl)
-    config["data"] |= {"source": str(write_dataset(root / "data", n=16)), "cache_dir": str(root / "cache")}
-    config["trainer"] |= {"micro_batch": 2, "max_steps": 4, "save_every": 2, "log_every": 1,
-                          "warmup_steps": 1}
-    config["validation"] |= {"every": 0, "steps": 3, "height": 64, "width": 64}
-    config["logging"] = {"tensorboard": False, "progress": False}
-    data = config["data"] | {"buckets": BucketConfig(**config["data"]["buckets"])}
-    build_cache(CacheConfig(**data), load_frozen(tiny_sdxl, dtype=torch.float32), progress=False)
-    path = root / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    trainer = {"micro_batch": 2, "max_steps": 4, "save_every": 2, "log_every": 1, "warmup_steps": 1}
+    return make_run_config("train", 16, trainer, {"every": 0, "steps": 3, "height": 64, "width": 64})
 
 
 def make_trainer(run_config: Path, output_dir: Path, *overrides: str) -> Trainer:
