@@ -280,31 +280,31 @@ def test_zero2_partition_is_one_over_world_of_the_optimizer_state(one_rank, two_
     assert 6 * n_params <= single.stat().st_size <= 1.01 * 6 * n_params
 
 
+def assert_moved_run_continues(moved: Run, saved: Run, one_rank: Run, tiny_sdxl: Path,
+                               world_size: int) -> None:
+    """`moved` resumed `saved`'s RESUME_STEP tag on `world_size` ranks: state bitwise, same next
+    batches, close losses and weights, and its own checkpoints record the new world size."""
+    n_params = sum(t.numel() for t in one_rank.modules[0].values())
+    assert_resumed_bitwise(moved.resumed, saved.tag(RESUME_STEP), n_params)
+    assert moved.ids == saved.ids[RESUME_STEP:]
+    later = {s: v for s, v in saved.losses().items() if s > RESUME_STEP}
+    assert_losses_close(moved.losses(), later, first=RESUME_STEP + 1)
+    start = load_unet(tiny_sdxl, dtype=torch.bfloat16).state_dict()
+    weights_close(moved.modules[0], saved.modules[0], start, rtol=0.25)
+    assert checkpoint.read_state(moved.tag(STEPS))[checkpoint.WORLD_SIZE] == world_size
+
+
 def test_two_rank_checkpoint_resumes_on_one_rank(one_rank, two_ranks, two_to_one, tiny_sdxl):
     """2 -> 1 through DeepSpeed's universal checkpoint: moments, weights and step carry over bit for
     bit, and the run continues with the global batches the 2-rank run trained on next."""
-    n_params = sum(t.numel() for t in one_rank.modules[0].values())
-    assert_resumed_bitwise(two_to_one.resumed, two_ranks.tag(RESUME_STEP), n_params)
+    assert_moved_run_continues(two_to_one, two_ranks, one_rank, tiny_sdxl, world_size=1)
     assert (two_ranks.tag(RESUME_STEP) / checkpoint.UNIVERSAL_DIR / "zero").is_dir()
-    assert two_to_one.ids == two_ranks.ids[RESUME_STEP:]
-    later = {s: v for s, v in two_ranks.losses().items() if s > RESUME_STEP}
-    assert_losses_close(two_to_one.losses(), later, first=RESUME_STEP + 1)
-    start = load_unet(tiny_sdxl, dtype=torch.bfloat16).state_dict()
-    weights_close(two_to_one.modules[0], two_ranks.modules[0], start, rtol=0.25)
-    assert checkpoint.read_state(two_to_one.tag(STEPS))[checkpoint.WORLD_SIZE] == 1
 
 
 def test_one_rank_checkpoint_resumes_on_two_nodes(one_rank, one_to_two, tiny_sdxl):
     """1 -> 2 (two loopback nodes): the universal checkpoint splits the saved moments over the ranks
     bit for bit; the run goes on with the global batches the 1-rank run trained on next."""
-    n_params = sum(t.numel() for t in one_rank.modules[0].values())
-    assert_resumed_bitwise(one_to_two.resumed, one_rank.tag(RESUME_STEP), n_params)
-    assert one_to_two.ids == one_rank.ids[RESUME_STEP:]
-    later = {s: v for s, v in one_rank.losses().items() if s > RESUME_STEP}
-    assert_losses_close(one_to_two.losses(), later, first=RESUME_STEP + 1)
-    start = load_unet(tiny_sdxl, dtype=torch.bfloat16).state_dict()
-    weights_close(one_to_two.modules[0], one_rank.modules[0], start, rtol=0.25)
-    assert checkpoint.read_state(one_to_two.tag(STEPS))[checkpoint.WORLD_SIZE] == 2
+    assert_moved_run_continues(one_to_two, one_rank, one_rank, tiny_sdxl, world_size=2)
 
 
 def test_resume_with_another_global_batch_keeps_epoch_and_samples_consumed(run_config, two_ranks, tmp_path):
