@@ -71,7 +71,7 @@ def run_dir(tiny_sdxl, tmp_path_factory) -> Path:
         checkpoint.CONFIG: {"noise": NOISE, "model": {}},
         checkpoint.UNET_CONFIG: json.loads(json.dumps(dict(unet.config), default=str)),
     }
-    checkpoint.save(ds_engine, out, 1, state, {}, keep_last=2, is_main=dist.is_main)
+    checkpoint.save(ds_engine, out, 1, state, keep_last=2, is_main=dist.is_main)
     return out
 
 

@@ -47,7 +47,7 @@ def run_dir(tiny_sdxl, tmp_path_factory) -> Path:
         checkpoint.UNET_CONFIG: json.loads(json.dumps(dict(unet.config), default=str)),
     }
     out = tmp_path_factory.mktemp("run") / "tiny"
-    checkpoint.save(ds_engine, out, 0, state, {}, keep_last=2, is_main=dist.is_main)
+    checkpoint.save(ds_engine, out, 0, state, keep_last=2, is_main=dist.is_main)
     return out
 
 

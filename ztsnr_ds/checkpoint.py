@@ -2,7 +2,7 @@
 
 Layout of a run:
     <output_dir>/checkpoints/step00001000/   DeepSpeed's files (every rank's ZeRO partition)
-        rng/rank00000.json                    each rank's RNG states (python, numpy, torch, named)
+        rng/rank00000.json                    each rank's RNG states (python, numpy, torch, CUDA)
         ztsnr_state.json                      step, world size, sampler position, config, UNet config
         universal/                            DeepSpeed's universal form, made when a run with
                                               another number of ranks resumes from this tag
@@ -61,8 +61,8 @@ def _decode_tensor_state(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
 
 
-def rng_state(generators: dict[str, torch.Generator]) -> dict:
-    """Every random stream of this rank as JSON (python, numpy, torch CPU, named generators)."""
+def rng_state() -> dict:
+    """This rank's global random streams as JSON (python, numpy, torch CPU and CUDA)."""
     py = random.getstate()
     np_state = np.random.get_state()
     return {
@@ -71,19 +71,16 @@ def rng_state(generators: dict[str, torch.Generator]) -> dict:
         "torch": _encode_tensor_state(torch.get_rng_state()),
         "cuda": [_encode_tensor_state(s) for s in torch.cuda.get_rng_state_all()]
         if torch.cuda.is_available() else [],
-        "generators": {k: _encode_tensor_state(g.get_state()) for k, g in generators.items()},
     }
 
 
-def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
+def set_rng_state(state: dict) -> None:
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
     np_state = state["numpy"]
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
     torch.set_rng_state(_decode_tensor_state(state["torch"]))
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([_decode_tensor_state(s) for s in state["cuda"]])
-    for name, generator in generators.items():
-        generator.set_state(_decode_tensor_state(state["generators"][name]))
 
 
 def complete_tags(checkpoint_dir: Path) -> list[Path]:
@@ -117,7 +114,7 @@ def read_state(tag_dir: Path) -> dict:
     return json.loads((Path(tag_dir) / STATE_FILE).read_text())
 
 
-def save(engine, output_dir: Path, step: int, state: dict, generators: dict[str, torch.Generator],
+def save(engine, output_dir: Path, step: int, state: dict,
          keep_last: int, is_main: bool) -> Path:
     """Collective save of tag step<N>: DeepSpeed files, every rank's RNG, then the state marker.
 
@@ -129,7 +126,7 @@ def save(engine, output_dir: Path, step: int, state: dict, generators: dict[str,
     tag_dir = checkpoint_dir / tag
     (tag_dir / "rng").mkdir(parents=True, exist_ok=True)
     rank = torch.distributed.get_rank()
-    write_atomic(tag_dir / "rng" / f"rank{rank:05d}.json", json.dumps(rng_state(generators)))
+    write_atomic(tag_dir / "rng" / f"rank{rank:05d}.json", json.dumps(rng_state()))
     torch.distributed.barrier()  # every rank's partition and RNG file is on disk
     if is_main:
         write_atomic(tag_dir / STATE_FILE, json.dumps(state, indent=1))
@@ -180,7 +177,7 @@ def to_universal(tag_dir: Path, is_main: bool) -> Path:
     return out
 
 
-def load(engine, tag_dir: Path, generators: dict[str, torch.Generator], is_main: bool) -> dict:
+def load(engine, tag_dir: Path, is_main: bool) -> dict:
     """Load weights, optimizer and RNG into the live engine; returns the trainer state.
 
     An engine built with load_universal (see needs_universal) loads the tag's universal form.
@@ -194,7 +191,7 @@ def load(engine, tag_dir: Path, generators: dict[str, torch.Generator], is_main:
     rank = torch.distributed.get_rank()
     rng_file = tag_dir / "rng" / f"rank{rank:05d}.json"
     if rng_file.is_file():
-        set_rng_state(json.loads(rng_file.read_text()), generators)
+        set_rng_state(json.loads(rng_file.read_text()))
     else:
         warnings.warn(f"{rng_file} missing (the checkpoint had fewer ranks): random streams restart "
                       "from the seed for this rank", stacklevel=2)

@@ -142,15 +142,15 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        # No named generators: the per-sample streams are a function of (seed, epoch, id).
-        return checkpoint.save(self.engine, self.output_dir, self.step, self.state(), {},
+        # The per-sample streams are a function of (seed, epoch, id): no generator state to save.
+        return checkpoint.save(self.engine, self.output_dir, self.step, self.state(),
                                self.cfg.trainer.keep_last, self.dist.is_main)
 
     def resume(self) -> None:
         """Load the tag found at start-up (self.resume_tag), if any: weights, optimizer, step, sampler."""
         if self.resume_tag is None:
             return
-        state = checkpoint.load(self.engine, self.resume_tag, {}, self.dist.is_main)
+        state = checkpoint.load(self.engine, self.resume_tag, self.dist.is_main)
         self.step = state[checkpoint.STEP]
         saved = state[checkpoint.SAMPLER]
         if saved["global_batch"] != self.sampler.global_batch:
