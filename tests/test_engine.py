@@ -27,9 +27,10 @@ def make_model(seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 4))
 
 
-def make_engine(config_path: Path, micro: int = 4, accum: int = 1, lr: float = 1e-2, seed: int = 0):
+def make_engine(config_path: Path, micro: int = 4, accum: int = 1, lr: float = 1e-2, seed: int = 0,
+                fused: bool = False):
     model = make_model(seed)
-    opt = AdamWSR(model.parameters(), lr=lr, weight_decay=0.0, seed=seed)
+    opt = AdamWSR(model.parameters(), lr=lr, weight_decay=0.0, seed=seed, fused=fused)
     return initialize(model, opt, build_ds_config(config_path, micro, accum, world_size=1)), opt
 
 
@@ -78,6 +79,22 @@ def test_a_few_steps_reduce_the_loss():
         sl = slice((i % 16) * 4, (i % 16) * 4 + 4)
         losses.append(step(engine, x[sl], y[sl]))
     assert sum(losses[-8:]) / 8 < 0.7 * sum(losses[:8]) / 8
+
+
+def test_fused_step_inside_the_engine_equals_the_eager_step():
+    """The compiled kernel on DeepSpeed's flat bf16 partition: bitwise the eager run's weights and moments."""
+    torch._dynamo.reset()  # a fresh compile: no earlier test's graphs count towards dynamo's recompile limit
+    x, y = regression_batch(4)
+    runs = [make_engine(PURE, fused=fused) for fused in (False, True)]
+    for engine, _ in runs:
+        for _ in range(3):
+            step(engine, x, y)
+    (eager, eager_opt), (fused, fused_opt) = runs
+    for a, b in zip(eager.module.parameters(), fused.module.parameters(), strict=True):
+        assert torch.equal(a, b)
+    flat = [group["params"][0] for opt in (eager_opt, fused_opt) for group in opt.param_groups]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(eager_opt.state[flat[0]][key], fused_opt.state[flat[1]][key])
 
 
 def test_zero_checkpoint_reads_back_equal_to_live_weights(tmp_path):

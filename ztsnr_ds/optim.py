@@ -1,14 +1,17 @@
-"""AdamW with bf16 stochastic rounding (optional Kahan compensation), chunked fp32 arithmetic.
+"""AdamW with bf16 stochastic rounding (optional Kahan compensation): one elementwise function, run on
+bounded chunks eagerly or compiled by torch.compile into one fused kernel.
 
 Update (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", Alg. 2; Kingma & Ba, Alg. 1):
     m = b1 m + (1-b1) g ;  v = b2 v + (1-b2) g^2
     p = p - lr * (m / (1-b1^t) / (sqrt(v / (1-b2^t)) + eps) + wd p)
-computed in fp32 on chunks of `chunk_size` elements. fp32 tensors are updated exactly, in place.
-bf16 tensors (param and both moments) are written back with stochastic rounding (SR):
+computed in fp32. fp32 tensors are updated exactly, in place. bf16 tensors (param and both moments) are
+written back with stochastic rounding (SR):
     bits = float32_bits(x) + u,  u ~ uniform_int[0, 2^16);  bf16 = high 16 bits of bits,
 so E[SR(x)] = x (Gupta et al., "Deep Learning with Limited Numerical Precision", 2015; Zamirai et al.,
 "Revisiting BFloat16 Training", 2020). Updates below half a bf16 ulp (2^-9..2^-8 |p|) then still move
-the weights on average, where round-to-nearest drops them.
+the weights on average, where round-to-nearest drops them. Round-to-nearest-even is the same
+add-and-truncate with u = 0x7FFF + (lowest kept bit), so every bf16 value is produced by integer ops
+whose result the compiled kernel cannot change (inductor keeps bf16 casts of intermediates in fp32).
 
 Randomness is counter-based: element i of a tensor gets h = lowbias32(i), keyed by a 64-bit key (hash:
 C. Wellons, hash-prospector, https://nullprogram.com/blog/2018/07/31/; the key is added to the counter
@@ -17,15 +20,22 @@ Its three 16-bit noises: lo16(h) rounds the param, hi16(h) exp_avg, lo16(h) ^ hi
 is uniform and any two are independent (any two of them determine h's two halves). The noise is a pure
 function of those numbers, so the optimizer's whole RNG state is the per-param step count (in `state`)
 plus the seed (saved in state_dict()): a resumed run takes bitwise the same rounding decisions, and the
-result does not depend on chunk_size. Why not a torch.Generator: on CPU its int32 random_ costs ~5 ns
-per element (serial mt19937), twice a whole torch.optim.AdamW fp32 step (BENCHMARKS.md, "optim"); the
-hash is 15 vectorised int32 passes over the chunk for all three noises (~1.5 ns per element).
+result depends neither on chunk_size nor on whether the step ran eagerly or compiled (tests pin both).
+Why not a torch.Generator: it cannot live inside a fused kernel, and on CPU its int32 random_ alone
+costs ~5 ns per element (serial mt19937), twice a whole torch.optim.AdamW fp32 step (BENCHMARKS.md).
+
+Eager vs fused: eagerly, the update is ~40 torch ops per chunk, each a pass over chunk-sized temporaries
+(the chunk bounds temporary memory: ~12 fp32/int32 buffers of chunk_size elements). torch.compile turns
+the same function into one kernel that reads g, p, m, v once and writes p, m, v once (14 B/element for
+bf16), with no temporaries: C++/OpenMP on CPU, Triton on CUDA.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -34,8 +44,8 @@ import torch
 MASK32 = 0xFFFFFFFF
 MASK64 = 0xFFFFFFFFFFFFFFFF
 BF16_KEEP = -(1 << 16)  # int32 0xFFFF0000: the fp32 bits that survive as a bf16
-DEFAULT_CHUNK = 1 << 18  # 1 MiB per fp32 buffer: fastest of 2^17..2^20 in launch/bench.py optim
-LO16 = 0xFFFF
+EAGER_CHUNK = 1 << 18  # fastest of 2^16..2^20 eagerly in launch/bench.py optim
+FUSED_CHUNK = 1 << 26  # no temporaries when fused; chunks only keep int32 counters and launches bounded
 
 
 def splitmix64(z: int) -> int:
@@ -56,101 +66,59 @@ def rounding_key(*ints: int) -> int:
 
 def _int32(v: int) -> int:
     """The int32 whose bits are the uint32 v (torch int32 ops take signed scalars)."""
+    v &= MASK32
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-@functools.cache
-def _const(value: int, device: torch.device) -> torch.Tensor:
-    """A cached 0-dim int32 tensor: torch wraps a Python int operand into a new tensor on every call
-    (a few us each, ~15 times per chunk; measured ~15% of a step)."""
-    return torch.tensor(value, dtype=torch.int32, device=device)
+def counter_key(key: int, offset: int) -> tuple[int, int]:
+    """(base, key_hi) as int32s for the noise of elements offset, offset+1, ...: the low 32 bits of the
+    key plus the offset are added to the counter, the rest (key high bits ^ offset high bits) is xored
+    in mid-hash, so counters wrap at 2^32 elements without repeating a stream."""
+    return _int32(key + offset), _int32((key >> 32) ^ (offset >> 32))
 
 
-def _xorshift_(x: torch.Tensor, shift: int, tmp: torch.Tensor) -> torch.Tensor:
-    """x ^= x >>> shift (logical: torch's >> on int32 is arithmetic, so the sign fill is masked off)."""
-    torch.bitwise_right_shift(x, _const(shift, x.device), out=tmp)
-    tmp.bitwise_and_(_const(MASK32 >> shift, x.device))
-    return x.bitwise_xor_(tmp)
+def _xorshift(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """x ^ (x >>> shift), logical shift: torch's >> on int32 is arithmetic, so the sign fill is masked off."""
+    return x ^ ((x >> shift) & (MASK32 >> shift))
 
 
-def lowbias32_(x: torch.Tensor, tmp: torch.Tensor, key_hi: int = 0) -> torch.Tensor:
-    """x <- lowbias32(x) elementwise in place on int32 tensors read as uint32 (tmp: scratch, same shape).
+def lowbias32(x: torch.Tensor, key_hi: int | torch.Tensor = 0) -> torch.Tensor:
+    """lowbias32(x) elementwise on int32 tensors read as uint32 (Wellons, hash-prospector):
+    x ^= x>>16; x *= 0x7feb352d; x ^= key_hi; x ^= x>>15; x *= 0x846ca68b; x ^= x>>16.
 
-    lowbias32 (Wellons, hash-prospector): x ^= x>>16; x *= 0x7feb352d; x ^= x>>15; x *= 0x846ca68b;
-    x ^= x>>16. key_hi is xored in after the first multiply (0: the plain hash), so two keys never give
-    shifted copies of one noise stream. The multiplies are int32 ones, which wrap mod 2^32 (two's complement;
-    tests pin the result to a Python-int reference): torch's uint32 mul is not vectorised, >10x slower.
+    The multiplies are int32 ones, which wrap mod 2^32 (two's complement; tests pin the result to a
+    Python-int reference): torch's uint32 mul is not vectorised, >10x slower.
     """
-    _xorshift_(x, 16, tmp).mul_(_const(0x7FEB352D, x.device))
-    if key_hi:
-        x.bitwise_xor_(_int32(key_hi))
-    _xorshift_(x, 15, tmp).mul_(_const(_int32(0x846CA68B), x.device))
-    return _xorshift_(x, 16, tmp)
+    x = _xorshift(x, 16) * 0x7FEB352D
+    x = _xorshift(x ^ key_hi, 15) * _int32(0x846CA68B)
+    return _xorshift(x, 16)
 
 
-def hash_counters_(out: torch.Tensor, iota: torch.Tensor, key: int, offset: int, tmp: torch.Tensor):
-    """out[i] <- keyed lowbias32 of counter offset + i (i < len(out)): the noise of element offset + i.
-
-    The low 32 bits of the 64-bit key are added to the counter, the high 32 bits xored in mid-hash.
-    Counters wrap at 2^32 elements; the high part of the offset goes into the xored key instead.
-    On return tmp holds hi16(out) (the hash's last shift), free noise for a second tensor.
-    """
-    torch.add(iota, _int32((key + offset) & MASK32), out=out)  # int32 add wraps mod 2^32
-    return lowbias32_(out, tmp, ((key >> 32) ^ (offset >> 32)) & MASK32)
+def counter_hash(n: int, base: int | torch.Tensor, key_hi: int | torch.Tensor, device: torch.device):
+    """h[i] = lowbias32(base + i) keyed by key_hi, i < n (int32): the noise bits of n consecutive elements."""
+    return lowbias32(torch.arange(n, dtype=torch.int32, device=device) + base, key_hi)
 
 
-def round_into_(dst: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None) -> None:
-    """dst <- round(x): SR with 16-bit noise in [0, 2^16) (int32), or round-to-nearest if noise is None.
-
-    Clobbers x (fp32). A no-op when dst is x itself (an fp32 tensor updated in place).
-    """
-    if dst.data_ptr() == x.data_ptr():
-        return
-    if noise is not None:
-        bits = x.view(torch.int32).add_(noise)
-        bits.bitwise_and_(_const(BF16_KEEP, x.device))  # high 16 bits now hold SR(x), low are 0
-    dst.copy_(x)
+def round_to_bf16(x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """x (fp32) -> bf16 by add-and-truncate: SR with 16-bit noise in [0, 2^16), or round-to-nearest-even
+    (noise = 0x7FFF + lowest kept bit) when noise is None. The fp32 -> bf16 cast at the end is exact."""
+    bits = x.view(torch.int32)
+    if noise is None:
+        noise = ((bits >> 16) & 1) + 0x7FFF
+    return ((bits + noise) & BF16_KEEP).view(torch.float32).to(torch.bfloat16)
 
 
-class _Workspace:
-    """Chunk-sized fp32/int32 scratch reused by every chunk (this bounds the temporary memory)."""
+def copy_stochastic_(dst: torch.Tensor, src: torch.Tensor, key: int, chunk_size: int = EAGER_CHUNK):
+    """dst (bf16) <- SR(src), noise for element i: lo16 of the counter hash of i under rounding_key(key).
 
-    def __init__(self, size: int, device: torch.device):
-        self.size, self.device = size, device
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def take(self, name: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if name not in self._bufs:
-            if name == "iota":
-                self._bufs[name] = torch.arange(self.size, dtype=torch.int32, device=self.device)
-            else:
-                self._bufs[name] = torch.empty(self.size, dtype=dtype, device=self.device)
-        buf = self._bufs[name]
-        return buf if n == self.size else buf[:n]
-
-    def hash(self, key: int, offset: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h, hi16(h)) for elements offset..offset+n, h = keyed lowbias32 (hash_counters_)."""
-        h, tmp = self.take("h", n, torch.int32), self.take("t", n, torch.int32)
-        return hash_counters_(h, self.take("iota", n), key, offset, tmp), tmp
-
-    def load(self, name: str, src: torch.Tensor) -> torch.Tensor:
-        """An fp32 view of src: src itself when already fp32 (updated in place), else a cast copy."""
-        return src if src.dtype == torch.float32 else self.take(name, src.numel()).copy_(src)
-
-
-def copy_stochastic_(dst: torch.Tensor, src: torch.Tensor, key: int, chunk_size: int = DEFAULT_CHUNK):
-    """dst (bf16) <- SR(src), noise for element i: keyed lowbias32 of i, key = rounding_key(key); returns dst.
-
-    Chunked: temporary memory is 4 buffers of chunk_size 4-byte elements, whatever the size of src.
+    Chunked: temporary memory is a few buffers of chunk_size 4-byte elements, whatever the size of src.
     """
     key = rounding_key(key)
     flat_dst, flat_src = dst.view(-1), src.reshape(-1)
-    size = max(1, min(chunk_size, flat_src.numel()))
-    work = _Workspace(size, src.device)
-    for lo in range(0, flat_src.numel(), size):
-        x = work.take("x", min(size, flat_src.numel() - lo)).copy_(flat_src[lo : lo + size])
-        noise = work.hash(key, lo, x.numel())[0].bitwise_and_(_const(LO16, x.device))
-        round_into_(flat_dst[lo : lo + size], x, noise)
+    for lo in range(0, flat_src.numel(), chunk_size):
+        x = flat_src[lo : lo + chunk_size].float()
+        noise = counter_hash(x.numel(), *counter_key(key, lo), x.device) & 0xFFFF
+        flat_dst[lo : lo + chunk_size] = round_to_bf16(x, noise)
     return dst
 
 
@@ -159,90 +127,105 @@ def stochastic_round_to_bf16(x: torch.Tensor, key: int) -> torch.Tensor:
     return copy_stochastic_(torch.empty(x.shape, dtype=torch.bfloat16, device=x.device), x, key)
 
 
-class _Coefficients:
-    """Per-step scalars of the update, with the bias corrections folded in (Kingma & Ba, end of sec. 2):
-    m_hat / (sqrt(v_hat) + eps) = step_size / lr * m / (sqrt(v) + eps_hat),
-    step_size = lr sqrt(1-b2^t) / (1-b1^t), eps_hat = eps sqrt(1-b2^t)."""
-
-    def __init__(self, group: dict[str, Any], step: int):
-        self.beta1, self.beta2 = group["betas"]
-        bc1, bc2_sqrt = 1 - self.beta1**step, math.sqrt(1 - self.beta2**step)
-        self.step_size = group["lr"] * bc2_sqrt / bc1
-        self.eps_hat = group["eps"] * bc2_sqrt
-        self.decay = 1 - group["lr"] * group["weight_decay"]
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded fp32 sqrt, so that eager and compiled steps agree bitwise. Compiled kernels use
+    the hardware sqrt (correctly rounded; Triton's sqrt_rn on CUDA), but eager torch.sqrt on CPU goes
+    through MKL's VML, 1 ulp off for ~15% of inputs: eagerly on CPU the root is taken in float64
+    (correctly rounded after the cast back: 53 >= 2 * 24 + 2 bits)."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu":
+        return torch.sqrt(x)
+    return torch.sqrt(x.double()).float()
 
 
-def _adamw_math(
-    g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, p: torch.Tensor, denom: torch.Tensor, c: _Coefficients
-) -> None:
-    """The fp32 AdamW update of one chunk, in place on m, v, p (denom: scratch)."""
-    m.lerp_(g, 1 - c.beta1)
-    v.mul_(c.beta2).addcmul_(g, g, value=1 - c.beta2)
-    torch.sqrt(v, out=denom).add_(c.eps_hat)
-    if c.decay != 1:
-        p.mul_(c.decay)
-    p.addcdiv_(m, denom, value=-c.step_size)
+def adamw_coefficients(group: dict[str, Any], step: int) -> list[float]:
+    """[1-b1, b2, 1-b2, step_size, eps_hat, decay] for step t, bias corrections folded in (Kingma & Ba,
+    end of sec. 2): m_hat / (sqrt(v_hat) + eps) = step_size / lr * m / (sqrt(v) + eps_hat),
+    step_size = lr sqrt(1-b2^t) / (1-b1^t), eps_hat = eps sqrt(1-b2^t), decay = 1 - lr wd."""
+    beta1, beta2 = group["betas"]
+    bc1, bc2_sqrt = 1 - beta1**step, math.sqrt(1 - beta2**step)
+    lr = group["lr"]
+    step_size, eps_hat, decay = lr * bc2_sqrt / bc1, group["eps"] * bc2_sqrt, 1 - lr * group["weight_decay"]
+    return [1 - beta1, beta2, 1 - beta2, step_size, eps_hat, decay]
 
 
-def _round_state_(
-    p: torch.Tensor,
-    m: torch.Tensor,
-    v: torch.Tensor,
-    p32: torch.Tensor,
-    m32: torch.Tensor,
-    v32: torch.Tensor,
-    key: int | None,
-    offset: int,
-    work: _Workspace,
-) -> None:
-    """Write the fp32 results back: SR with the three noises of the module docstring, or round to
-    nearest when key is None (fp32 targets: nothing to do, they were updated in place)."""
-    if key is None:
-        for dst, x in ((p, p32), (m, m32), (v, v32)):
-            round_into_(dst, x, None)
-        return
-    h, hi = work.hash(key, offset, p.numel())
-    round_into_(m, m32, hi)
-    round_into_(p, p32, h.bitwise_and_(_const(LO16, h.device)))
-    round_into_(v, v32, hi.bitwise_xor_(h))  # both halves already < 2^16: no mask needed
+def adamw_fp32(
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, coef: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """New (p, m, v) in fp32 (coef: adamw_coefficients as an fp32 tensor):
+    m' = m + (1-b1)(g - m);  v' = b2 v + (1-b2) g^2;  p' = decay p - step_size m' / (sqrt(v') + eps_hat)."""
+    one_minus_b1, b2, one_minus_b2, step_size, eps_hat, decay = coef.unbind()
+    g32, m32 = g.float(), m.float()
+    m32 = m32 + (g32 - m32) * one_minus_b1
+    v32 = v.float() * b2 + g32 * g32 * one_minus_b2
+    return p.float() * decay - step_size * m32 / (sqrt_rn(v32) + eps_hat), m32, v32
 
 
-def _adamw_chunk(
+def adamw_chunk_(
     p: torch.Tensor,
     g: torch.Tensor,
     m: torch.Tensor,
     v: torch.Tensor,
     comp: torch.Tensor | None,
-    c: _Coefficients,
-    key: int | None,
-    offset: int,
-    work: _Workspace,
+    coef: torch.Tensor,
+    keys: torch.Tensor | None,
 ) -> None:
-    """Update one chunk: fp32 tensors in place, the others through fp32 copies written back rounded."""
-    m32, v32, p32 = work.load("m", m), work.load("v", v), work.load("p", p)
-    denom = work.take("d", p.numel())
-    _adamw_math(work.load("g", g), m32, v32, p32, denom, c)
-    if comp is not None:  # Kahan: add back what rounding lost last step, keep the sum to see this loss
-        exact = denom.copy_(p32.add_(denom.copy_(comp)))
-    _round_state_(p, m, v, p32, m32, v32, key, offset, work)
+    """One AdamW step of a 1-D chunk (adamw_fp32), written back in place into p, m, v (and comp).
+
+    coef: fp32 tensor of adamw_coefficients; keys: int32 [base, key_hi] of counter_key (None: round to
+    nearest). bf16 results are rounded as in the module docstring; fp32 ones are stored exactly. comp
+    (Kahan, bf16 params only): what rounding lost last step, added back before this rounding, then
+    replaced by what this rounding loses. Tensors and 0-dim scalars only, so that one compiled graph
+    serves every step, lr and chunk length.
+    """
+    p32, m32, v32 = adamw_fp32(p, g, m, v, coef)
     if comp is not None:
-        comp.copy_(exact.sub_(p))
+        p32 = p32 + comp.float()
+    if p.dtype == torch.float32:
+        new_p, new_m, new_v = p32, m32, v32
+    else:
+        h = None if keys is None else counter_hash(p.numel(), keys[0], keys[1], p.device)
+        new_p = round_to_bf16(p32, None if h is None else h & 0xFFFF)
+        new_m = round_to_bf16(m32, None if h is None else (h >> 16) & 0xFFFF)
+        new_v = round_to_bf16(v32, None if h is None else (h ^ (h >> 16)) & 0xFFFF)
+    if comp is not None:
+        comp.copy_(p32 - new_p.float())
+    p.copy_(new_p)
+    m.copy_(new_m)
+    v.copy_(new_v)
+
+
+def _on(device: torch.device, values: list[float] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Per-step scalars as a tensor on the param's device: tensors, not Python numbers, so that the
+    compiled kernel is not specialised (and recompiled) on every new lr or key."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+@functools.cache
+def fused_adamw_chunk() -> Callable[..., None]:
+    """adamw_chunk_ compiled into one kernel; dynamic shapes, so chunk lengths do not recompile.
+    Triton's fp32 `/` is approximate unless told otherwise: division_rounding keeps it IEEE, as eager."""
+    options = {"eager_numerics.division_rounding": True}
+    logging.getLogger(__name__).info("AdamWSR: the first step compiles the fused kernel (cached on disk)")
+    return torch.compile(adamw_chunk_, dynamic=True, fullgraph=True, options=options)
 
 
 class AdamWSR(torch.optim.Optimizer):
-    """AdamW for fp32 or bf16 params: fp32 chunk arithmetic; bf16 param and moments written with SR.
+    """AdamW for fp32 or bf16 params: fp32 arithmetic; bf16 param and moments written with SR.
 
     State per param, under torch's names so DeepSpeed can copy and pad it: step (int), exp_avg and
     exp_avg_sq in the param's dtype, and for bf16 params with kahan=True kahan_comp (bf16): what rounding
     the param lost last step, added back before the next rounding (Kahan summation in fp32 arithmetic).
-    State bytes per param: 4 for bf16 (6 with Kahan), 8 for fp32. Scratch is at most 8 buffers of
-    chunk_size 4-byte elements (8 MiB at the default 2^18), kept between steps.
+    State bytes per param: 4 for bf16 (6 with Kahan), 8 for fp32.
     Under DeepSpeed ZeRO-2 the optimizer sees one flat tensor per rank: bf16 with
     bf16_master_weights_and_grads, fp32 masters otherwise; grads of another dtype are cast per chunk.
 
     kahan, stochastic_rounding (False: round to nearest, the baseline SR is measured against) are
     per-group options. seed and rank key the rounding noise (module docstring); seed is saved by
     state_dict(), rank is the caller's (each ZeRO rank loads its own optimizer file).
+    fused: the torch.compile'd kernel (Triton on CUDA; on CPU a C++ compiler, ~20 s the first time,
+    seconds once inductor's disk cache is warm) or, False, the eager chunks: bitwise the same results.
+    None (default) falls back to eager, with one warning, where the kernel cannot be built; True raises.
+    chunk_size: elements per chunk (default EAGER_CHUNK eagerly, FUSED_CHUNK fused).
     """
 
     def __init__(
@@ -257,14 +240,15 @@ class AdamWSR(torch.optim.Optimizer):
         stochastic_rounding: bool = True,
         seed: int = 0,
         rank: int = 0,
-        chunk_size: int = DEFAULT_CHUNK,
+        fused: bool | None = None,
+        chunk_size: int | None = None,
     ):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         if not all(0 <= b < 1 for b in betas):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if chunk_size is not None and not 1 <= chunk_size <= 1 << 31:
+            raise ValueError(f"chunk_size must lie in [1, 2^31] (int32 counters), got {chunk_size}")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -274,8 +258,7 @@ class AdamWSR(torch.optim.Optimizer):
             stochastic_rounding=stochastic_rounding,
         )
         super().__init__(params, defaults)
-        self.seed, self.rank, self.chunk_size = seed, rank, chunk_size
-        self._workspaces: dict[torch.device, _Workspace] = {}
+        self.seed, self.rank, self.fused, self.chunk_size = seed, rank, fused, chunk_size
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -302,23 +285,38 @@ class AdamWSR(torch.optim.Optimizer):
         state["step"] = step
         sr = group["stochastic_rounding"] and p.dtype == torch.bfloat16
         key = rounding_key(self.seed, self.rank, step, group["group_index"], position) if sr else None
-        flat = [t.view(-1) for t in (p, state["exp_avg"], state["exp_avg_sq"])]
+        # detach(): the same memory without autograd metadata (a param whose grad has another dtype
+        # would otherwise stop dynamo from tracing its views)
+        p_, m_, v_ = (t.detach().view(-1) for t in (p, state["exp_avg"], state["exp_avg_sq"]))
         comp = state["kahan_comp"].view(-1) if "kahan_comp" in state else None
-        grad, coef = p.grad.reshape(-1), _Coefficients(group, step)
-        work = self._workspace(p.device, p.numel())
-        size = work.size
+        grad = p.grad.reshape(-1)
+        coef = _on(p.device, adamw_coefficients(group, step), torch.float32)
+        fused = self.fused is not False
+        size = self.chunk_size or (FUSED_CHUNK if fused else EAGER_CHUNK)
         for lo in range(0, p.numel(), size):
             part = slice(lo, lo + size)
-            pp, mm, vv = (t[part] for t in flat)
-            _adamw_chunk(pp, grad[part], mm, vv, None if comp is None else comp[part], coef, key, lo, work)
+            keys = None if key is None else _on(p.device, counter_key(key, lo), torch.int32)
+            comp_part = None if comp is None else comp[part]
+            args = (p_[part], grad[part], m_[part], v_[part], comp_part, coef, keys)
+            if fused:
+                fused = self._run_fused(args)
+            if not fused:
+                adamw_chunk_(*args)
 
-    def _workspace(self, device: torch.device, numel: int) -> _Workspace:
-        """Scratch for min(chunk_size, numel) elements, kept between steps and grown on demand: fresh
-        buffers cost first-touch page faults, about 3 ns/element on the benchmark VM."""
-        need = max(1, min(self.chunk_size, numel))
-        if device not in self._workspaces or self._workspaces[device].size < need:
-            self._workspaces[device] = _Workspace(need, device)
-        return self._workspaces[device]
+    def _run_fused(self, args: tuple) -> bool:
+        """Run the compiled kernel; False (after one warning) if it cannot be built and fused was left to
+        the default, so that the caller runs the eager path. With fused=True the error propagates."""
+        try:
+            fused_adamw_chunk()(*args)
+            return True
+        except Exception as error:  # torch.compile's backend errors share no narrower base class
+            if self.fused:
+                raise
+            warnings.warn(f"AdamWSR: the fused kernel failed to compile ({type(error).__name__}: {error}); "
+                          "running the eager chunks instead (same results, slower). Pass fused=False to "
+                          "silence this.", stacklevel=3)
+            self.fused = False
+            return False
 
     def _state_for(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """The param's state, created on first use (zeros, contiguous, in the param's dtype)."""

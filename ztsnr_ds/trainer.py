@@ -126,7 +126,7 @@ class Trainer:
         opt = cfg.optimizer
         self.optimizer = AdamWSR(unet.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
                                  weight_decay=opt.weight_decay, kahan=opt.kahan, seed=cfg.trainer.seed,
-                                 rank=self.dist.rank)
+                                 rank=self.dist.rank, fused=opt.fused)
         self.unet_config = dict(unet.config)
         self.engine = initialize(unet, self.optimizer, ds_config)
 
