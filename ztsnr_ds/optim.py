@@ -203,8 +203,14 @@ def _on(device: torch.device, values: list[float] | tuple[int, ...], dtype: torc
 @functools.cache
 def fused_adamw_chunk() -> Callable[..., None]:
     """adamw_chunk_ compiled into one kernel; dynamic shapes, so chunk lengths do not recompile.
-    Triton's fp32 `/` is approximate unless told otherwise: division_rounding keeps it IEEE, as eager."""
-    options = {"eager_numerics.division_rounding": True}
+    Inductor's eager-numerics options keep Triton's fp32 arithmetic as eager's: IEEE division (Triton's
+    `/` is approximate), no multiply-add contraction (emulate_precision_casts turns off Triton's
+    fp fusion) and no flush of denormal moments to zero."""
+    options = {
+        "eager_numerics.division_rounding": True,
+        "eager_numerics.disable_ftz": True,
+        "emulate_precision_casts": True,
+    }
     logging.getLogger(__name__).info("AdamWSR: the first step compiles the fused kernel (cached on disk)")
     return torch.compile(adamw_chunk_, dynamic=True, fullgraph=True, options=options)
 
