@@ -254,6 +254,20 @@ def test_fused_kernel_equals_eager_chunks(options):
     _assert_runs_equal(eager, _bf16_run(4, {**options, "fused": True}))
 
 
+def test_without_a_compiler_the_default_warns_and_runs_eagerly():
+    """No C++ compiler for inductor: fused=None warns once and gives the eager result; fused=True raises."""
+    no_compiler = torch._inductor.config.patch({"cpp.cxx": ("no-such-c++",), "fx_graph_cache": False})
+    torch._dynamo.reset()
+    with no_compiler, pytest.warns(UserWarning, match="fused kernel failed to compile.*no-such-c"):
+        fallback = _bf16_run(3, {})
+    assert fallback[1].fused is False
+    _assert_runs_equal(fallback, _bf16_run(3, {"fused": False}))
+    torch._dynamo.reset()
+    with no_compiler, pytest.raises(Exception, match="no-such-c"):
+        _bf16_run(1, {"fused": True})
+    torch._dynamo.reset()
+
+
 def test_replaced_grads_and_state_tensors_are_used():
     """DeepSpeed assigns p.grad anew each step and may replace state tensors (checkpoint load)."""
 
