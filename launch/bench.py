@@ -51,7 +51,7 @@ def benchmark(*arguments: Argument) -> Callable:
 
 
 def machine() -> str:
-    """CPU model (lscpu), torch threads and version, load average and date: every result's header."""
+    """CPU model (lscpu), GPU, torch threads and version, load average and date: every result's header."""
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
         cpu = next(line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name"))
@@ -59,8 +59,9 @@ def machine() -> str:
         cpu = platform.processor() or "unknown CPU"
     loadavg = Path("/proc/loadavg")
     load = loadavg.read_text().split()[0] if loadavg.exists() else "?"
+    gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
     return (
-        f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"{cpu}, {gpu}{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
         f"load average {load}, {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
     )
 
@@ -84,9 +85,9 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
 
 
-def _param(numel: int, dtype: torch.dtype) -> torch.nn.Parameter:
-    p = torch.nn.Parameter(torch.randn(numel).to(dtype))
-    p.grad = torch.randn(numel).to(dtype)
+def _param(numel: int, dtype: torch.dtype, device: torch.device) -> torch.nn.Parameter:
+    p = torch.nn.Parameter(torch.randn(numel, device=device).to(dtype))
+    p.grad = torch.randn(numel, device=device).to(dtype)
     return p
 
 
@@ -103,7 +104,7 @@ def cast_only_step(p: torch.nn.Parameter) -> Callable[[], None]:
     float32 <-> int32 bit casts of the rounding cost in inductor's C++ (scalar loops, not vectorised)."""
     m, v = torch.zeros_like(p), torch.zeros_like(p)
     coef = torch.tensor(adamw_coefficients({"betas": (0.9, 0.999), "lr": 1e-4, "eps": 1e-8,
-                                            "weight_decay": 0.01}, step=1))
+                                            "weight_decay": 0.01}, step=1), device=p.device)
 
     def step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, coef: torch.Tensor) -> None:
         for dst, x in zip((p, m, v), adamw_fp32(p, g, m, v, coef), strict=True):
@@ -116,15 +117,18 @@ def cast_only_step(p: torch.nn.Parameter) -> Callable[[], None]:
 @benchmark(
     arg("--numel", type=int, default=1 << 26, help="elements of the flat parameter (default 64M)"),
     arg("--chunk-size", type=int, default=EAGER_CHUNK, help="AdamWSR chunk_size of the eager cases"),
+    arg("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present"),
     arg("--warmup", type=int, default=2),
     arg("--repeats", type=int, default=7),
 )
 def bench_optim(args: argparse.Namespace) -> None:
     """AdamWSR on a flat bf16 tensor vs torch.optim.AdamW (fp32, foreach): time and state per element."""
-    n, chunk = args.numel, min(args.chunk_size, args.numel)
-    src, dst = torch.randn(n), torch.empty(n)
-    a, b = torch.randn(chunk), torch.randn(chunk)  # chunk-sized buffers, as eager temporaries: cache-resident
-    noise, generator = torch.empty(chunk, dtype=torch.int32), torch.Generator().manual_seed(0)
+    n, chunk, device = args.numel, min(args.chunk_size, args.numel), torch.device(args.device)
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    # chunk-sized buffers, as eager temporaries: cache-resident on CPU
+    a, b = torch.randn(chunk, device=device), torch.randn(chunk, device=device)
+    noise = torch.empty(chunk, dtype=torch.int32, device=device)
+    generator = torch.Generator(device).manual_seed(0)
 
     def cached_passes() -> None:
         for _ in range(n // chunk):
@@ -136,35 +140,41 @@ def bench_optim(args: argparse.Namespace) -> None:
 
     def sr(fused: bool, **kwargs: Any) -> AdamWSR:
         size = None if fused else chunk
-        return AdamWSR([_param(n, torch.bfloat16)], fused=fused, chunk_size=size, **kwargs)
+        return AdamWSR([_param(n, torch.bfloat16, device)], fused=fused, chunk_size=size, **kwargs)
+
+    def torch_adamw(**kwargs: Any) -> torch.optim.AdamW:
+        return torch.optim.AdamW([_param(n, torch.float32, device)], lr=1e-4, **kwargs)
 
     rows = {  # name: (optimizer, least bytes moved per element)
-        TORCH_ADAMW: (torch.optim.AdamW([_param(n, torch.float32)], lr=1e-4, foreach=True), FP32_TRAFFIC),
-        "torch.optim.AdamW fp32 (fused=True)": (
-            torch.optim.AdamW([_param(n, torch.float32)], lr=1e-4, fused=True), FP32_TRAFFIC),
+        TORCH_ADAMW: (torch_adamw(foreach=True), FP32_TRAFFIC),
+        "torch.optim.AdamW fp32 (fused=True)": (torch_adamw(fused=True), FP32_TRAFFIC),
         "AdamWSR bf16 SR, fused": (sr(True), BF16_TRAFFIC),
         "AdamWSR bf16 SR + Kahan, fused": (sr(True, kahan=True), KAHAN_TRAFFIC),
         "AdamWSR bf16 SR, eager chunks": (sr(False), BF16_TRAFFIC),
         "AdamWSR bf16 SR + Kahan, eager chunks": (sr(False, kahan=True), KAHAN_TRAFFIC),
     }
+    def synced(fn: Callable[[], Any]) -> Callable[[], None]:
+        return lambda: (fn(), synchronize(device))
+
     first_step = {}
-    cast_only = cast_only_step(_param(n, torch.bfloat16))
+    cast_only = cast_only_step(_param(n, torch.bfloat16, device))
     for name, (opt, _) in rows.items():  # the fused ones compile here (or load inductor's disk cache)
         start = time.perf_counter()
-        opt.step()
+        synced(opt.step)()
         first_step[name] = time.perf_counter() - start
     cases = {"copy": lambda: dst.copy_(src), "pass": cached_passes, "randint": randint}
     cases |= {name: opt.step for name, (opt, _) in rows.items()}
     cases[CAST_ONLY] = cast_only
-    runs = interleaved_times(cases, args.warmup, args.repeats)
+    runs = interleaved_times({name: synced(fn) for name, fn in cases.items()}, args.warmup, args.repeats)
     times = {name: (statistics.median(seconds), min(seconds)) for name, seconds in runs.items()}
     bandwidth = 8 * n / times["copy"][0]
+    per_element = {name: 1e9 * times[name][0] / n for name in ("pass", "randint")}
     print(
-        f"numel {n}, eager chunk_size {chunk}, median (min) of {args.repeats} steps after {args.warmup} "
-        f"warmup, interleaved. Copy bandwidth {bandwidth / 1e9:.1f} GB/s (fp32 copy_, read+write, median); "
-        f"one in-cache elementwise pass (add_ on chunk_size fp32 buffers) {1e9 * times['pass'][0] / n:.2f} "
-        f"ns/element; torch.Generator noise (int32 random_(0, 2^16)) {1e9 * times['randint'][0] / n:.2f} "
-        "ns/element.\n"
+        f"{device.type}, numel {n}, eager chunk_size {chunk}, median (min) of {args.repeats} steps after "
+        f"{args.warmup} warmup, interleaved. Copy bandwidth {bandwidth / 1e9:.1f} GB/s (fp32 copy_, "
+        f"read+write, median); one in-cache elementwise pass (add_ on chunk_size fp32 buffers) "
+        f"{per_element['pass']:.2f} ns/element; torch.Generator noise (int32 random_(0, 2^16)) "
+        f"{per_element['randint']:.2f} ns/element.\n"
     )
     print(
         "| optimizer | first step s | ms/step median (min) | ns/element | x torch | state bytes/param "
