@@ -297,24 +297,27 @@ class AdamWSR(torch.optim.Optimizer):
         comp = state["kahan_comp"].view(-1) if "kahan_comp" in state else None
         grad = p.grad.reshape(-1)
         coef = _on(p.device, adamw_coefficients(group, step), torch.float32)
-        fused = self.fused is not False
-        size = self.chunk_size or (FUSED_CHUNK if fused else EAGER_CHUNK)
-        for lo in range(0, p.numel(), size):
+
+        def chunk(lo: int, size: int) -> tuple:
+            """adamw_chunk_'s arguments for elements lo .. lo + size."""
             part = slice(lo, lo + size)
             keys = None if key is None else _on(p.device, counter_key(key, lo), torch.int32)
-            comp_part = None if comp is None else comp[part]
-            args = (p_[part], grad[part], m_[part], v_[part], comp_part, coef, keys)
-            if fused:
-                fused = self._run_fused(args)
-            if not fused:
-                adamw_chunk_(*args)
+            return p_[part], grad[part], m_[part], v_[part], None if comp is None else comp[part], coef, keys
 
-    def _run_fused(self, args: tuple) -> bool:
-        """Run the compiled kernel; False (after one warning) if it cannot be built and fused was left to
-        the default, so that the caller runs the eager path. With fused=True the error propagates."""
+        done = 0
+        if self.fused is not False:
+            done = self._run_fused(chunk, self.chunk_size or FUSED_CHUNK, p.numel())
+        size = self.chunk_size or EAGER_CHUNK
+        for lo in range(done, p.numel(), size):
+            adamw_chunk_(*chunk(lo, size))
+
+    def _run_fused(self, chunk: Callable[[int, int], tuple], size: int, numel: int) -> int:
+        """Run the compiled kernel over all chunks; returns the elements done: numel, or 0 when the kernel
+        cannot be built (on its first call, before any write) and fused was left to the default, after
+        one warning, so that the caller runs the eager chunks at their own size. fused=True raises."""
+        kernel = fused_adamw_chunk()
         try:
-            fused_adamw_chunk()(*args)
-            return True
+            kernel(*chunk(0, size))
         except Exception as error:  # torch.compile's backend errors share no narrower base class
             if self.fused:
                 raise
@@ -322,7 +325,10 @@ class AdamWSR(torch.optim.Optimizer):
                           "running the eager chunks instead (same results, slower). Pass fused=False to "
                           "silence this.", stacklevel=3)
             self.fused = False
-            return False
+            return 0
+        for lo in range(size, numel, size):
+            kernel(*chunk(lo, size))
+        return numel
 
     def _state_for(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """The param's state, created on first use (zeros, contiguous, in the param's dtype)."""
