@@ -224,3 +224,28 @@ def test_scan_manifest_refuses_escapes_and_reports(tmp_path):
         "missing file": 1,
         "refused path": 3,
     }
+
+
+def test_manifest_bad_bytes_and_long_paths_are_reported_by_line(tmp_path):
+    _touch_image(tmp_path / "ok.png")
+    long_name = "x" * 300 + ".png"  # over NAME_MAX (255): stat() raises ENAMETOOLONG
+    lines = [json.dumps({"image": "ok.png", "caption": "fine"}).encode(),
+             b'{"image": "ok2.png", "caption": "caf\xe9"}',
+             json.dumps({"image": long_name, "caption": "long"}).encode()]
+    (tmp_path / "m.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    records, problems = scan_source(tmp_path / "m.jsonl")
+    column = lines[1].index(0xE9) + 1
+    assert [(r.key, r.caption) for r in records] == [("ok.png", "fine")]
+    assert [(p.key, p.reason) for p in problems] == [
+        ("m.jsonl:2", f"not UTF-8: byte 0xe9 at column {column}"),
+        ("m.jsonl:3", f"unusable path: File name too long: {long_name[:80]!r}..."),
+    ]
+
+
+def test_non_utf8_caption_is_kept_with_replacement_and_reported(tmp_path):
+    _touch_image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes(b"1girl, caf\xe9, smile")
+    records, problems = scan_source(tmp_path)
+    assert [r.caption for r in records] == ["1girl, caf\ufffd, smile"]
+    assert [p.reason for p in problems] == ["caption not UTF-8: byte 0xe9 at offset 10, kept with U+FFFD in "
+                                            "its place"]

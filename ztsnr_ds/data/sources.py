@@ -108,21 +108,33 @@ def read_manifest(manifest: Path) -> tuple[list[ImageRecord], list[Problem]]:
     root = manifest.parent
     records: dict[str, ImageRecord] = {}
     problems: list[Problem] = []
-    lines = manifest.read_text(encoding="utf-8").splitlines()
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{manifest.name}:{lineno}"
-        try:
-            record = _manifest_record(root, _parse_line(line), problems)
-        except ValueError as err:  # json.JSONDecodeError is a ValueError too
-            problems.append(Problem(where, manifest, str(err)))
-            continue
-        if record.key in records:
-            problems.append(Problem(record.key, record.path, f"duplicate entry: again on {where}"))
-        else:
-            records[record.key] = record
+    with open(manifest, "rb") as f:  # bytes: one bad byte costs its line, not the scan
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{manifest.name}:{lineno}"
+            try:
+                record = _manifest_record(root, _parse_line(_decode_line(raw)), problems)
+            except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors too
+                problems.append(Problem(where, manifest, str(err)))
+                continue
+            _add_unique(records, record, where, problems)
     return list(records.values()), problems
+
+
+def _add_unique(records: dict[str, ImageRecord], record: ImageRecord, where: str, problems: list[Problem]) -> None:
+    if record.key in records:
+        problems.append(Problem(record.key, record.path, f"duplicate entry: again on {where}"))
+    else:
+        records[record.key] = record
+
+
+def _decode_line(raw: bytes) -> str:
+    """One manifest line as text; a line that is not UTF-8 is refused (its path could be anything)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not UTF-8: byte {raw[err.start]:#04x} at column {err.start + 1}") from err
 
 
 def _parse_line(line: str) -> dict:
@@ -146,7 +158,11 @@ def _manifest_record(root: Path, entry: dict, problems: list[Problem]) -> ImageR
     path = root / key
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         raise ValueError(f"unsupported extension: {raw!r}")
-    if not path.is_file():
+    try:
+        exists = path.is_file()
+    except OSError as err:  # e.g. ENAMETOOLONG: is_file() only swallows "not found" errors
+        raise ValueError(f"unusable path: {err.strerror}: {raw[:80]!r}...") from err
+    if not exists:
         raise ValueError(f"missing file: {raw!r}")
     caption = entry.get("caption")
     if caption is None:
@@ -158,12 +174,23 @@ def _manifest_record(root: Path, entry: dict, problems: list[Problem]) -> ImageR
 
 
 def _read_caption(path: Path, key: str, problems: list[Problem]) -> str | None:
-    """Stripped caption text, or None (plus a problem) when the file cannot be decoded."""
+    """Stripped caption text, or None (plus a problem) when the file cannot be read.
+
+    Bytes that are not UTF-8 become U+FFFD and the caption is kept, with a problem naming the
+    byte: one stray Latin-1 byte in an artist tag should not make the image train unconditioned
+    (an empty caption), and every other tag of the caption is still right.
+    """
     try:
-        return path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as err:
+        data = path.read_bytes()
+    except OSError as err:
         problems.append(Problem(key, path, f"unreadable caption: {err}"))
         return None
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as err:
+        problems.append(Problem(key, path, f"caption not UTF-8: byte {data[err.start]:#04x} at offset "
+                                           f"{err.start}, kept with U+FFFD in its place"))
+        return data.decode("utf-8", errors="replace").strip()
 
 
 def _is_hidden(relative: Path) -> bool:
