@@ -10,6 +10,7 @@ joined or a model is loaded; `--print_config` shows the resolved config and exit
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -19,19 +20,52 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from ztsnr_ds.config import ConfigError, parse_or_exit  # noqa: E402
 
+RUN_LOCK_WAIT_S = 1800.0  # how long a new run waits for a previous one to finish its final save
+
+
+def _exit_on_signal(signum: int, _frame) -> None:
+    """Before the training loop there is nothing to save: end now, through every `finally`
+    (torch releases its JIT build lock in one), instead of dying where the signal lands."""
+    raise SystemExit(128 + signum)
+
+
+def start(cfg) -> None:
+    """Rank 0: hold output_dir's run lock, move the tags trainer.overwrite replaces aside."""
+    from ztsnr_ds import checkpoint, locks
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    output_dir = Path(cfg.trainer.output_dir)
+    locks.hold_run_lock(output_dir, RUN_LOCK_WAIT_S)  # the fd stays open (and locked) until exit
+    foreign = checkpoint.foreign_tags(output_dir, cfg.trainer.resume) if cfg.trainer.overwrite else []
+    if foreign:
+        print(f"trainer.overwrite: moved {', '.join(t.name for t in foreign)} to "
+              f"{checkpoint.move_aside(output_dir, foreign)}", flush=True)
+
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     cfg, config_dict = parse_or_exit(argv)
+    from ztsnr_ds.checkpoint import CheckpointError
     from ztsnr_ds.engine import init_distributed
+    from ztsnr_ds.locks import StaleLock
     from ztsnr_ds.trainer import StopTraining, Trainer
 
-    dist = init_distributed()
-    trainer = Trainer(cfg, config_dict, dist)
     try:
+        start(cfg)
+        dist = init_distributed()
+    except StaleLock as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        trainer = Trainer(cfg, config_dict, dist)
         trainer.train()
     except StopTraining as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except CheckpointError as err:  # a checkpoint refused or damaged, or no room to save one
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

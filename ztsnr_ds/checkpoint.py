@@ -8,10 +8,12 @@ Layout of a run:
                                               another number of ranks resumes from this tag
     <output_dir>/checkpoints/latest           name of the newest complete tag
 
-`ztsnr_state.json` is written last, after a barrier, so its presence marks a tag as
-complete; a run killed mid-save leaves a tag without it, and resume skips that tag.
-Older tags are deleted only after the new one is complete. Nothing here is unpickled
-except by DeepSpeed's own loader, reading files this run wrote.
+`ztsnr_state.json` is written last, after a barrier and after checksums.json (sha256 of every
+file, see integrity.py), so its presence marks a tag as complete; a run killed mid-save leaves
+a tag without it, and resume skips that tag. A tag saved again loses its marker before anything
+is rewritten. Older tags are deleted only after the new one is complete, and never the one just
+written. Every .pt file is checked against an allow-list before DeepSpeed unpickles it, with
+weights_only forced (safe_load.py): a shared checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ztsnr_ds import integrity, safe_load
 
 STATE_FILE = "ztsnr_state.json"
 LATEST_FILE = "latest"
@@ -110,38 +115,170 @@ def find_resume_tag(output_dir: Path, resume: str) -> Path | None:
     return tags[-1] if tags else None
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used or written; the message names the file and the fix."""
+
+
 def read_state(tag_dir: Path) -> dict:
-    return json.loads((Path(tag_dir) / STATE_FILE).read_text())
+    path = Path(tag_dir) / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise CheckpointError(f"{path} is unreadable ({err}); the tag is damaged: pass an older "
+                              "complete tag folder") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds {type(state).__name__}, not the state object save() writes")
+    return state
+
+
+def foreign_tags(output_dir: Path, resume: str) -> list[Path]:
+    """Tags in output_dir that a run with this trainer.resume would not continue (it would mix runs).
+
+    resume none: every tag; a tag folder inside output_dir: the newer ones; a tag elsewhere:
+    every tag of output_dir; auto: none (it continues the newest complete one).
+    """
+    checkpoint_dir = Path(output_dir) / "checkpoints"
+    if resume == "auto" or not checkpoint_dir.is_dir():
+        return []
+    tags = sorted(p for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
+    source = Path(resume)
+    if resume != "none" and source.parent.resolve() == checkpoint_dir.resolve():
+        return [t for t in tags if t.name > source.name]
+    return tags
+
+
+def move_aside(output_dir: Path, tags: list[Path]) -> Path:
+    """Move `tags` (and `latest`) to output_dir/replaced/<UTC time>/; returns that folder."""
+    dest = Path(output_dir) / "replaced" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest.mkdir(parents=True, exist_ok=True)
+    latest = Path(output_dir) / "checkpoints" / LATEST_FILE
+    for path in [*tags, latest] if latest.is_file() else tags:
+        os.replace(path, dest / path.name)
+    return dest
 
 
 def save(engine, output_dir: Path, step: int, state: dict,
          keep_last: int, is_main: bool) -> Path:
-    """Collective save of tag step<N>: DeepSpeed files, every rank's RNG, then the state marker.
+    """Collective save of tag step<N>: DeepSpeed files, every rank's RNG, checksums, then the state marker.
 
     `state` is this trainer's JSON-able state (STEP, SAMPLER, CONFIG, ...). Every rank calls this.
+    Raises CheckpointError (on every rank) when the disk lacks room, before writing or when a write
+    fails for lack of space; the partial tag is then removed.
     """
     checkpoint_dir = Path(output_dir) / "checkpoints"
     tag = tag_for(step)
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
     tag_dir = checkpoint_dir / tag
-    (tag_dir / "rng").mkdir(parents=True, exist_ok=True)
-    rank = torch.distributed.get_rank()
-    write_atomic(tag_dir / "rng" / f"rank{rank:05d}.json", json.dumps(rng_state()))
-    torch.distributed.barrier()  # every rank's partition and RNG file is on disk
+    need = _check_space(engine, checkpoint_dir)
+    if is_main and tag_dir.exists():  # saved again (e.g. after a resume): unmark it before rewriting
+        (tag_dir / STATE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(tag_dir)
+    torch.distributed.barrier()
+    try:
+        engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
+        (tag_dir / "rng").mkdir(parents=True, exist_ok=True)
+        rank = torch.distributed.get_rank()
+        write_atomic(tag_dir / "rng" / f"rank{rank:05d}.json", json.dumps(rng_state()))
+        failed = None
+    except (OSError, RuntimeError) as err:
+        failed = err
+    _raise_if_any_failed(failed, tag_dir, need, is_main)  # every rank's partition and RNG file is on disk
+    checksums = _gather_checksums(tag_dir)
     if is_main:
+        write_atomic(tag_dir / integrity.CHECKSUM_FILE, json.dumps(checksums, indent=1))
         write_atomic(tag_dir / STATE_FILE, json.dumps(state, indent=1))
         write_atomic(checkpoint_dir / LATEST_FILE, tag)
-        _rotate(checkpoint_dir, keep_last)
+        _rotate(checkpoint_dir, keep_last, tag_dir)
     torch.distributed.barrier()
     return tag_dir
 
 
-def _rotate(checkpoint_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest keep_last complete tags, and incomplete tags older than those."""
-    complete = complete_tags(checkpoint_dir)
-    keep = set(complete[-keep_last:])
+def _estimate_size(engine, checkpoint_dir: Path) -> int:
+    """Bytes the next tag takes: the newest complete tag's size, else integrity.BYTES_PER_PARAM each."""
+    tags = complete_tags(checkpoint_dir)
+    if tags:
+        return integrity.dir_size(tags[-1]) - integrity.dir_size(tags[-1] / UNIVERSAL_DIR)
+    return integrity.BYTES_PER_PARAM * sum(p.numel() for p in engine.module.parameters())
+
+
+def _check_space(engine, checkpoint_dir: Path) -> int:
+    """Fail on every rank, before writing, if any rank sees less free space than a tag needs."""
+    need = _estimate_size(engine, checkpoint_dir)
+    short = torch.tensor([float(integrity.free_bytes(checkpoint_dir) < need)])
+    torch.distributed.all_reduce(short, op=torch.distributed.ReduceOp.MAX)
+    if short.item():  # host sync, once per save
+        raise CheckpointError(integrity.no_space_message(checkpoint_dir, need))
+    return need
+
+
+def _raise_if_any_failed(failed: BaseException | None, tag_dir: Path, need: int, is_main: bool) -> None:
+    """Collective: if a rank's write failed, every rank raises; a full disk gets its partial tag removed."""
+    flag = torch.tensor([float(failed is not None)])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if not flag.item():  # host sync, once per save
+        return
+    no_space = integrity.is_no_space(failed or OSError(), tag_dir.parent)
+    torch.distributed.barrier()
+    if is_main and no_space:
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    if no_space:
+        raise CheckpointError(integrity.no_space_message(tag_dir.parent, need)
+                              + f" (partial {tag_dir.name} removed)") from failed
+    raise CheckpointError(f"saving {tag_dir} failed on this rank: {failed}") from failed
+
+
+def _gather_checksums(tag_dir: Path) -> dict[str, str]:
+    """sha256 of every file of the tag; each rank hashes its share, the dicts are gathered."""
+    names = integrity.tag_files(tag_dir, skip=(STATE_FILE, integrity.CHECKSUM_FILE, UNIVERSAL_DIR))
+    world_size = torch.distributed.get_world_size()
+    share = integrity.hash_share(tag_dir, names, torch.distributed.get_rank(), world_size)
+    shares: list = [None] * world_size
+    torch.distributed.all_gather_object(shares, share)  # a few hundred bytes per rank, once per save
+    return {name: digest for part in shares for name, digest in part.items()}
+
+
+def verify(tag_dir: Path, rank: int = 0, world_size: int = 1) -> list[str]:
+    """Problems in this rank's share of the tag's files: checksum mismatches, then unsafe .pt files.
+
+    A tag saved before checksums were recorded is only checked for unsafe files (with a warning).
+    """
+    tag_dir = Path(tag_dir)
+    expected = integrity.read_checksums(tag_dir)
+    if expected is None:
+        warnings.warn(f"{tag_dir} has no {integrity.CHECKSUM_FILE} (saved by an older version): "
+                      "its files cannot be verified", stacklevel=2)
+        expected = {p.name: "" for p in tag_dir.glob("*.pt")}
+        problems = []
+    else:
+        problems = integrity.mismatches(tag_dir, expected, rank, world_size)
+    if problems:
+        return problems
+    try:
+        safe_load.check_files(tag_dir / name for name in sorted(expected)[rank::world_size]
+                              if name.endswith(".pt"))
+    except safe_load.UnsafeCheckpoint as err:
+        return [str(err)]
+    return []
+
+
+def _verify_collectively(tag_dir: Path) -> None:
+    """Every rank checks its share of the files; all raise the same CheckpointError if any failed."""
+    rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    problems: list = [None] * world_size
+    torch.distributed.all_gather_object(problems, verify(tag_dir, rank, world_size))  # short strings
+    found = [p for part in problems for p in part]
+    if found:
+        raise CheckpointError(f"cannot resume from {tag_dir}: {'; '.join(found)}")
+
+
+def _rotate(checkpoint_dir: Path, keep_last: int, current: Path) -> None:
+    """Keep `current` and the keep_last - 1 newest complete tags before it; delete older tags.
+
+    Tags newer than `current` (which trainer start-up refuses or moves aside) are never touched.
+    """
+    older = [t for t in complete_tags(checkpoint_dir) if t.name < current.name]
+    keep = {current, *older[max(0, len(older) - keep_last + 1):]}
     for tag in checkpoint_dir.glob(f"{TAG_PREFIX}*"):
-        if tag.is_dir() and tag not in keep and tag.name < complete[-1].name:
+        if tag.is_dir() and tag not in keep and tag.name < current.name:
             shutil.rmtree(tag, ignore_errors=True)
 
 
@@ -169,7 +306,8 @@ def to_universal(tag_dir: Path, is_main: bool) -> Path:
     if is_main and not out.is_dir():
         tmp = out.with_name(UNIVERSAL_DIR + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+        subprocess.run([sys.executable, "-m", "ztsnr_ds.safe_load", "deepspeed.checkpoint.ds_to_universal",
+                        "--input_folder",
                         str(tag_dir), "--output_folder", str(tmp), "--inject_missing_state"],
                        check=True, stdout=subprocess.DEVNULL)
         os.replace(tmp, out)
@@ -183,9 +321,11 @@ def load(engine, tag_dir: Path, is_main: bool) -> dict:
     An engine built with load_universal (see needs_universal) loads the tag's universal form.
     """
     tag_dir = Path(tag_dir)
-    folder = to_universal(tag_dir, is_main) if engine.load_universal_checkpoint() else tag_dir
-    load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name,
-                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+    _verify_collectively(tag_dir)
+    with safe_load.weights_only():
+        folder = to_universal(tag_dir, is_main) if engine.load_universal_checkpoint() else tag_dir
+        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
     rank = torch.distributed.get_rank()

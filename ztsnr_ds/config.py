@@ -17,6 +17,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from ztsnr_ds.data.cache import CacheConfig
 from ztsnr_ds.data.sampler import BucketBatchSampler
+from ztsnr_ds.schedule import INFERENCE_SCHEDULES
 
 ZTSNR_MODES = ("terminal", "rescale", "off")
 WEIGHTINGS = ("min_snr", "soft_min_snr", "none")
@@ -96,6 +97,7 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         _check_positive("optimizer.lr", self.lr)
         _check_positive("optimizer.weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("optimizer.eps", self.eps)
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"optimizer.betas = {self.betas} must lie in [0, 1)")
 
@@ -139,6 +141,9 @@ class TrainerConfig:
     """Checkpoints kept; older ones are deleted only after a newer one is complete."""
     resume: str = "auto"
     """auto (latest complete checkpoint in output_dir if any), none, or a checkpoint tag folder."""
+    overwrite: bool = False
+    """Allow a run that does not continue output_dir's newest checkpoint (resume none, or an older
+    tag): the tags it would not resume from are moved to output_dir/replaced/<time>/, not deleted."""
     log_every: int = 10
     """Steps between metric logs (each log is one host sync)."""
     max_nonfinite: int = 10
@@ -179,6 +184,7 @@ class ValidationConfig:
 
     def __post_init__(self) -> None:
         _check_positive("validation.every", self.every, allow_zero=True)
+        _check_choice("validation.schedule", self.schedule, INFERENCE_SCHEDULES)
         for key in ("height", "width"):
             if getattr(self, key) % 8:
                 raise ValueError(f"validation.{key} = {getattr(self, key)} must be a multiple of 8")
@@ -250,6 +256,12 @@ def check_inputs(config: TrainConfig) -> None:
     for key, path, what in checks:
         if not path.exists():
             raise ConfigError(f"{key}: {path} does not exist; expected {what}")
+    from ztsnr_ds import preflight  # imports the cache and checkpoint modules
+
+    try:
+        preflight.check_run(config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def parse(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict]:

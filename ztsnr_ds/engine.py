@@ -17,6 +17,8 @@ from pathlib import Path
 import deepspeed
 import torch
 
+from ztsnr_ds import locks
+
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
 
 
@@ -50,6 +52,7 @@ def init_distributed(backend: str | None = None, timeout: timedelta | None = Non
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if not torch.distributed.is_initialized():
+        locks.check_build_locks()  # DeepSpeed JIT-builds its CPU shm op here: never wait on a stale lock
         kwargs = {"timeout": timeout} if timeout is not None else {}
         deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

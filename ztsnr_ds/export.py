@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ztsnr_ds import checkpoint
+from ztsnr_ds import checkpoint, safe_load
 from ztsnr_ds.models import FrozenParts, load_frozen
 from ztsnr_ds.schedule import NoiseSchedule, diffusers_scheduler_config
 
@@ -267,22 +269,29 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Tr
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = resolve_tag(path)
-    state = checkpoint.read_state(tag_dir)
+    try:
+        state = checkpoint.read_state(tag_dir)
+    except checkpoint.CheckpointError as e:
+        raise ExportError(str(e)) from e
+    problems = checkpoint.verify(tag_dir)  # checksums, then no .pt that could run code
+    if problems:
+        raise ExportError(f"{tag_dir} refused: {'; '.join(problems)}")
     try:
         noise = state[checkpoint.CONFIG]["noise"]
         unet_config, step = state[checkpoint.UNET_CONFIG], state[checkpoint.STEP]
         noise = {key: noise[key] for key in NOISE_KEYS}
-    except KeyError as e:
+    except (KeyError, TypeError) as e:
         raise ExportError(f"{tag_dir / checkpoint.STATE_FILE} lacks {e}; export checkpoints written by "
                           "ztsnr_ds.checkpoint.save") from e
     try:
-        lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag_dir.name, lazy_mode=True)
-    except (FileNotFoundError, ValueError) as e:
-        raise ExportError(f"{tag_dir}: DeepSpeed files unreadable ({e}); was the save interrupted? "
-                          "Pass an older complete tag folder") from e
-    # The flat partitions load with requires_grad: detach, or each tensor's graph keeps them alive.
-    # copy: each tensor gets its own storage (views of one flat buffer cannot be saved separately).
-    weights = {k: v.contiguous().detach().to(dtype, copy=True) for k, v in lazy.items()}
+        with safe_load.weights_only():
+            lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag_dir.name, lazy_mode=True)
+            # The flat partitions load with requires_grad: detach, or each tensor's graph keeps them alive.
+            # copy: each tensor gets its own storage (views of one flat buffer cannot be saved separately).
+            weights = {k: v.contiguous().detach().to(dtype, copy=True) for k, v in lazy.items()}
+    except (FileNotFoundError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        raise ExportError(f"{tag_dir}: DeepSpeed files unreadable ({type(e).__name__}: {e}); was the save "
+                          "interrupted? Pass an older complete tag folder") from e
     check_shapes(unet_shapes(unet_config), weights,
                  f"{tag_dir}: the weights do not match unet_config in {checkpoint.STATE_FILE}")
     return TrainedUNet(weights, unet_config, step, noise, tag_dir)
@@ -344,15 +353,22 @@ def export_diffusers(trained: TrainedUNet, out: str | Path, title: str | None = 
     """Write out/unet (config.json + safetensors), out/scheduler (ZTSNR Euler, v-pred) and out/README.md."""
 
     out = Path(out)
-    save_safetensors(trained.state_dict, out / "unet" / UNET_WEIGHTS,
-                     {"format": "pt", **export_metadata(trained, title)})
-    with init_empty_weights():
-        config_json = UNet2DConditionModel.from_config(trained.unet_config).to_json_string()
-    checkpoint.write_atomic(out / "unet" / "config.json", config_json)
-    (out / "scheduler").mkdir(exist_ok=True)
-    scheduler = diffusers_scheduler_config(trained.schedule)
-    checkpoint.write_atomic(out / "scheduler" / "scheduler_config.json", json.dumps(scheduler, indent=2))
-    checkpoint.write_atomic(out / "README.md", sampling_readme(trained, title))
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"--out {out} exists and is not empty; pass a new folder")
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # renamed into place when complete
+    try:
+        save_safetensors(trained.state_dict, tmp / "unet" / UNET_WEIGHTS,
+                         {"format": "pt", **export_metadata(trained, title)})
+        with init_empty_weights():
+            config_json = UNet2DConditionModel.from_config(trained.unet_config).to_json_string()
+        checkpoint.write_atomic(tmp / "unet" / "config.json", config_json)
+        (tmp / "scheduler").mkdir(exist_ok=True)
+        scheduler = diffusers_scheduler_config(trained.schedule)
+        checkpoint.write_atomic(tmp / "scheduler" / "scheduler_config.json", json.dumps(scheduler, indent=2))
+        checkpoint.write_atomic(tmp / "README.md", sampling_readme(trained, title))
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

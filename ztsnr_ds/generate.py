@@ -85,9 +85,9 @@ def noise_from_metadata(metadata: dict[str, str]) -> dict:
 def _inspect_checkpoint(path: Path) -> ModelSource:
     try:
         tag_dir = resolve_tag(path)
-    except ExportError as e:
+        config = checkpoint.read_state(tag_dir).get(checkpoint.CONFIG, {})
+    except (ExportError, checkpoint.CheckpointError) as e:
         raise SampleInputError("--model", str(e)) from e
-    config = checkpoint.read_state(tag_dir).get(checkpoint.CONFIG, {})
     noise = config.get("noise", {})
     recorded = {k: noise[k] for k in NOISE_SETTINGS if k in noise}
     if not noise.get("resolution_scaling", True):

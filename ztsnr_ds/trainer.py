@@ -40,6 +40,8 @@ from ztsnr_ds.optim import AdamWSR
 from ztsnr_ds.schedule import NoiseSchedule
 from ztsnr_ds.text import PromptEncoder
 
+READY_LINE = "ztsnr_ds: training loop started"
+
 
 def lr_at(step: int, cfg: TrainerConfig, peak: float) -> float:
     """Linear warmup to `peak`, then constant or cosine down to min_lr_ratio * peak."""
@@ -287,6 +289,8 @@ class Trainer:
         self.resume()
         signal.signal(signal.SIGTERM, self._request_stop)
         signal.signal(signal.SIGINT, self._request_stop)
+        if self.dist.is_main:  # from here a signal means "save, then exit"; tests and schedulers wait for it
+            print(READY_LINE, flush=True)
         batches = iter(self.sampler)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         metrics_file = open(self.output_dir / "metrics.jsonl", "a") if self.dist.is_main else None

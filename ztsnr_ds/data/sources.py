@@ -122,7 +122,8 @@ def read_manifest(manifest: Path) -> tuple[list[ImageRecord], list[Problem]]:
     return list(records.values()), problems
 
 
-def _add_unique(records: dict[str, ImageRecord], record: ImageRecord, where: str, problems: list[Problem]) -> None:
+def _add_unique(records: dict[str, ImageRecord], record: ImageRecord, where: str,
+                problems: list[Problem]) -> None:
     if record.key in records:
         problems.append(Problem(record.key, record.path, f"duplicate entry: again on {where}"))
     else:

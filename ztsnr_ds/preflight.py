@@ -1,0 +1,68 @@
+"""Checks of a whole run's inputs that need more than one field, run by config.parse before any model loads.
+
+Each raises ValueError naming the key to change (config.check_inputs turns it into ConfigError, exit 2):
+the DeepSpeed JSON (readable, batch sizes that agree with trainer.*, a ZeRO stage this trainer runs),
+trainer.resume (a complete tag; never a silent mix of two runs in one output_dir) and whether the
+sampler can fill a micro-batch from the cache's buckets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ztsnr_ds import checkpoint
+from ztsnr_ds.data.cache import CacheError, LatentCache
+from ztsnr_ds.engine import build_ds_config
+
+ZERO_STAGES = (0, 1, 2)  # validation and export read full weights from every rank: no ZeRO-3
+
+
+def world_size() -> int:
+    """The launcher's WORLD_SIZE (deepspeed, torchrun, slurm export it before start), else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_run(config) -> None:
+    """All checks below, for a parsed TrainConfig."""
+    check_deepspeed_json(config.deepspeed_config, config.trainer.micro_batch, config.trainer.grad_accum)
+    check_resume(Path(config.trainer.output_dir), config.trainer.resume, config.trainer.overwrite)
+    check_buckets(config)
+
+
+def check_deepspeed_json(path: str, micro_batch: int, grad_accum: int) -> None:
+    try:
+        ds_config = build_ds_config(path, micro_batch, grad_accum, world_size())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"deepspeed_config: {path} is not valid JSON: {err}") from err
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in ZERO_STAGES:
+        raise ValueError(f"deepspeed_config: {path} sets zero_optimization.stage = {stage!r}; ztsnr_ds runs "
+                         f"stages {', '.join(map(str, ZERO_STAGES))} (ds_configs/zero2_bf16.json uses 2)")
+
+
+def check_resume(output_dir: Path, resume: str, overwrite: bool) -> None:
+    """trainer.resume must name a complete tag, and must not leave other runs' tags in output_dir."""
+    if resume not in ("auto", "none") and not (Path(resume) / checkpoint.STATE_FILE).is_file():
+        raise ValueError(f"trainer.resume = {resume}: not a complete checkpoint tag folder (no "
+                         f"{checkpoint.STATE_FILE}); use 'auto' or a folder like checkpoints/step00000100")
+    foreign = checkpoint.foreign_tags(output_dir, resume)
+    if foreign and not overwrite:
+        raise ValueError(
+            f"trainer.resume = {resume}, but trainer.output_dir {output_dir} already holds checkpoints this "
+            f"run would not continue ({', '.join(t.name for t in foreign)}); a later resume or export "
+            "could pick those up. Use a new trainer.output_dir, --trainer.resume auto to continue the "
+            "newest one, or --trainer.overwrite true to move them to <output_dir>/replaced/")
+
+
+def check_buckets(config) -> None:
+    """The configured sampler, built on the cache's buckets, must have at least one batch per epoch."""
+    try:
+        buckets = LatentCache(config.data.cache_dir, verify=False).buckets
+        config.sampler(buckets, config.trainer.micro_batch, world_size(), 0)
+    except CacheError as err:
+        raise ValueError(f"data.cache_dir: {err}") from err
+    except ValueError as err:
+        raise ValueError(f"trainer.micro_batch = {config.trainer.micro_batch} (x {world_size()} ranks): "
+                         f"{err}; lower trainer.micro_batch or add images to the buckets") from err
