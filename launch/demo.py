@@ -67,7 +67,8 @@ def main() -> int:
     run_dir = out / "run"
     config = write_config(out, run_dir, args.steps)
     run([sys.executable, "launch/cache.py", "--config", config])
-    run([sys.executable, "launch/train.py", "--config", config, "--trainer.resume", "none"])
+    run([sys.executable, "launch/train.py", "--config", config, "--trainer.resume", "none",
+         "--trainer.overwrite", "true"])  # a fresh run each time: an earlier demo's tags are moved aside
     export = out / "export"
     run([sys.executable, "launch/export.py", "--checkpoint", str(run_dir), "--format", "single_file",
          "--base", str(out / "model"), "--out", str(export / "demo_sdxl_ztsnr.safetensors")])

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from ztsnr_ds import checkpoint
+from ztsnr_ds import checkpoint, safe_load
 from ztsnr_ds.data.cache import CacheError, LatentCache
 from ztsnr_ds.engine import build_ds_config
 
@@ -47,6 +47,11 @@ def check_resume(output_dir: Path, resume: str, overwrite: bool) -> None:
     if resume not in ("auto", "none") and not (Path(resume) / checkpoint.STATE_FILE).is_file():
         raise ValueError(f"trainer.resume = {resume}: not a complete checkpoint tag folder (no "
                          f"{checkpoint.STATE_FILE}); use 'auto' or a folder like checkpoints/step00000100")
+    tag = checkpoint.find_resume_tag(output_dir, resume)
+    try:
+        safe_load.check_files(sorted(tag.glob("*.pt")) if tag else [])  # reads pickle opcodes, runs nothing
+    except safe_load.UnsafeCheckpoint as err:
+        raise ValueError(f"trainer.resume = {resume}: {err}") from err
     foreign = checkpoint.foreign_tags(output_dir, resume)
     if foreign and not overwrite:
         raise ValueError(

@@ -1,0 +1,314 @@
+"""Faults and hostile input: wrong-run resumes, crafted and damaged checkpoints, full disks, stale locks,
+pre-emption under the `deepspeed` launcher, config errors that must fail before any model loads.
+
+One run of the tiny model (in-process, real DeepSpeed engine) is shared: its checkpoint is copied,
+damaged and crafted; its engine saves onto tiny tmpfs mounts. Two runs go through the launchers:
+an overwrite with `--trainer.resume none` (launch/train.py), then a resume killed by SIGTERM to the
+whole `deepspeed` process group.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ztsnr_ds import checkpoint, integrity, locks, safe_load
+from ztsnr_ds.config import ConfigError, parse
+from ztsnr_ds.engine import init_distributed
+from ztsnr_ds.export import ExportError, export_diffusers, load_checkpoint
+from ztsnr_ds.trainer import READY_LINE, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+@pytest.fixture(scope="module")
+def run_config(make_run_config) -> Path:
+    trainer = {"micro_batch": 2, "max_steps": 2, "save_every": 2, "log_every": 1, "warmup_steps": 1,
+               "keep_last": 1}
+    return make_run_config("faults", 8, trainer, {"every": 0})
+
+
+@pytest.fixture(scope="module")
+def first_run(run_config, tmp_path_factory) -> Trainer:
+    """A finished 2-step run (tag step00000002) whose engine later tests save with."""
+    out = tmp_path_factory.mktemp("first") / "run"
+    cfg, config_dict = parse(["--config", str(run_config), "--trainer.output_dir", str(out)])
+    trainer = Trainer(cfg, config_dict, init_distributed())
+    trainer.train()
+    return trainer
+
+
+@pytest.fixture
+def tag(first_run, tmp_path) -> Path:
+    """A private copy of the first run's complete tag."""
+    dest = tmp_path / "run" / "checkpoints" / checkpoint.tag_for(2)
+    shutil.copytree(first_run.output_dir / "checkpoints" / dest.name, dest)
+    return dest
+
+
+def env() -> dict[str, str]:
+    out = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        out.pop(key, None)
+    return out
+
+
+# ------------------------------------------------------------------------------ config errors, early
+@pytest.fixture
+def bad_ds_json(tmp_path):
+    def write(text: str) -> str:
+        path = tmp_path / "ds.json"
+        path.write_text(text)
+        return str(path)
+    return write
+
+
+@pytest.mark.parametrize("case, key", [
+    ("batch", "train_micro_batch_size_per_gpu"),
+    ("malformed", "deepspeed_config"),
+    ("stage7", "zero_optimization.stage"),
+    ("unfillable", "trainer.micro_batch"),
+    ("eps", "optimizer.eps"),
+    ("missing_tag", "trainer.resume"),
+    ("schedule", "validation.schedule"),
+    ("resume_none_over_checkpoints", "trainer.resume"),
+])
+def test_config_errors_exit_before_any_model_loads(run_config, bad_ds_json, tmp_path, case, key):
+    base = json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text())
+    (tmp_path / "out" / "checkpoints" / checkpoint.tag_for(3)).mkdir(parents=True)
+    args = {
+        "batch": ["--deepspeed_config", bad_ds_json(json.dumps(base | {"train_micro_batch_size_per_gpu": 7}))],
+        "malformed": ["--deepspeed_config", bad_ds_json('{"bf16": {"enabled": true,}')],
+        "stage7": ["--deepspeed_config", bad_ds_json(json.dumps(base | {"zero_optimization": {"stage": 7}}))],
+        "unfillable": ["--trainer.micro_batch", "9"],  # 8 images in the cache
+        "eps": ["--optimizer.eps", "-1"],
+        "missing_tag": ["--trainer.resume", str(tmp_path / "nope" / "step00000001")],
+        "schedule": ["--validation.schedule", "bogus"],
+        "resume_none_over_checkpoints": ["--trainer.resume", "none"],
+    }[case]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:  # parse() builds no model
+        parse(["--config", str(run_config), "--trainer.output_dir", str(tmp_path / "out"), *args])
+    if case == "resume_none_over_checkpoints":
+        assert str(tmp_path / "out") in str(err.value) and "--trainer.overwrite true" in str(err.value)
+
+
+# ------------------------------------------------------------------------------ rotation
+def _fake_tag(checkpoint_dir: Path, step: int) -> Path:
+    tag = checkpoint_dir / checkpoint.tag_for(step)
+    tag.mkdir(parents=True)
+    (tag / checkpoint.STATE_FILE).write_text("{}")
+    return tag
+
+
+def test_rotation_keeps_the_tag_just_written_and_leaves_newer_ones(tmp_path):
+    old, newer = _fake_tag(tmp_path, 1), _fake_tag(tmp_path, 10)
+    (tmp_path / checkpoint.tag_for(0)).mkdir()  # incomplete, older
+    current = _fake_tag(tmp_path, 2)
+    checkpoint._rotate(tmp_path, 1, current)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [current.name, newer.name]
+    assert not old.exists()
+
+
+# ------------------------------------------------------------------------------ safe loading
+class _Payload:
+    """Unpickling this writes a marker file: what a crafted checkpoint can do to weights_only=False."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def _craft(tag: Path, marker: Path) -> None:
+    """Replace the model file by one carrying the payload, with matching checksums (as an attacker would)."""
+    torch.save({"payload": _Payload(marker)}, tag / MODEL_FILE)
+    sums = json.loads((tag / integrity.CHECKSUM_FILE).read_text())
+    sums[MODEL_FILE] = integrity.sha256(tag / MODEL_FILE)
+    (tag / integrity.CHECKSUM_FILE).write_text(json.dumps(sums))
+
+
+def test_crafted_checkpoint_is_refused_by_export_sample_and_resume(tag, run_config, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    _craft(tag, marker)
+    export_main = runpy.run_path(str(ROOT / "launch" / "export.py"))["main"]
+    assert export_main(["--checkpoint", str(tag), "--format", "diffusers", "--out", str(tmp_path / "e")]) == 2
+    assert "builtins.exec" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    sample_main = runpy.run_path(str(ROOT / "launch" / "sample.py"))["main"]
+    with pytest.raises(SystemExit) as exit_:
+        sample_main(["--model", str(tag), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s"),
+                     "--width", "64", "--height", "64"])
+    assert exit_.value.code == 2 and "builtins.exec" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="trainer.resume.*builtins.exec"):
+        parse(["--config", str(run_config), "--trainer.output_dir", str(tag.parent.parent),
+               "--trainer.resume", str(tag)])
+    # Even unchecked, DeepSpeed's own loader now runs with weights_only forced.
+    with safe_load.weights_only(), pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(tag / MODEL_FILE, weights_only=False)
+    assert not marker.exists()
+    torch.load(tag / MODEL_FILE, weights_only=False)  # the control: unsafe loading does run it
+    assert marker.read_text() == "ran"
+
+
+# ------------------------------------------------------------------------------ damaged checkpoints
+def test_damaged_checkpoints_give_clear_errors(first_run, tag, tmp_path):
+    optim = next(tag.glob("*optim_states.pt"))
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2] ^= 1  # one flipped bit
+    optim.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=f"{optim.name} does not match its sha256"):
+        load_checkpoint(tag)
+    with pytest.raises(checkpoint.CheckpointError, match=f"{optim.name} does not match its sha256"):
+        checkpoint.load(first_run.engine, tag, True)
+    (tag / integrity.CHECKSUM_FILE).unlink()  # a tag without checksums: files are still read safely
+    for cut in (0, len(data) // 3):
+        optim.write_bytes(bytes(data[:cut]))
+        with pytest.warns(UserWarning, match="cannot be verified"), \
+                pytest.raises(ExportError, match=f"{optim.name} is not a readable torch file"):
+            load_checkpoint(tag)
+    (tag / checkpoint.STATE_FILE).write_bytes(b"\x00garbage{")
+    with pytest.raises(ExportError, match=f"{checkpoint.STATE_FILE} is unreadable"):
+        load_checkpoint(tag)
+
+
+# ------------------------------------------------------------------------------ full disk
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a tiny tmpfs (needs root); yields a function mounting one of the given size."""
+    mounts = []
+
+    def mount(size: str) -> Path:
+        path = tmp_path / f"tmpfs{len(mounts)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs to fill ({done.stderr.strip()}): needs root")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_full_disk_is_named_before_and_during_a_save(first_run, tmpfs):
+    engine, state = first_run.engine, first_run.state()
+    small = tmpfs("4m")  # the first save is estimated from the parameter count: ~41 MiB
+    with pytest.raises(checkpoint.CheckpointError, match=rf"no space left on {small}/checkpoints: .* MiB free, "
+                                                         r"a checkpoint needs ~\d+\.\d MiB"):
+        checkpoint.save(engine, small, 5, state, keep_last=1, is_main=True)
+    assert not (small / "checkpoints" / checkpoint.tag_for(5)).exists()
+    # An existing tag, complete but tiny (the issue's 0-byte optimizer file): the estimate passes, the
+    # re-save must unmark it first, then runs out of space mid-write and removes the partial tag.
+    disk = tmpfs("8m")
+    old = _fake_tag(disk / "checkpoints", 5)
+    (old / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(checkpoint.CheckpointError, match=r"no space left on .*partial step00000005 removed"):
+        checkpoint.save(engine, disk, 5, state, keep_last=1, is_main=True)
+    assert checkpoint.complete_tags(disk / "checkpoints") == [] and not old.exists()
+    assert integrity.free_bytes(disk) > 7 * 2**20  # the partial files are gone
+
+
+def test_failed_diffusers_export_leaves_nothing_behind(first_run, tmpfs):
+    disk = tmpfs("1m")
+    trained = load_checkpoint(first_run.output_dir)
+    with pytest.raises(Exception):  # safetensors reports the full disk
+        export_diffusers(trained, disk / "export")
+    assert list(disk.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ locks
+def test_stale_build_lock_is_refused_naming_the_file(tmp_path, monkeypatch):
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    locks.check_build_locks()  # fresh: a build may hold it
+    os.utime(lock, (time.time() - 600, time.time() - 600))
+    with pytest.raises(locks.StaleLock, match=f"rm {lock}"):
+        locks.check_build_locks()
+
+
+def test_run_lock_waits_for_the_live_run(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from ztsnr_ds.locks import hold_run_lock; hold_run_lock(Path(sys.argv[1]), 5); "
+                               "print('held', flush=True); time.sleep(float(sys.argv[2]))", str(tmp_path), "3"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(locks.StaleLock, match=f"held by pid {holder.pid}"):
+        locks.hold_run_lock(tmp_path, timeout_s=0.5, poll_s=0.1)
+    start = time.monotonic()
+    os.close(locks.hold_run_lock(tmp_path, timeout_s=30, poll_s=0.1))  # taken once the holder exits
+    assert holder.wait() == 0 and time.monotonic() - start > 1.0
+
+
+# ------------------------------------------------------------------------------ through the launchers
+def _read_until(proc: subprocess.Popen, line: str, lines: list[str], timeout: float) -> None:
+    """Collect proc's stdout into `lines` (on a thread) and wait until `line` appears."""
+    seen = threading.Event()
+
+    def pump():
+        for text in proc.stdout:
+            lines.append(text)
+            if line in text:
+                seen.set()
+    threading.Thread(target=pump, daemon=True).start()
+    assert seen.wait(timeout), "".join(lines)[-3000:]
+
+
+def test_overwrite_then_preemption_through_the_launchers(first_run, run_config, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(first_run.output_dir, out)  # an old run: tag step00000002 of its own
+    old_digest = integrity.sha256(out / "checkpoints" / checkpoint.tag_for(2) / MODEL_FILE)
+    train = [sys.executable, "launch/train.py", "--config", str(run_config), "--trainer.output_dir", str(out)]
+    # A new run over it (max 1 step, keep_last 1): the old tag moves aside, the new one survives rotation.
+    done = subprocess.run([*train, "--trainer.resume", "none", "--trainer.overwrite", "true",
+                           "--trainer.max_steps", "1"], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    moved = list((out / "replaced").glob(f"*/{checkpoint.tag_for(2)}"))
+    assert len(moved) == 1 and integrity.sha256(moved[0] / MODEL_FILE) == old_digest
+    assert [t.name for t in checkpoint.complete_tags(out / "checkpoints")] == [checkpoint.tag_for(1)]
+    assert (out / "checkpoints" / "latest").read_text() == checkpoint.tag_for(1)
+    # Resume it under the deepspeed launcher and pre-empt the whole process group with SIGTERM.
+    proc = subprocess.Popen(["deepspeed", "--num_gpus", "1", "--master_port", str(_free_port()), *train[1:],
+                             "--trainer.max_steps", "100000", "--trainer.save_every", "100000"],
+                            cwd=ROOT, env=env() | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    _read_until(proc, READY_LINE, lines, timeout=300)
+    while not (out / "metrics.jsonl").read_text().count('"step": 2,'):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    # The launcher is gone; the worker may still be saving. A new run takes the lock first, as here:
+    fd = locks.hold_run_lock(out, timeout_s=120, poll_s=0.1)
+    try:
+        tags = checkpoint.complete_tags(out / "checkpoints")
+        last_step = max(json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines())
+        assert "resumed from" in "".join(lines) and checkpoint.read_state(tags[-1])["step"] == last_step >= 2
+        assert checkpoint.verify(tags[-1]) == []
+        assert (out / "checkpoints" / "latest").read_text() == tags[-1].name
+    finally:
+        os.close(fd)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
