@@ -32,6 +32,8 @@ from ztsnr_ds.trainer import READY_LINE, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_FILE = "mp_rank_00_model_states.pt"
+BATCH_KEY = "train_micro_batch_size_per_gpu"
+STAGE_7 = {"zero_optimization": {"stage": 7}}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def bad_ds_json(tmp_path):
 
 
 @pytest.mark.parametrize("case, key", [
-    ("batch", "train_micro_batch_size_per_gpu"),
+    ("batch", BATCH_KEY),
     ("malformed", "deepspeed_config"),
     ("stage7", "zero_optimization.stage"),
     ("unfillable", "trainer.micro_batch"),
@@ -90,15 +92,15 @@ def test_config_errors_exit_before_any_model_loads(run_config, bad_ds_json, tmp_
     base = json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text())
     (tmp_path / "out" / "checkpoints" / checkpoint.tag_for(3)).mkdir(parents=True)
     args = {
-        "batch": ["--deepspeed_config", bad_ds_json(json.dumps(base | {"train_micro_batch_size_per_gpu": 7}))],
-        "malformed": ["--deepspeed_config", bad_ds_json('{"bf16": {"enabled": true,}')],
-        "stage7": ["--deepspeed_config", bad_ds_json(json.dumps(base | {"zero_optimization": {"stage": 7}}))],
-        "unfillable": ["--trainer.micro_batch", "9"],  # 8 images in the cache
-        "eps": ["--optimizer.eps", "-1"],
-        "missing_tag": ["--trainer.resume", str(tmp_path / "nope" / "step00000001")],
-        "schedule": ["--validation.schedule", "bogus"],
-        "resume_none_over_checkpoints": ["--trainer.resume", "none"],
-    }[case]
+        "batch": lambda: ["--deepspeed_config", bad_ds_json(json.dumps(base | {BATCH_KEY: 7}))],
+        "malformed": lambda: ["--deepspeed_config", bad_ds_json('{"bf16": {"enabled": true,}')],
+        "stage7": lambda: ["--deepspeed_config", bad_ds_json(json.dumps(base | STAGE_7))],
+        "unfillable": lambda: ["--trainer.micro_batch", "9"],  # 8 images in the cache
+        "eps": lambda: ["--optimizer.eps", "-1"],
+        "missing_tag": lambda: ["--trainer.resume", str(tmp_path / "nope" / "step00000001")],
+        "schedule": lambda: ["--validation.schedule", "bogus"],
+        "resume_none_over_checkpoints": lambda: ["--trainer.resume", "none"],
+    }[case]()
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:  # parse() builds no model
         parse(["--config", str(run_config), "--trainer.output_dir", str(tmp_path / "out"), *args])
     if case == "resume_none_over_checkpoints":
@@ -202,14 +204,14 @@ def tmpfs(tmp_path):
 
     yield mount
     for path in mounts:
-        subprocess.run(["umount", str(path)], check=True)
+        subprocess.run(["umount", "--lazy", str(path)], check=True)  # lazy: a failed writer may hold a fd
 
 
 def test_full_disk_is_named_before_and_during_a_save(first_run, tmpfs):
     engine, state = first_run.engine, first_run.state()
     small = tmpfs("4m")  # the first save is estimated from the parameter count: ~41 MiB
-    with pytest.raises(checkpoint.CheckpointError, match=rf"no space left on {small}/checkpoints: .* MiB free, "
-                                                         r"a checkpoint needs ~\d+\.\d MiB"):
+    message = rf"no space left on {small}/checkpoints: .* MiB free, a checkpoint needs ~\d+\.\d MiB"
+    with pytest.raises(checkpoint.CheckpointError, match=message):
         checkpoint.save(engine, small, 5, state, keep_last=1, is_main=True)
     assert not (small / "checkpoints" / checkpoint.tag_for(5)).exists()
     # An existing tag, complete but tiny (the 0-byte optimizer file): the estimate passes, the
@@ -219,14 +221,13 @@ def test_full_disk_is_named_before_and_during_a_save(first_run, tmpfs):
     (old / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
     with pytest.raises(checkpoint.CheckpointError, match=r"no space left on .*partial step00000005 removed"):
         checkpoint.save(engine, disk, 5, state, keep_last=1, is_main=True)
-    assert checkpoint.complete_tags(disk / "checkpoints") == [] and not old.exists()
-    assert integrity.free_bytes(disk) > 7 * 2**20  # the partial files are gone
+    assert list((disk / "checkpoints").iterdir()) == []  # no partial tag keeps the disk full
 
 
 def test_failed_diffusers_export_leaves_nothing_behind(first_run, tmpfs):
     disk = tmpfs("1m")
     trained = load_checkpoint(first_run.output_dir)
-    with pytest.raises(Exception):  # safetensors reports the full disk
+    with pytest.raises(Exception):  # noqa: B017 (safetensors reports the full disk in its own type)
         export_diffusers(trained, disk / "export")
     assert list(disk.iterdir()) == []
 
@@ -244,10 +245,10 @@ def test_stale_build_lock_is_refused_naming_the_file(tmp_path, monkeypatch):
 
 
 def test_run_lock_waits_for_the_live_run(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from ztsnr_ds.locks import hold_run_lock; hold_run_lock(Path(sys.argv[1]), 5); "
-                               "print('held', flush=True); time.sleep(float(sys.argv[2]))", str(tmp_path), "3"],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    code = ("import sys, time; from pathlib import Path; from ztsnr_ds.locks import hold_run_lock; "
+            "hold_run_lock(Path(sys.argv[1]), 5); print('held', flush=True); time.sleep(3)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
     assert holder.stdout.readline() == "held\n"
     with pytest.raises(locks.StaleLock, match=f"held by pid {holder.pid}"):
         locks.hold_run_lock(tmp_path, timeout_s=0.5, poll_s=0.1)
@@ -284,10 +285,11 @@ def test_overwrite_then_preemption_through_the_launchers(first_run, run_config, 
     assert [t.name for t in checkpoint.complete_tags(out / "checkpoints")] == [checkpoint.tag_for(1)]
     assert (out / "checkpoints" / "latest").read_text() == checkpoint.tag_for(1)
     # Resume it under the deepspeed launcher and pre-empt the whole process group with SIGTERM.
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # the venv's `deepspeed`
     proc = subprocess.Popen(["deepspeed", "--num_gpus", "1", "--master_port", str(_free_port()), *train[1:],
                              "--trainer.max_steps", "100000", "--trainer.save_every", "100000"],
-                            cwd=ROOT, env=env() | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            cwd=ROOT, env=env() | {"PATH": path}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     _read_until(proc, READY_LINE, lines, timeout=300)
     while not (out / "metrics.jsonl").read_text().count('"step": 2,'):
