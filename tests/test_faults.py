@@ -2,9 +2,9 @@
 pre-emption under the `deepspeed` launcher, config errors that must fail before any model loads.
 
 One run of the tiny model (in-process, real DeepSpeed engine) is shared: its checkpoint is copied,
-damaged and crafted; its engine saves onto tiny tmpfs mounts. Two runs go through the launchers:
-an overwrite with `--trainer.resume none` (launch/train.py), then a resume killed by SIGTERM to the
-whole `deepspeed` process group.
+damaged and crafted; its engine saves onto tiny tmpfs mounts. One run goes through the `deepspeed`
+launcher: `--trainer.resume none --trainer.overwrite true` over the first run's output_dir, killed by
+SIGTERM to the whole process group.
 """
 
 from __future__ import annotations
@@ -271,37 +271,35 @@ def _read_until(proc: subprocess.Popen, line: str, lines: list[str], timeout: fl
     assert seen.wait(timeout), "".join(lines)[-3000:]
 
 
-def test_overwrite_then_preemption_through_the_launchers(first_run, run_config, tmp_path):
+def test_overwrite_and_preemption_under_the_deepspeed_launcher(first_run, run_config, tmp_path):
+    """A new run over an old one's output_dir (resume none + overwrite), pre-empted by SIGTERM to the
+    whole `deepspeed` process group: the launcher exits at once, the worker saves under its run lock."""
     out = tmp_path / "run"
-    shutil.copytree(first_run.output_dir, out)  # an old run: tag step00000002 of its own
+    shutil.copytree(first_run.output_dir, out)  # the old run: tag step00000002 and its metrics
+    (out / "metrics.jsonl").unlink()
     old_digest = integrity.sha256(out / "checkpoints" / checkpoint.tag_for(2) / MODEL_FILE)
-    train = [sys.executable, "launch/train.py", "--config", str(run_config), "--trainer.output_dir", str(out)]
-    # A new run over it (max 1 step, keep_last 1): the old tag moves aside, the new one survives rotation.
-    done = subprocess.run([*train, "--trainer.resume", "none", "--trainer.overwrite", "true",
-                           "--trainer.max_steps", "1"], cwd=ROOT, env=env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    moved = list((out / "replaced").glob(f"*/{checkpoint.tag_for(2)}"))
-    assert len(moved) == 1 and integrity.sha256(moved[0] / MODEL_FILE) == old_digest
-    assert [t.name for t in checkpoint.complete_tags(out / "checkpoints")] == [checkpoint.tag_for(1)]
-    assert (out / "checkpoints" / "latest").read_text() == checkpoint.tag_for(1)
-    # Resume it under the deepspeed launcher and pre-empt the whole process group with SIGTERM.
     path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # the venv's `deepspeed`
-    proc = subprocess.Popen(["deepspeed", "--num_gpus", "1", "--master_port", str(_free_port()), *train[1:],
+    proc = subprocess.Popen(["deepspeed", "--num_gpus", "1", "--master_port", str(_free_port()),
+                             "launch/train.py", "--config", str(run_config), "--trainer.output_dir", str(out),
+                             "--trainer.resume", "none", "--trainer.overwrite", "true",
                              "--trainer.max_steps", "100000", "--trainer.save_every", "100000"],
                             cwd=ROOT, env=env() | {"PATH": path}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     _read_until(proc, READY_LINE, lines, timeout=300)
-    while not (out / "metrics.jsonl").read_text().count('"step": 2,'):
+    moved = list((out / "replaced").glob(f"*/{checkpoint.tag_for(2)}"))  # moved before any model loaded
+    assert len(moved) == 1 and integrity.sha256(moved[0] / MODEL_FILE) == old_digest
+    assert not (out / "checkpoints" / checkpoint.tag_for(2)).exists()
+    while proc.poll() is None and not (out / "metrics.jsonl").is_file():
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=120)
-    # The launcher is gone; the worker may still be saving. A new run takes the lock first, as here:
+    # The launcher is gone; the worker may still be saving. A new run takes the run lock first, as here:
     fd = locks.hold_run_lock(out, timeout_s=120, poll_s=0.1)
     try:
         tags = checkpoint.complete_tags(out / "checkpoints")
         last_step = max(json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines())
-        assert "resumed from" in "".join(lines) and checkpoint.read_state(tags[-1])["step"] == last_step >= 2
+        assert [checkpoint.read_state(t)["step"] for t in tags] == [last_step], "".join(lines)[-3000:]
         assert checkpoint.verify(tags[-1]) == []
         assert (out / "checkpoints" / "latest").read_text() == tags[-1].name
     finally:

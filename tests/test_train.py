@@ -16,7 +16,7 @@ import torch
 from ztsnr_ds import checkpoint
 from ztsnr_ds.config import ConfigError, parse
 from ztsnr_ds.engine import init_distributed
-from ztsnr_ds.trainer import StopTraining, Trainer
+from ztsnr_ds.trainer import READY_LINE, StopTraining, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,12 +134,18 @@ def test_sigterm_saves_and_exits_cleanly(run_config, tmp_path):
                              "--trainer.output_dir", str(tmp_path), "--trainer.max_steps", "100000",
                              "--trainer.save_every", "100000"], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # the signal goes in once the trainer says it is in its loop, not by a clock
+        lines.append(line)
+        if READY_LINE in line:
+            break
+    assert READY_LINE in "".join(lines), "".join(lines)[-3000:]
     metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.5)
+    while proc.poll() is None and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + out
     assert proc.returncode == 0, out[-3000:]
     tags = checkpoint.complete_tags(tmp_path / "checkpoints")
     assert len(tags) == 1
