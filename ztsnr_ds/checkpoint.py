@@ -237,7 +237,7 @@ def _gather_checksums(tag_dir: Path) -> dict[str, str]:
 
 
 def verify(tag_dir: Path, rank: int = 0, world_size: int = 1) -> list[str]:
-    """Problems in this rank's share of the tag's files: checksum mismatches, then unsafe .pt files.
+    """Problems in this rank's share of the tag's files: checksum mismatches, else unsafe .pt files.
 
     A tag saved before checksums were recorded is only checked for unsafe files (with a warning).
     """
@@ -246,15 +246,14 @@ def verify(tag_dir: Path, rank: int = 0, world_size: int = 1) -> list[str]:
     if expected is None:
         warnings.warn(f"{tag_dir} has no {integrity.CHECKSUM_FILE} (saved by an older version): "
                       "its files cannot be verified", stacklevel=2)
-        expected = {p.name: "" for p in tag_dir.glob("*.pt")}
-        problems = []
+        names = sorted(p.name for p in tag_dir.glob("*.pt"))
     else:
         problems = integrity.mismatches(tag_dir, expected, rank, world_size)
-    if problems:
-        return problems
+        if problems:
+            return problems
+        names = sorted(expected)
     try:
-        safe_load.check_files(tag_dir / name for name in sorted(expected)[rank::world_size]
-                              if name.endswith(".pt"))
+        safe_load.check_files(tag_dir / name for name in names[rank::world_size] if name.endswith(".pt"))
     except safe_load.UnsafeCheckpoint as err:
         return [str(err)]
     return []
