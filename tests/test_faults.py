@@ -257,6 +257,24 @@ def test_run_lock_waits_for_the_live_run(tmp_path):
     assert holder.wait() == 0 and time.monotonic() - start > 1.0
 
 
+def test_sigterm_during_the_jit_build_exits_cleanly_and_releases_the_lock(run_config, tmp_path):
+    """A private, empty torch extensions folder makes DeepSpeed build its shm op at start-up; the
+    whole process group (python, ninja, the compiler) gets SIGTERM while torch holds the build lock."""
+    build_root = tmp_path / "torch_extensions"
+    proc = subprocess.Popen([sys.executable, "launch/train.py", "--config", str(run_config),
+                             "--trainer.output_dir", str(tmp_path / "run")], cwd=ROOT,
+                            env=env() | {"TORCH_EXTENSIONS_DIR": str(build_root)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and not list(build_root.glob("**/lock")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(build_root.glob("**/lock")), proc.communicate()[0][-3000:] if proc.poll() is not None else ""
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in out, out[-3000:]
+    assert list(build_root.glob("**/lock")) == []  # the next DeepSpeed start will not hang on it
+
+
 # ------------------------------------------------------------------------------ through the launchers
 def _read_until(proc: subprocess.Popen, line: str, lines: list[str], timeout: float) -> None:
     """Collect proc's stdout into `lines` (on a thread) and wait until `line` appears."""
