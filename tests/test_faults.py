@@ -124,6 +124,47 @@ def test_rotation_keeps_the_tag_just_written_and_leaves_newer_ones(tmp_path):
     assert not old.exists()
 
 
+RESAVE = """
+import json, sys, torch
+from pathlib import Path
+from ztsnr_ds import checkpoint, engine
+from ztsnr_ds.models import load_unet
+out, model, state = Path(sys.argv[1]), sys.argv[2], json.loads(Path(sys.argv[3]).read_text())
+dist = engine.init_distributed()
+unet = load_unet(model, dtype=torch.bfloat16)
+ds_engine = engine.initialize(unet, torch.optim.AdamW(unet.parameters()),
+                              engine.build_ds_config("ds_configs/zero2_bf16.json", 1, 1, 1))
+checkpoint.save(ds_engine, out, 2, state, keep_last=1, is_main=True)
+"""
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def test_kill_while_saving_a_tag_again_leaves_it_incomplete(first_run, tag, tiny_sdxl, tmp_path):
+    """SIGKILL a re-save of an existing complete tag as soon as it touches the tag: never 'complete'."""
+    state_file = tmp_path / "state.json"
+    state_file.write_text(json.dumps(first_run.state()))
+    before = _identity(tag / MODEL_FILE)
+    proc = subprocess.Popen([sys.executable, "-c", RESAVE, str(tag.parent.parent), str(tiny_sdxl),
+                             str(state_file)], cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+    def touched() -> bool:
+        try:
+            return _identity(tag / MODEL_FILE) != before or not (tag / checkpoint.STATE_FILE).exists()
+        except FileNotFoundError:
+            return True
+    while proc.poll() is None and not touched():
+        time.sleep(0.001)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read()[-3000:]
+    assert not (tag / checkpoint.STATE_FILE).exists()
+    assert checkpoint.complete_tags(tag.parent) == []
+
+
 # ------------------------------------------------------------------------------ safe loading
 class _Payload:
     """Unpickling this writes a marker file: what a crafted checkpoint can do to weights_only=False."""
