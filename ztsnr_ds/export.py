@@ -353,9 +353,7 @@ def export_diffusers(trained: TrainedUNet, out: str | Path, title: str | None = 
     """Write out/unet (config.json + safetensors), out/scheduler (ZTSNR Euler, v-pred) and out/README.md."""
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"--out {out} exists and is not empty; pass a new folder")
-    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # renamed into place when complete
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # replaces `out` only once complete
     try:
         save_safetensors(trained.state_dict, tmp / "unet" / UNET_WEIGHTS,
                          {"format": "pt", **export_metadata(trained, title)})
@@ -366,6 +364,9 @@ def export_diffusers(trained: TrainedUNet, out: str | Path, title: str | None = 
         scheduler = diffusers_scheduler_config(trained.schedule)
         checkpoint.write_atomic(tmp / "scheduler" / "scheduler_config.json", json.dumps(scheduler, indent=2))
         checkpoint.write_atomic(tmp / "README.md", sampling_readme(trained, title))
+        if out.exists():  # an earlier export: swapped out only now that the new one is whole
+            os.replace(out, old := out.with_name(f"{out.name}.old{os.getpid()}"))
+            shutil.rmtree(old)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
