@@ -229,16 +229,19 @@ def test_scan_manifest_refuses_escapes_and_reports(tmp_path):
 def test_manifest_bad_bytes_and_long_paths_are_reported_by_line(tmp_path):
     _touch_image(tmp_path / "ok.png")
     long_name = "x" * 300 + ".png"  # over NAME_MAX (255): stat() raises ENAMETOOLONG
+    _touch_image(tmp_path / "esc.png")
     lines = [json.dumps({"image": "ok.png", "caption": "fine"}).encode(),
+             b'{"image": "esc.png", "caption": "caf\\udce9, smile?"}',
              b'{"image": "ok2.png", "caption": "caf\xe9"}',
              json.dumps({"image": long_name, "caption": "long"}).encode()]
     (tmp_path / "m.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     records, problems = scan_source(tmp_path / "m.jsonl")
-    column = lines[1].index(0xE9) + 1
-    assert [(r.key, r.caption) for r in records] == [("ok.png", "fine")]
+    column = lines[2].index(0xE9) + 1
+    assert [(r.key, r.caption) for r in records] == [("esc.png", "caf\ufffd, smile?"), ("ok.png", "fine")]
     assert [(p.key, p.reason) for p in problems] == [
-        ("m.jsonl:2", f"not UTF-8: byte 0xe9 at column {column}"),
-        ("m.jsonl:3", f"unusable path: File name too long: {long_name[:80]!r}..."),
+        ("esc.png", "caption not UTF-8: lone surrogate escape, kept with U+FFFD in its place"),
+        ("m.jsonl:3", f"not UTF-8: byte 0xe9 at column {column}"),
+        ("m.jsonl:4", f"unusable path: File name too long: {long_name[:80]!r}..."),
     ]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ PIL's own global guard (``Image.MAX_IMAGE_PIXELS`` ~ 89.5 MP), which this module
 MISSING_CAPTION = "missing caption"
 """Reason of a :class:`Problem` whose record is kept with an empty caption."""
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 # What PIL raises on corrupt data: OSError covers UnidentifiedImageError and "image file is truncated".
 
@@ -171,6 +173,10 @@ def _manifest_record(root: Path, entry: dict, problems: list[Problem]) -> ImageR
         caption = ""
     elif not isinstance(caption, str):
         raise ValueError(f"bad manifest line: 'caption' must be a string, got {type(caption).__name__}")
+    elif _SURROGATE.search(caption):  # a JSON "\udcXX" escape: not valid Unicode text
+        problems.append(Problem(key, path, "caption not UTF-8: lone surrogate escape, kept with U+FFFD "
+                                           "in its place"))
+        caption = _SURROGATE.sub("\ufffd", caption)
     return ImageRecord(path, caption.strip(), key)
 
 
