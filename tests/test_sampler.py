@@ -1,137 +1,190 @@
-"""Distributed bucket sampler: coverage, carry-over, rank agreement, determinism, resume."""
+"""Distributed bucket sampler: every id once per epoch on 8 simulated ranks over NAI's 33 buckets with a
+heavy-tailed size distribution, rank agreement, the same global batches on any split, resume, batch by area."""
 
 from __future__ import annotations
 
 import json
-import logging
 
+import numpy as np
 import pytest
 
-from ztsnr_ds.data.sampler import BucketBatchSampler
+from ztsnr_ds.data.buckets import BucketConfig, bucket_key, make_buckets, parse_bucket_key
+from ztsnr_ds.data.sampler import BucketBatchSampler, bucket_micro_batches
 
-SIZES = {"1024x1024": 37, "832x1216": 20, "1216x832": 5, "512x2048": 64}
-
-
-def make_buckets() -> dict[str, list[int]]:
-    buckets, start = {}, 0
-    for key, size in SIZES.items():
-        buckets[key] = list(range(start, start + size))[::-1]  # list order must not matter
-        start += size
-    return buckets
+NAI_KEYS = [bucket_key(b) for b in make_buckets(BucketConfig())]
+# Heavy tail: 5000, 884, 321, ..., 1 (several buckets of 1); ids shuffled across buckets.
+HEAVY_SIZES = [max(1, round(5000 * (i + 1) ** -2.5)) for i in range(len(NAI_KEYS))]
+BASE_AREA = 1024 * 1024
 
 
-BUCKETS = make_buckets()
-ALL_IDS = {i for ids in BUCKETS.values() for i in ids}
-BUCKET_OF = {i: key for key, ids in BUCKETS.items() for i in ids}
-
-
-def ranks(micro_batch: int, world_size: int, **kwargs) -> list[BucketBatchSampler]:
-    return [BucketBatchSampler(BUCKETS, micro_batch, world_size, r, **kwargs) for r in range(world_size)]
-
-
-def global_steps(samplers: list[BucketBatchSampler], steps: int) -> list[tuple[str, list[int]]]:
-    """Step all simulated ranks together; check they agree on the bucket; return the global batches."""
-    out = []
-    for _ in range(steps):
-        parts = [next(s) for s in samplers]
-        keys = {key for key, _ in parts}
-        assert len(keys) == 1, f"ranks disagree on the bucket: {keys}"
-        assert all(len(ids) == samplers[0].micro_batch for _, ids in parts)
-        out.append((parts[0][0], [i for _, ids in parts for i in ids]))
+def heavy_buckets() -> dict[str, list[int] | np.ndarray]:
+    ids = np.random.default_rng(0).permutation(sum(HEAVY_SIZES))
+    bounds = np.r_[0, np.cumsum(HEAVY_SIZES)]
+    out: dict[str, list[int] | np.ndarray] = {}
+    for i, key in enumerate(NAI_KEYS):
+        part = ids[bounds[i] : bounds[i + 1]]
+        out[key] = part.tolist() if i % 2 else part  # lists (today's cache) and arrays (the new one)
     return out
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
-def test_each_epoch_covers_every_id_once_and_carries_the_rest(world_size):
-    micro = 2
-    g = micro * world_size
-    samplers = ranks(micro, world_size, seed=5)
-    n = samplers[0].batches_per_epoch
-    assert n == sum(size // g for size in SIZES.values())
-    assert samplers[0].carried_count == sum(size % g for size in SIZES.values())
-    never = {i for key, ids in BUCKETS.items() if len(ids) < g for i in ids}
-    carried_before: set[int] = set()
-    for epoch in range(3):
-        batches = global_steps(samplers, n)
-        assert all(s.epoch == epoch for s in samplers)
-        used = [i for _, ids in batches for i in ids]
-        assert len(used) == len(set(used))  # nothing twice within an epoch, across all ranks
-        assert all(BUCKET_OF[i] == key for key, ids in batches for i in ids)
-        carried = ALL_IDS - set(used)
-        assert len(carried) == samplers[0].carried_count
-        assert carried_before <= set(used) | never  # last epoch's leftovers come back this epoch
-        assert never <= carried
-        carried_before = carried
-    if never:
-        assert set().union(*map(set, samplers[0].samples_never_used.values())) == never
-    if world_size > 1:
-        assert len({tuple(b) for _, b in batches}) == len(batches)
-        runs = 1 + sum(a != b for (a, _), (b, _) in zip(batches, batches[1:]))
-        assert runs > len({key for key, _ in batches})  # buckets are interleaved, not in blocks
+HEAVY = heavy_buckets()
+ALL_IDS = np.sort(np.concatenate([np.asarray(v) for v in HEAVY.values()]))
+BUCKET_OF = {int(i): key for key, ids in HEAVY.items() for i in ids}
 
 
-def test_carried_ids_open_the_next_epoch_pool():
-    s = BucketBatchSampler({"a": list(range(10))}, micro_batch=4, world_size=1, rank=0, seed=1)
-    used = {i for _ in range(2) for i in next(s)[1]}
-    assert s.epoch == 0 and s.state_dict()["carry"] == {}  # carry INTO epoch 0
-    second = [next(s)[1] for _ in range(2)]
-    carry = s.state_dict()["carry"]["a"]
-    assert s.epoch == 1 and set(carry) == set(range(10)) - used
-    assert any(batch[:2] == carry for batch in second)  # first in the bucket's pool
+def ranks(world_size: int, micro_batch: int, buckets=HEAVY, **kwargs) -> list[BucketBatchSampler]:
+    return [BucketBatchSampler(buckets, micro_batch, world_size, r, **kwargs) for r in range(world_size)]
 
 
-def test_resume_mid_epoch_gives_the_same_batches():
-    uninterrupted = ranks(2, 4, seed=9)
-    reference = global_steps(uninterrupted, 40)  # G = 8: 4 + 2 + 0 + 8 = 14 batches per epoch
-    for k in (0, 5, 14, 17, 33):
-        first = ranks(2, 4, seed=9)
-        global_steps(first, k)
-        state = json.loads(json.dumps(first[0].state_dict()))  # through JSON, as in a checkpoint
-        assert all(s.state_dict() == first[0].state_dict() for s in first)  # rank-independent state
-        # resume on a different split of the same global batch (micro 4 x world 2), other seed given
-        resumed = ranks(4, 2, seed=123)
+def epoch(samplers: list[BucketBatchSampler]) -> list[list[tuple[str, list[int]]]]:
+    """One epoch of all simulated ranks, step by step: [step][rank] = (bucket, ids)."""
+    lengths = {len(s) for s in samplers}
+    assert len(lengths) == 1, f"ranks disagree on the number of steps: {lengths}"
+    return [[next(s) for s in samplers] for _ in range(lengths.pop())]
+
+
+def step_ids(step: list[tuple[str, list[int]]]) -> list[int]:
+    return [i for _, ids in step for i in ids]
+
+
+@pytest.mark.parametrize(("world_size", "micro_batch", "base_area"),
+                         [(8, 4, None), (8, 2, BASE_AREA), (8, 1, None), (3, 2, None), (1, 4, None)])
+def test_every_id_once_per_epoch_on_every_rank_split(world_size, micro_batch, base_area):
+    samplers = ranks(world_size, micro_batch, seed=7, base_area=base_area)
+    caps = dict(zip(samplers[0].keys, bucket_micro_batches(samplers[0].keys, micro_batch, base_area).tolist()))
+    orders = []
+    for e in range(2):
+        steps = []
+        for _ in range(len(samplers[0])):
+            expected = {s.upcoming_samples(1) for s in samplers}
+            step = [next(s) for s in samplers]
+            assert expected == {len(step_ids(step))}  # every rank knows the global count of the step
+            assert all(len(ids) >= 1 for _, ids in step)  # no rank is ever without samples
+            assert all(BUCKET_OF[i] == key for key, ids in step for i in ids)  # one bucket per micro-batch
+            steps.append(step)
+        used = np.array([i for step in steps for i in step_ids(step)])
+        assert np.array_equal(np.sort(used), ALL_IDS), f"epoch {e}: not every id exactly once"
+        assert all(s.epoch == e for s in samplers)
+        over = [(k, key) for k, step in enumerate(steps) for key, ids in step if len(ids) > caps[key]]
+        if micro_batch > 1:
+            assert not over  # no micro-batch exceeds its bucket's micro-batch
+        else:  # micro 1 and 5471 ids on 8 ranks: the leftover tails must double up somewhere, in one step
+            assert len({k for k, _ in over}) == 1 and len(over) < world_size
+        orders.append(used)
+    assert not np.array_equal(orders[0], orders[1])  # epochs are shuffled differently
+    lookahead = samplers[0].upcoming_samples(3)  # across the epoch boundary when the epoch is short
+    assert lookahead == sum(len(step_ids([next(s) for s in samplers])) for _ in range(3))
+
+
+def test_ranks_agree_and_the_plan_is_a_pure_function():
+    samplers = ranks(8, 4, seed=3)
+    plans = [s.plan(0) for s in samplers] + [BucketBatchSampler(HEAVY, 4, 8, 5, seed=3).plan(0)]
+    for plan in plans[1:]:
+        assert all(np.array_equal(getattr(plan, f), getattr(plans[0], f)) for f in ("ids", "offsets", "bucket"))
+    reordered = {key: np.asarray(HEAVY[key])[::-1].copy() for key in reversed(list(HEAVY))}
+    again = BucketBatchSampler(reordered, 4, 8, 0, seed=3).plan(0)  # key and id order do not matter
+    assert np.array_equal(again.ids, plans[0].ids)
+    assert samplers[0].state_dict()["buckets_digest"] == BucketBatchSampler(reordered, 4, 8, 0).state_dict()[
+        "buckets_digest"]
+    assert not np.array_equal(BucketBatchSampler(HEAVY, 4, 8, 0, seed=4).plan(0).ids, plans[0].ids)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_the_same_global_batches_on_any_split_except_joined_tails(world_size):
+    """1 rank x micro 4 and W ranks x micro 4/W train on the same ids in every step, except the steps that
+    hold the tails smaller than W (joined across buckets, one id per rank) and the step that takes the
+    last of them."""
+    one = epoch(ranks(1, 4, seed=11))
+    many = epoch(ranks(world_size, 4 // world_size, seed=11))
+    small = {i for step in one for i in step_ids(step) if len(step_ids(step)) < world_size}
+    joined = [set(step_ids(s)) for s in many if small & set(step_ids(s))]
+    touched = set().union(*joined)
+    kept_one = [sorted(step_ids(s)) for s in one if not touched & set(step_ids(s))]
+    kept_many = [sorted(step_ids(s)) for s in many if not touched & set(step_ids(s))]
+    assert kept_many == kept_one and len(kept_one) > 0.9 * len(one)
+    assert len(joined) <= len(small) // world_size + 1
+
+
+def test_resume_mid_epoch_is_bitwise_and_the_state_is_small():
+    uninterrupted = ranks(8, 4, seed=9)
+    n = len(uninterrupted[0])
+    full = [[next(s) for s in uninterrupted] for _ in range(n + 6)]  # into the second epoch
+    for k in (0, 5, n - 1, n, n + 2):
+        first = ranks(8, 4, seed=9)
+        for _ in range(k):
+            [next(s) for s in first]
+        states = [s.state_dict() for s in first]
+        assert all(state == states[0] for state in states)  # rank-independent
+        state = json.loads(json.dumps(states[0]))  # through JSON, as in a checkpoint
+        assert len(json.dumps(state)) < 400 and "carry" not in state
+        resumed = ranks(8, 4, seed=123)  # the saved seed wins
         for s in resumed:
             s.load_state_dict(state)
-        assert global_steps(resumed, 40 - k) == reference[k:], f"resume at step {k}"
-        assert (resumed[0].epoch, resumed[0].position) == (uninterrupted[0].epoch, uninterrupted[0].position)
+        assert [[next(s) for s in resumed] for _ in range(len(full) - k)] == full[k:], f"resume at step {k}"
 
 
-def test_seeds_and_shuffle():
-    a, b, c = (global_steps([BucketBatchSampler(BUCKETS, 4, 1, 0, seed=s)], 20) for s in (0, 0, 1))
-    assert a == b and a != c
-    ordered = global_steps([BucketBatchSampler(BUCKETS, 4, 1, 0, shuffle=False)], 5)
-    assert ordered[:2] == [("1024x1024", [0, 1, 2, 3]), ("1024x1024", [4, 5, 6, 7])]
-    e0, e1 = (
-        global_steps([BucketBatchSampler(BUCKETS, 4, 1, 0, seed=0)], 60)[i * 30 : (i + 1) * 30]
-        for i in (0, 1)
-    )
-    assert e0 != e1  # epochs differ
+def test_resume_on_another_world_size_with_the_same_global_batch():
+    """No tail below 2 ids: 2 ranks x 2 and 1 rank x 4 have the same steps, so 2 -> 1 continues exactly."""
+    buckets = {"1024x1024": list(range(0, 30)), "832x1216": list(range(30, 37)), "512x2048": [37, 38]}
+    one = ranks(1, 4, buckets, seed=2)
+    reference = [step_ids([next(s) for s in one]) for _ in range(20)]
+    two = ranks(2, 2, buckets, seed=2)
+    assert [step_ids([next(s) for s in two]) for _ in range(6)] == reference[:6]
+    state = two[0].state_dict()
+    moved = BucketBatchSampler(buckets, 4, 1, 0, seed=2)
+    moved.load_state_dict(state)
+    assert [step_ids([next(moved)]) for _ in range(14)] == reference[6:]
 
 
-def test_state_dict_is_json_and_resume_refuses_mismatches():
-    s = BucketBatchSampler(BUCKETS, 2, 4, 1, seed=3)
-    global_steps([s], 3)
+def test_a_bucket_of_one_image_trains_every_epoch():
+    buckets = {"1024x1024": list(range(100)), "512x2048": [100]}
+    samplers = ranks(8, 4, buckets, seed=0)
+    for _ in range(3):
+        steps = epoch(samplers)
+        lone = [(k, key, ids) for k, step in enumerate(steps) for key, ids in step if 100 in ids]
+        assert len(lone) == 1 and lone[0][1:] == ("512x2048", [100])
+        assert sorted(i for step in steps for i in step_ids(step)) == list(range(101))
+    summary = samplers[0].summary_dict
+    assert summary["unused"] == 0 and summary["buckets"]["512x2048"]["tail_joined_with_other_buckets"]
+    assert "0 unused" in samplers[0].summary()
+
+
+def test_batch_by_area_keeps_pixels_per_micro_batch_about_constant():
+    keys = ["512x512", "1024x1024", "512x2048", "1536x1536", "2048x2048", "768x1344"]
+    got = bucket_micro_batches(keys, 4, BASE_AREA).tolist()
+    assert got == [16, 4, 4, 1, 1, 4]  # floor(4 * 2^20 / (h * w)), at least 1
+    assert bucket_micro_batches(keys, 4, None).tolist() == [4] * 6
+    for key, m in zip(keys, got):
+        h, w = parse_bucket_key(key)
+        assert m * h * w <= 4 * BASE_AREA or m == 1
+    buckets = {"512x512": list(range(64)), "1024x1024": list(range(64, 96))}
+    s = BucketBatchSampler(buckets, 2, 2, 0, seed=0, base_area=BASE_AREA)
+    sizes = {key: {len(ids) for key_, ids in [next(s) for _ in range(len(s))] if key_ == key} for key in buckets}
+    assert sizes == {"512x512": {8}, "1024x1024": {2}}
+    assert s.summary_dict["buckets"]["512x512"]["global_batch"] == 16
+
+
+def test_resume_refuses_mismatches_and_bad_arguments():
+    s = BucketBatchSampler(HEAVY, 2, 4, 1, seed=3)
+    [next(s) for _ in range(3)]
     state = s.state_dict()
-    assert json.loads(json.dumps(state)) == state
-    assert {"seed", "epoch", "position", "carry"} <= state.keys()
-    with pytest.raises(ValueError, match=r"global batch .* was 8 \(2 x 4\), now 6 \(2 x 3\)"):
-        BucketBatchSampler(BUCKETS, 2, 3, 0).load_state_dict(state)
-    other = dict(BUCKETS, extra=[999, 1000])
+    other = dict(HEAVY, extra=[10**6])
     with pytest.raises(ValueError, match="bucket contents changed"):
         BucketBatchSampler(other, 2, 4, 0).load_state_dict(state)
     with pytest.raises(ValueError, match="shuffle was True, now False"):
-        BucketBatchSampler(BUCKETS, 2, 4, 0, shuffle=False).load_state_dict(state)
-
-
-def test_small_buckets_are_reported_and_bad_arguments_refused(caplog):
-    with caplog.at_level(logging.WARNING, logger="ztsnr_ds.data.sampler"):
-        s = BucketBatchSampler(BUCKETS, 4, 2, 0)
-    assert s.samples_never_used == {"1216x832": sorted(BUCKETS["1216x832"])}
-    assert "5 never used" in caplog.text and "1216x832 (5)" in caplog.text
-    assert "carried to the next epoch" in s.summary()
-    with pytest.raises(ValueError, match="no bucket holds a full global batch of 128"):
-        BucketBatchSampler(BUCKETS, 16, 8, 0)
+        BucketBatchSampler(HEAVY, 2, 4, 0, shuffle=False).load_state_dict(state)
+    old = {"seed": 0, "epoch": 0, "position": 3, "carry": {}, "global_batch": 8, "shuffle": True}
+    with pytest.raises(ValueError, match="earlier carry-over sampler"):
+        s.load_state_dict(old)
     with pytest.raises(ValueError, match="rank=2 outside"):
-        BucketBatchSampler(BUCKETS, 2, 2, 2)
-    with pytest.raises(ValueError, match="unique"):
-        BucketBatchSampler({"a": [1, 2], "b": [2, 3]}, 1, 1, 0)
+        BucketBatchSampler(HEAVY, 2, 2, 2)
+    with pytest.raises(ValueError, match="3 cached samples cannot feed 4 ranks"):
+        BucketBatchSampler({"a": [0, 1, 2]}, 1, 4, 0)
+    with pytest.raises(ValueError, match="id 2 is listed more than once .* unique"):
+        BucketBatchSampler({"64x64": [1, 2], "128x64": [2, 3]}, 1, 1, 0)
+
+
+def test_unshuffled_plan_is_in_order():
+    s = BucketBatchSampler({"64x64": list(range(10))[::-1], "128x64": [10, 11]}, 4, 1, 0, shuffle=False)
+    assert [next(s) for _ in range(4)] == [("128x64", [10, 11]), ("64x64", [0, 1, 2, 3]),
+                                           ("64x64", [4, 5, 6, 7]), ("64x64", [8, 9])]

@@ -1,101 +1,261 @@
-"""Distributed bucket batch sampler: one bucket per global batch, deterministic, resumable mid-epoch.
+"""Distributed bucket batch sampler: every cached id once per epoch, one bucket per micro-batch, resumable.
 
-Epoch plan (a pure function of seed, epoch, the bucket contents and the carry from the previous
-epoch), with G = micro_batch * world_size:
-  for each bucket, in sorted key order:
-      pool = carried ids of this bucket (first) + shuffled remaining ids
-      cut the pool into full global batches of G; the < G leftovers are carried to the next epoch
-  shuffle the list of global batches, which interleaves buckets randomly.
-Rank r takes ids [r * micro_batch, (r + 1) * micro_batch) of every global batch, so all ranks are in
-the same bucket at every step and every id is used at most once per epoch across ranks; the only
-ids an epoch skips are the ones it carries, which open the next epoch's pool of their bucket.
+Epoch plan, a pure function of (seed, epoch, bucket contents, micro_batch, world size W, base_area),
+computed in numpy on every rank alike:
+  1. each bucket's ids are permuted and cut into global batches of G_b = m_b * W ids; the last one
+     (the tail, 1 <= size <= G_b) may be smaller. m_b = micro_batch, or with batch by area
+     m_b = max(1, floor(micro_batch * base_area / (h * w))) (`bucket_micro_batches`).
+  2. the global batches of all buckets are shuffled together (one permutation).
+  3. a step (one micro-step of every rank) is one global batch split into W near-equal micro-batches,
+     rank r taking the r-th. A global batch smaller than W cannot give every rank a sample, so it is
+     joined with the batches after it until the step holds >= W ids; those ranks then train on
+     different buckets in the same step (ZeRO-2 needs one shape only inside a micro-batch). A group
+     still short at the end of the epoch joins the last step with room for its buckets (`_join_small`).
+Every id is in exactly one micro-batch per epoch, every rank has a non-empty micro-batch in every step,
+and all ranks make the same number of steps. Steps 1 and 2 do not depend on how G_b is split into
+micro_batch x W, so 1 rank x micro 4 and 2 ranks x micro 2 train on the same ids in every step except
+the (at most one per bucket) steps that join tails smaller than W.
 
-The position counts global batches, so a checkpoint resumes on another world size as long as
-G = micro_batch * world_size stays the same.
+Steps hold different numbers of samples (tails); the trainer weights each sample by 1 / (samples in the
+optimizer step), a count every rank reads from the plan (`upcoming_samples`). The checkpoint state is a
+few numbers (seed, epoch, position, samples done); a resume replans the epoch.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+
+from ztsnr_ds.data.buckets import parse_bucket_key
 
 logger = logging.getLogger(__name__)
 
 Batch = tuple[str, list[int]]
-Carry = dict[str, list[int]]
+
+
+def bucket_micro_batches(keys: Sequence[str], micro_batch: int, base_area: int | None) -> np.ndarray:
+    """Micro-batch of each bucket: m_b = max(1, floor(micro_batch * base_area / (h * w))), so pixels per
+    micro-batch stay about micro_batch * base_area; base_area None gives micro_batch everywhere.
+    Shape: (len(keys),) int64."""
+    if base_area is None:
+        return np.full(len(keys), micro_batch, dtype=np.int64)
+    areas = np.array([h * w for h, w in map(parse_bucket_key, keys)], dtype=np.int64)
+    return np.maximum(1, micro_batch * base_area // areas)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One epoch for all W ranks: in step k rank r trains on ids[offsets[k*W + r] : offsets[k*W + r + 1]],
+    all from bucket index bucket[k*W + r].
+
+    Shape: ids (N,) int64, offsets (S*W + 1,) int64, bucket (S*W,) int64.
+    """
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    bucket: np.ndarray
+    world_size: int
+
+    @property
+    def steps(self) -> int:
+        return len(self.bucket) // self.world_size
+
+    def rank_plan(self, rank: int) -> RankPlan:
+        """What one rank keeps: its own ids (about N / W) and the global sample count of every step."""
+        w = self.world_size
+        starts, lengths = self.offsets[rank:-1:w], np.diff(self.offsets)[rank::w]
+        done = self.offsets[::w]  # (S + 1,) samples of all ranks before step k
+        return RankPlan(_gather(self.ids, starts, lengths), np.r_[0, np.cumsum(lengths)],
+                        self.bucket[rank::w], done)
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """One rank's epoch: step k is ids[offsets[k] : offsets[k + 1]] from bucket index bucket[k]; done[k] is
+    the number of samples all ranks trained on before step k. Shape: (n,), (S + 1,), (S,), (S + 1,)."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    bucket: np.ndarray
+    done: np.ndarray
+
+    @property
+    def steps(self) -> int:
+        return len(self.bucket)
+
+
+def plan_epoch(buckets: Sequence[np.ndarray], micro_batches: np.ndarray, world_size: int,
+               rng: np.random.Generator | None) -> EpochPlan:
+    """The plan of the module docstring for buckets (index order) and per-bucket micro-batches;
+    rng None keeps ids and batches in order. Needs sum of sizes >= world_size."""
+    sizes = np.array([len(ids) for ids in buckets], dtype=np.int64)
+    pool = np.concatenate([rng.permutation(ids) if rng is not None else ids for ids in buckets])  # (N,)
+    bucket, start, size = _global_batches(sizes, micro_batches * world_size)
+    if rng is not None:
+        order = rng.permutation(len(size))
+        bucket, start, size = bucket[order], start[order], size[order]
+    bucket, start, size, step = _join_small(bucket, start, size, micro_batches, world_size)
+    parts, part_bucket = _split_steps(size, bucket, step, micro_batches, world_size)
+    return EpochPlan(_gather(pool, start, size), np.r_[0, np.cumsum(parts)], part_bucket, world_size)
+
+
+def _gather(pool: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """pool[starts[0] : starts[0] + lengths[0]] ++ pool[starts[1] : ...] ++ ..., without a Python loop."""
+    before = np.cumsum(lengths) - lengths
+    return pool[np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()))]
+
+
+def _global_batches(sizes: np.ndarray, global_batches: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Bucket index, start in the concatenated pool, and size of every global batch, bucket by bucket:
+    bucket b of n_b ids gives ceil(n_b / G_b) batches, the last one holding the rest. Shape: 3 x (T,)."""
+    count = -(-sizes // global_batches)
+    bucket = np.repeat(np.arange(len(sizes)), count)
+    within = np.arange(len(bucket)) - np.repeat(np.cumsum(count) - count, count)  # batch index in bucket
+    g = global_batches[bucket]
+    start = np.repeat(np.cumsum(sizes) - sizes, count) + within * g
+    return bucket, start, np.minimum(g, sizes[bucket] - within * g)
+
+
+Piece = tuple[int, int, int]  # (bucket, start in the pool, size): a run of ids of one bucket in a step
+
+
+def _join_small(bucket: np.ndarray, start: np.ndarray, size: np.ndarray, caps: np.ndarray,
+                world_size: int) -> tuple[np.ndarray, ...]:
+    """Steps of >= W ids from the global batches (in order): every batch of >= W ids is a step; the
+    batches smaller than W (tails, at most one per bucket) are cut, in order, into steps of exactly W
+    ids (one id per rank, so no micro-batch grows), each placed where its first tail was; the < W ids
+    left over join the step chosen by `_host`. Returns the pieces in step order and their step index.
+    Shape: 4 x (P,)."""
+    small = np.flatnonzero(size < world_size)
+    if not len(small):
+        return bucket, start, size, np.arange(len(size))
+    steps: dict[int, list[Piece]] = {int(i): [(int(bucket[i]), int(start[i]), int(size[i]))]
+                                     for i in np.flatnonzero(size >= world_size)}
+    group: list[Piece] = []
+    need, at = world_size, 0
+    for i in small:  # Python over the tails only
+        b, first, left = int(bucket[i]), int(start[i]), int(size[i])
+        while left:
+            at = at if group else int(i)
+            take = min(left, need)
+            group.append((b, first, take))
+            first, left, need = first + take, left - take, need - take
+            if not need:
+                steps[at], group, need = group, [], world_size
+    if group:
+        steps[_host(steps, group, caps, world_size)] += group
+    ordered = [piece for key in sorted(steps) for piece in steps[key]]
+    step = np.repeat(np.arange(len(steps)), [len(steps[key]) for key in sorted(steps)])
+    return (*np.array(ordered, dtype=np.int64).reshape(-1, 3).T, step)
+
+
+def _host(steps: dict[int, list[Piece]], leftover: list[Piece], caps: np.ndarray, world_size: int) -> int:
+    """The step that takes the leftover tails: among steps with room for their pieces (pieces <= W),
+    the one with the most spare micro-batches, W - sum ceil(size / cap), then the fewest ids, then the
+    last. Micro-batches grow past their bucket's micro-batch only where no step has spare room: with
+    micro_batch 1 and N not a multiple of W that is unavoidable."""
+    def spare(pieces: list[Piece]) -> int:
+        return world_size - sum(-(-s // int(caps[b])) for b, _, s in pieces)
+
+    fits = [key for key, pieces in steps.items() if len(pieces) + len(leftover) <= world_size]
+    if not fits:
+        raise ValueError(f"no step has room for the {len(leftover)} leftover tails on {world_size} ranks; "
+                         "use fewer ranks or add images to the small buckets")
+    return max(fits, key=lambda key: (spare(steps[key]), -sum(s for _, _, s in steps[key]), key))
+
+
+def _split_steps(size: np.ndarray, bucket: np.ndarray, step: np.ndarray, caps: np.ndarray,
+                 world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Micro-batch sizes and buckets, W per step in rank order. A one-piece step of n ids gives rank r
+    floor(n / W) + (r < n mod W) ids; steps of several pieces are split by `_split_pieces`.
+    Shape: 2 x (S*W,)."""
+    first = np.flatnonzero(np.r_[True, step[1:] != step[:-1]])
+    members = np.diff(np.r_[first, len(size)])
+    total = np.add.reduceat(size, first)[:, None]
+    parts = total // world_size + (np.arange(world_size) < total % world_size)  # (S, W)
+    part_bucket = np.repeat(bucket[first][:, None], world_size, axis=1)  # (S, W)
+    for k in np.flatnonzero(members > 1):
+        piece = slice(first[k], first[k] + members[k])
+        parts[k], part_bucket[k] = _split_pieces(size[piece], bucket[piece], caps, world_size)
+    return parts.ravel(), part_bucket.ravel()
+
+
+def _split_pieces(size: np.ndarray, bucket: np.ndarray, caps: np.ndarray,
+                  world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """W micro-batches of a step of k <= W pieces (sum of sizes >= W): piece i gets n_i >= 1 of them,
+    each further one going to the piece whose micro-batches exceed its bucket's micro-batch the most
+    (then: the most ids per micro-batch), and is split near-equally. Shape: (k,) -> 2 x (W,)."""
+    n, cap = np.ones(len(size), dtype=np.int64), caps[bucket]
+    for _ in range(world_size - len(size)):
+        over = np.where(n < size, -(-size // n) - cap, np.iinfo(np.int64).min)
+        best = np.flatnonzero(over == over.max())
+        n[best[np.argmax(size[best] / n[best])]] += 1
+    parts = np.concatenate([s // c + (np.arange(c) < s % c) for s, c in zip(size, n)])
+    return parts, np.repeat(bucket, n)
 
 
 class BucketBatchSampler:
-    """Infinite iterator of (bucket_key, ids of this rank) with len(ids) == micro_batch.
+    """Infinite iterator of (bucket key, ids of this rank's micro-batch); see the module docstring.
 
-    buckets: bucket key -> sample ids (ids unique across buckets; the order inside a list is ignored).
-    seed: with the epoch number, fixes the order. shuffle=False keeps ids and buckets in sorted order.
-    A bucket with fewer than G ids never fills a global batch: its ids are carried forever and listed
-    in ``samples_never_used`` (a warning is logged once).
+    buckets: bucket key "HxW" -> ids (a list or an int array; unique across buckets, order ignored).
+    micro_batch: ids per rank per micro-step, at base_area when base_area is given (batch by area).
+    seed: with the epoch, fixes the order. shuffle=False keeps ids and batches in sorted order.
     """
 
-    def __init__(
-        self,
-        buckets: dict[str, list[int]],
-        micro_batch: int,
-        world_size: int,
-        rank: int,
-        *,
-        seed: int = 0,
-        shuffle: bool = True,
-    ) -> None:
+    def __init__(self, buckets: Mapping[str, Sequence[int] | np.ndarray], micro_batch: int, world_size: int,
+                 rank: int, *, seed: int = 0, shuffle: bool = True, base_area: int | None = None) -> None:
         if micro_batch < 1 or world_size < 1:
             raise ValueError(f"micro_batch={micro_batch} and world_size={world_size} must be >= 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} outside [0, world_size={world_size})")
-        self.buckets = {str(key): sorted(int(i) for i in ids) for key, ids in sorted(buckets.items())}
-        _check_unique(self.buckets)
-        self._buckets_digest = hashlib.sha256(json.dumps(self.buckets).encode()).hexdigest()
+        self.keys = sorted(str(key) for key in buckets)
+        self._buckets = [_sorted_ids(buckets[key]) for key in self.keys]
+        self.total = sum(len(ids) for ids in self._buckets)
+        if self.total < world_size:
+            raise ValueError(f"{self.total} cached samples cannot feed {world_size} ranks: use fewer ranks")
+        _check_unique(self.keys, self._buckets)
         self.micro_batch, self.world_size, self.rank = micro_batch, world_size, rank
         self.global_batch = micro_batch * world_size
-        self.seed, self.shuffle = seed, shuffle
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"no bucket holds a full global batch of {self.global_batch}: {self.summary()}")
-        if self.samples_never_used:
-            logger.warning("%s", self.summary())
-        self._start_epoch(0, {})
+        self.seed, self.shuffle, self.base_area = seed, shuffle, base_area
+        self.micro_batches = bucket_micro_batches(self.keys, micro_batch, base_area)
+        self._digest = _fingerprint(self.keys, self._buckets)
+        first = self.plan(0)
+        self.summary_dict = self._summarise(first)
+        self._plans = {0: first.rank_plan(rank)}
+        self.epoch, self.position = 0, 0
 
-    # ---- static facts of the bucket set ---------------------------------------------------------
+    # ---- the plan -------------------------------------------------------------------------------
 
-    @property
-    def batches_per_epoch(self) -> int:
-        """Global batches (= optimizer micro-steps of every rank) per epoch."""
-        return sum(len(ids) // self.global_batch for ids in self.buckets.values())
+    def plan(self, epoch: int) -> EpochPlan:
+        """All ranks' plan of `epoch` (pure: the same on every rank)."""
+        rng = np.random.default_rng(_epoch_seed(self.seed, epoch)) if self.shuffle else None
+        return plan_epoch(self._buckets, self.micro_batches, self.world_size, rng)
+
+    def _rank_plan(self, epoch: int) -> RankPlan:
+        """This rank's plan of `epoch`, kept for the current and the next epoch only."""
+        if epoch not in self._plans:
+            self._plans = {e: p for e, p in self._plans.items() if e >= self.epoch}
+            self._plans[epoch] = self.plan(epoch).rank_plan(self.rank)
+        return self._plans[epoch]
 
     def __len__(self) -> int:
-        return self.batches_per_epoch
+        """Steps (micro-steps of every rank) in the current epoch; tail joins make it vary by a few."""
+        return self._rank_plan(self.epoch).steps
 
-    @property
-    def carried_count(self) -> int:
-        """Ids each epoch leaves for the next one (sum over buckets of size mod G; the same every epoch)."""
-        return sum(len(ids) % self.global_batch for ids in self.buckets.values())
-
-    @property
-    def samples_never_used(self) -> dict[str, list[int]]:
-        """Ids of buckets smaller than one global batch: carried forever, never trained on."""
-        return {key: ids for key, ids in self.buckets.items() if 0 < len(ids) < self.global_batch}
-
-    def summary(self) -> str:
-        """One log line: sizes, batches per epoch, carried and never-used ids."""
-        never = self.samples_never_used
-        line = (
-            f"{len(self.buckets)} buckets, {sum(map(len, self.buckets.values()))} samples, global batch "
-            f"{self.global_batch} (micro {self.micro_batch} x world {self.world_size}), "
-            f"{self.batches_per_epoch} batches/epoch, {self.carried_count} carried to the next epoch"
-        )
-        if never:
-            listed = ", ".join(f"{key} ({len(ids)})" for key, ids in never.items())
-            line += f", {sum(map(len, never.values()))} never used (buckets smaller than G: {listed})"
-        return line
+    def upcoming_samples(self, steps: int) -> int:
+        """Samples all ranks train on in the next `steps` steps, read from the plan (no collective)."""
+        total, epoch, position = 0, self.epoch, self.position
+        while steps > 0:
+            plan = self._rank_plan(epoch)
+            take = min(steps, plan.steps - position)
+            total += int(plan.done[position + take] - plan.done[position])
+            steps, epoch, position = steps - take, epoch + 1, 0
+        return total
 
     # ---- iteration ------------------------------------------------------------------------------
 
@@ -103,85 +263,91 @@ class BucketBatchSampler:
         return self
 
     def __next__(self) -> Batch:
-        if self.position >= len(self._plan):
-            self._start_epoch(self.epoch + 1, self._carry_out)
-        key, ids = self._plan[self.position]
+        plan = self._rank_plan(self.epoch)
+        if self.position >= plan.steps:
+            self.epoch, self.position = self.epoch + 1, 0
+            plan = self._rank_plan(self.epoch)
+        k = self.position
         self.position += 1
-        start = self.rank * self.micro_batch
-        return key, ids[start : start + self.micro_batch]
+        ids = plan.ids[plan.offsets[k] : plan.offsets[k + 1]].tolist()  # host list of one micro-batch only
+        return self.keys[plan.bucket[k]], ids
 
-    def _start_epoch(self, epoch: int, carry_in: Carry) -> None:
-        self.epoch, self.position, self._carry_in = epoch, 0, carry_in
-        self._plan, self._carry_out = self._plan_epoch(epoch, carry_in)
+    # ---- reporting ------------------------------------------------------------------------------
 
-    def _plan_epoch(self, epoch: int, carry_in: Carry) -> tuple[list[Batch], Carry]:
-        """Global batches of ``epoch`` and the ids it carries to the next (see the module docstring)."""
-        rng = random.Random(_epoch_seed(self.seed, epoch))
-        batches: list[Batch] = []
-        carry_out: Carry = {}
-        g = self.global_batch
-        for key, ids in self.buckets.items():
-            carried = carry_in.get(key, [])
-            skip = set(carried)
-            fresh = [i for i in ids if i not in skip]
-            if self.shuffle:
-                rng.shuffle(fresh)
-            pool = carried + fresh
-            full = len(pool) // g * g
-            batches += [(key, pool[i : i + g]) for i in range(0, full, g)]
-            if full < len(pool):
-                carry_out[key] = pool[full:]
-        if self.shuffle:
-            rng.shuffle(batches)
-        return batches, carry_out
+    def _summarise(self, plan: EpochPlan) -> dict[str, Any]:
+        """JSON-able facts per bucket: images, micro-batch, global batches, how the tail trains."""
+        micro_batches = np.bincount(plan.bucket, minlength=len(self.keys))
+        buckets = {}
+        for b, key in enumerate(self.keys):
+            n, g = len(self._buckets[b]), int(self.micro_batches[b]) * self.world_size
+            tail = n % g
+            buckets[key] = {"images": n, "micro_batch": int(self.micro_batches[b]), "global_batch": g,
+                            "full_global_batches": n // g, "tail": tail,
+                            "tail_joined_with_other_buckets": 0 < tail < self.world_size,
+                            "micro_batches_epoch0": int(micro_batches[b])}
+        return {"images": self.total, "used_per_epoch": len(plan.ids), "unused": self.total - len(plan.ids),
+                "world_size": self.world_size, "micro_batch": self.micro_batch,
+                "batch_by_area_base": self.base_area, "steps_epoch0": plan.steps, "buckets": buckets}
+
+    def summary(self) -> str:
+        """Start-up report: one line per bucket, then the totals."""
+        s = self.summary_dict
+        lines = [f"{'bucket':>11} {'images':>8} {'micro':>6} {'global':>7} {'full':>6} {'tail':>5}  tail is"]
+        for key, b in s["buckets"].items():
+            how = ("-" if not b["tail"] else "joined with other buckets" if b["tail_joined_with_other_buckets"]
+                   else "split over the ranks")
+            lines.append(f"{key:>11} {b['images']:>8} {b['micro_batch']:>6} {b['global_batch']:>7} "
+                         f"{b['full_global_batches']:>6} {b['tail']:>5}  {how}")
+        area = f", batch by area at {s['batch_by_area_base']} px" if s["batch_by_area_base"] else ""
+        lines.append(f"{s['images']} images in {len(s['buckets'])} buckets, {s['used_per_epoch']} used per "
+                     f"epoch, {s['unused']} unused; {s['steps_epoch0']} steps in epoch 0 (micro_batch "
+                     f"{self.micro_batch} x {self.world_size} ranks{area})")
+        return "\n".join(lines)
 
     # ---- checkpointing --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able state: seed, epoch, position (global batches done this epoch), carry into this epoch."""
-        return {
-            "seed": self.seed,
-            "epoch": self.epoch,
-            "position": self.position,
-            "carry": {key: list(ids) for key, ids in self._carry_in.items()},
-            "global_batch": self.global_batch,
-            "micro_batch": self.micro_batch,
-            "world_size": self.world_size,
-            "shuffle": self.shuffle,
-            "buckets_digest": self._buckets_digest,
-        }
+        """JSON-able state: a few numbers (the plan is recomputed from them on resume)."""
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position,
+                "samples_done": int(self._rank_plan(self.epoch).done[self.position]),
+                "global_batch": self.global_batch, "micro_batch": self.micro_batch,
+                "world_size": self.world_size, "base_area": self.base_area, "shuffle": self.shuffle,
+                "buckets_digest": self._digest}
+
+    def same_global_batches(self, state: dict[str, Any]) -> bool:
+        """True if `state`'s run cut the same global batches (same micro_batch x world size per bucket)."""
+        return (state.get("global_batch"), state.get("base_area")) == (self.global_batch, self.base_area)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where ``state`` stopped: the same future global batches, sliced for this rank.
-
-        Needs the same global batch (micro_batch * world_size may be split differently), the same
-        shuffle flag and the same bucket contents; otherwise raises ValueError naming both values.
-        The saved seed wins over the constructor's.
-        """
+        """Continue where `state` stopped. With the same micro_batch, world size and base_area this is
+        exact. Otherwise the epoch is kept and the position is the last step boundary of this sampler's
+        plan at or before the samples `state` had done: exact where the boundaries agree (the same global
+        batch on another world size, outside joined tails); else some samples of this epoch repeat or
+        are skipped. Raises ValueError for other bucket contents, another shuffle flag or an old state.
+        The saved seed wins over the constructor's."""
         self._check_resumable(state)
         if state["seed"] != self.seed:
             logger.warning("sampler seed %s replaced by the checkpoint's seed %s", self.seed, state["seed"])
-        self.seed = int(state["seed"])
-        carry = {str(key): [int(i) for i in ids] for key, ids in state["carry"].items()}
-        self._start_epoch(int(state["epoch"]), carry)
-        if not 0 <= state["position"] <= len(self._plan):
-            raise ValueError(f"cannot resume: position {state['position']} outside [0, {len(self._plan)}]")
-        self.position = int(state["position"])
+            self.seed, self._plans = int(state["seed"]), {}
+        self.epoch = int(state["epoch"])
+        plan = self._rank_plan(self.epoch)
+        same = all(state[k] == getattr(self, k) for k in ("micro_batch", "world_size", "base_area"))
+        position = int(state["position"]) if same else int(
+            np.searchsorted(plan.done, state["samples_done"], side="right") - 1)
+        if not 0 <= position <= plan.steps:
+            raise ValueError(f"cannot resume: position {position} outside [0, {plan.steps}]")
+        self.position = position
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
-        if state["global_batch"] != self.global_batch:
-            raise ValueError(
-                f"cannot resume: global batch (micro_batch x world_size) was {state['global_batch']} "
-                f"({state['micro_batch']} x {state['world_size']}), now {self.global_batch} "
-                f"({self.micro_batch} x {self.world_size}); positions count global batches, keep the product"
-            )
+        if "samples_done" not in state:
+            raise ValueError("cannot resume: the sampler state comes from the earlier carry-over sampler, "
+                             "whose plan no longer exists; start a new run (trainer.resume: none)")
         if state["shuffle"] != self.shuffle:
             raise ValueError(f"cannot resume: shuffle was {state['shuffle']}, now {self.shuffle}")
-        if state["buckets_digest"] != self._buckets_digest:
+        if state["buckets_digest"] != self._digest:
             raise ValueError(
                 f"cannot resume: bucket contents changed (digest {state['buckets_digest'][:12]} saved, "
-                f"{self._buckets_digest[:12]} now); rebuild the cache as it was or start a new run"
-            )
+                f"{self._digest[:12]} now); rebuild the cache as it was or start a new run")
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -189,10 +355,26 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little")
 
 
-def _check_unique(buckets: dict[str, list[int]]) -> None:
-    seen: set[int] = set()
-    for key, ids in buckets.items():
-        repeated = seen.intersection(ids) or (len(set(ids)) < len(ids))
-        if repeated:
-            raise ValueError(f"bucket {key!r} repeats ids already listed (ids must be unique across buckets)")
-        seen.update(ids)
+def _sorted_ids(ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Ids as a sorted int64 array (no copy for the cache's sorted int64 arrays)."""
+    array = np.asarray(ids, dtype=np.int64).reshape(-1)
+    return np.sort(array) if (array[1:] < array[:-1]).any() else array
+
+
+def _fingerprint(keys: Sequence[str], buckets: Sequence[np.ndarray]) -> str:
+    """Digest of the bucket contents: BLAKE2b over keys, sizes and the ids' little-endian int64 bytes."""
+    digest = hashlib.blake2b(digest_size=32)
+    for key, ids in zip(keys, buckets):
+        digest.update(f"{key}:{len(ids)};".encode())
+        digest.update(ids.astype("<i8", copy=False).tobytes())
+    return digest.hexdigest()
+
+
+def _check_unique(keys: Sequence[str], buckets: Sequence[np.ndarray]) -> None:
+    """ValueError naming a repeated id and its buckets (one sort of all ids)."""
+    every = np.sort(np.concatenate(buckets))
+    repeated = every[1:][every[1:] == every[:-1]]
+    if len(repeated):
+        where = [key for key, ids in zip(keys, buckets) if (ids == repeated[0]).any()]
+        raise ValueError(f"id {int(repeated[0])} is listed more than once (buckets {where}); "
+                         "ids must be unique across buckets")
