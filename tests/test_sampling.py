@@ -1,7 +1,10 @@
 """Euler sampler and SDXL denoiser on a tiny SDXL-shaped UNet (fp32, 1x4x16x16 latents), checked
-against diffusers' EulerDiscreteScheduler + rescale_noise_cfg driving the same UNet with the same sigmas."""
+against diffusers' EulerDiscreteScheduler + rescale_noise_cfg driving the same UNet with the same sigmas
+(through ZTSNREulerDiscreteScheduler, which gives diffusers training's timesteps above sigma_998)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 
 from ztsnr_ds.models import TINY_UNET_CONFIG
 from ztsnr_ds.objective import append_dims, c_in, c_out, c_skip
-from ztsnr_ds.sampling import SDXLDenoiser, rescale_cfg, sample_euler
+from ztsnr_ds.sampling import SDXLDenoiser, ZTSNREulerDiscreteScheduler, rescale_cfg, sample_euler
 from ztsnr_ds.schedule import NoiseSchedule, diffusers_scheduler_config, sigma_to_t
 
 SIZE_PX = 128  # latent 16 x 16; resolution scale s = 1/8
@@ -48,7 +51,7 @@ def denoiser(unet, schedule):
 @torch.no_grad()
 def _diffusers_euler(unet, schedule, sigmas, noise, cond, uncond, cfg_scale, cfg_rescale):
     """The SDXL pipeline's denoising loop, reduced: diffusers does CFG and its rescale on the v output."""
-    scheduler = EulerDiscreteScheduler.from_config(diffusers_scheduler_config(schedule))
+    scheduler = ZTSNREulerDiscreteScheduler.from_config(diffusers_scheduler_config(schedule))
     scheduler.set_timesteps(sigmas=sigmas.tolist())
     latents = noise * scheduler.init_noise_sigma
     both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
@@ -99,7 +102,10 @@ def test_step_from_sigma_max_keeps_fp32_precision():
 def test_denoiser_is_the_v_preconditioning(unet, schedule, denoiser):
     x, sigma, cond = 17.8 * _randn(2, 4, 16, 16, seed=5), torch.tensor([17.8, 0.9]), _cond(7)
     cond2 = {k: torch.cat([v, v]) for k, v in cond.items()}
-    t = sigma_to_t(sigma.double(), schedule.table).float()  # over the unscaled table: 998.03, 322.58
+    table = schedule.table
+    above = 998 + (math.log(17.8) - table[998].log()) / (table[998].log() - table[997].log())  # extrapolated
+    below = sigma_to_t(torch.tensor(0.9, dtype=torch.float64), table)
+    t = torch.stack([above, below]).float()  # 1031.56, 322.58
     with torch.no_grad():
         v = unet(
             append_dims(c_in(sigma), 4) * x,
@@ -123,8 +129,8 @@ def test_bf16_unet_gets_fp32_timesteps_and_gives_fp32_denoised(unet, schedule):
     with torch.no_grad():
         low, full = bf16(x, sigma, **cond), SDXLDenoiser(unet, schedule)(x, sigma, **cond)
     sample, t = seen[0]
-    assert sample.dtype == torch.bfloat16 and t.dtype == torch.float32  # bf16 would make 998.03 -> 996
-    assert t.item() == pytest.approx(998.03, abs=0.01)
+    assert sample.dtype == torch.bfloat16 and t.dtype == torch.float32  # bf16 would make 1031.56 -> 1032
+    assert t.item() == pytest.approx(1031.56, abs=0.01)
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, full, rtol=0, atol=0.05)
 
@@ -181,3 +187,20 @@ def test_progress_bar(denoiser, capsys):
         denoiser, _randn(1, 4, 16, 16, seed=0), torch.tensor([20000.0, 1.0, 0.0]), _cond(1), progress=True
     )
     assert "2/2" in capsys.readouterr().err
+
+
+def test_diffusers_scheduler_gets_training_timesteps_above_the_base_area():
+    """At 2048^2 the trailing levels above sigma_998 = 14.53 get training's extrapolated timesteps from
+    ZTSNREulerDiscreteScheduler; the stock scheduler squeezes them into [998, 999) (the clamp it keeps)."""
+    schedule = NoiseSchedule("terminal")
+    sigmas = schedule.inference_sigmas("trailing", 28, 2048, 2048)
+    config = diffusers_scheduler_config(schedule)
+    ours, stock = ZTSNREulerDiscreteScheduler.from_config(config), EulerDiscreteScheduler.from_config(config)
+    for sched in (ours, stock):
+        sched.set_timesteps(sigmas=sigmas.tolist())
+    expected = schedule.timestep(sigmas[:-1])
+    assert ours.timesteps[0] == 999 and (expected[1:4] > 1000).all()
+    torch.testing.assert_close(ours.timesteps, expected, rtol=0, atol=2e-3)  # diffusers' fp32 table
+    high = sigmas[1:-1] > schedule.table[998]
+    assert high.sum() >= 3 and ((stock.timesteps[1:][high] >= 998) & (stock.timesteps[1:][high] < 999)).all()
+    torch.testing.assert_close(stock.timesteps[1:][~high], expected[1:][~high], rtol=0, atol=2e-3)

@@ -213,3 +213,38 @@ def test_diffusers_config_reproduces_the_table(mode):
     theirs = sched.sigmas[:-1].flip(0).double()
     torch.testing.assert_close(theirs[:999], schedule.table[:999], rtol=2e-5, atol=0)
     assert theirs[999].item() == pytest.approx(schedule.table[999].item(), rel=TOP_RTOL[mode])
+
+
+@pytest.mark.parametrize(("side", "levels", "top_t"), [(1536, 71, 1064.95), (2048, 125, 1112.45)])
+def test_timesteps_above_the_base_area_continue_the_last_log_slope(side, levels, top_t):
+    """s * sigma_i > sigma_998 for the top 71 (s = 1.5) / 125 (s = 2) finite levels: they get timesteps
+    998 + log(sigma / sigma_998) / log(sigma_998 / sigma_997), strictly increasing a level at a time, where
+    interpolating towards sigma_max squeezed them into [998, 998.1]; sigma_max stays 999."""
+    schedule = NoiseSchedule("terminal")
+    table = schedule.table
+    sigma = schedule.scaled_table(side, side)  # (1000,) float64
+    high = sigma[:999] > table[998]
+    assert high.sum() == levels
+    t = schedule.timestep(sigma.float())
+    slope = (table[998] / table[997]).log()
+    expected = 998 + (sigma[:999][high] / table[998]).log() / slope
+    torch.testing.assert_close(t[:999][high].double(), expected, rtol=0, atol=2e-3)
+    assert t[998].item() == pytest.approx(top_t, abs=0.01) and t[999] == 999
+    assert (t[:999].diff() > 0.8).all()  # one level ~ one timestep, all distinct
+    old = sigma_to_t(sigma[:999][high], table)
+    assert old.max() - old.min() < 0.1  # interpolating towards 20000: 0.056 (s = 1.5), 0.096 (s = 2)
+    base = NoiseSchedule("terminal").scaled_table(1024, 1024).float()  # at the base area nothing changes
+    assert torch.equal(schedule.timestep(base), sigma_to_t(base, table))
+
+
+def test_timestep_terminal_and_off_modes():
+    terminal = NoiseSchedule("terminal").timestep(torch.tensor([20000.0, 19880.0, 19968.0, 17.8]))
+    assert terminal[:3].tolist() == [999.0] * 3 and 1031 < terminal[3] < 1032  # 17.8 is finite
+    off = NoiseSchedule("off")
+    t = off.timestep(off.scaled_table(2048, 2048).float())
+    slope = (off.table[999] / off.table[998]).log().item()
+    assert t[999].item() == pytest.approx(999 + math.log(2) / slope, abs=2e-3)  # off: no terminal level
+    assert (t.diff() > 0.8).all()
+    rescale = NoiseSchedule("rescale")
+    t = rescale.timestep(rescale.scaled_table(2048, 2048).float())
+    assert t[999] == 999 and (t[:999].diff() > 0).all()

@@ -1,5 +1,6 @@
 """Euler sampling in sigma (k-diffusion style) for validation images: the SDXL denoiser wrapper,
-classifier-free guidance with optional CFG-rescale, and the sampler loop.
+classifier-free guidance with optional CFG-rescale, the sampler loop, and diffusers' Euler scheduler
+with this package's sigma -> timestep rule.
 
 A denoiser is any callable D(x, sigma, **cond) -> denoised latents (fp32); the sampler only sees D.
 """
@@ -8,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from ztsnr_ds.objective import append_dims, c_in, denoised_from_v, v_from_denoised
-from ztsnr_ds.schedule import NoiseSchedule
+from ztsnr_ds.schedule import NoiseSchedule, timestep_of
 
 Denoiser = Callable[..., Tensor]
 
@@ -45,6 +47,21 @@ class SDXLDenoiser:
             added_cond_kwargs={"text_embeds": text_embeds.to(dtype), "time_ids": time_ids.to(dtype)},
         ).sample
         return denoised_from_v(x, v.float(), sigma)
+
+
+class ZTSNREulerDiscreteScheduler(EulerDiscreteScheduler):
+    """diffusers' EulerDiscreteScheduler with training's t(sigma) (`schedule.timestep_of`) for sigmas it is
+    given (`set_timesteps(sigmas=...)`, `pipe(sigmas=...)`): the stock one clamps every finite sigma above
+    its second-highest level into [998, 999], which for resolution-scaled sigmas above the base area (and
+    explicit lists such as 17.8) is not the timestep the model was trained with. With `trained_betas`
+    (the ZTSNR export) the top level is terminal. Loads from an export: `.from_pretrained(OUT,
+    subfolder="scheduler")`.
+    """
+
+    def _sigma_to_t(self, sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+        table = torch.from_numpy(np.exp(np.asarray(log_sigmas, dtype=np.float64)))  # (N,) ascending
+        sigma = torch.as_tensor(np.asarray(sigma, dtype=np.float64))
+        return timestep_of(sigma, table, self.config.trained_betas is not None).numpy()
 
 
 def rescale_cfg(v_cfg: Tensor, v_cond: Tensor, phi: float) -> Tensor:

@@ -102,6 +102,29 @@ def sigma_to_t(sigma: Tensor, table: Tensor) -> Tensor:
     return (low + w.clamp(0, 1)).reshape(sigma.shape).to(sigma.dtype)
 
 
+def timestep_of(sigma: Tensor, table: Tensor, terminal: bool) -> Tensor:
+    """UNet timestep of a noise level over an ascending table whose top entry stands for infinity when
+    `terminal` (the ZTSNR modes): terminal sigmas (`is_terminal` of the top) map to N-1 exactly; finite
+    sigmas interpolate log sigma over the K finite entries (`sigma_to_t`) and, above the last one,
+    continue its last step's log slope instead of clamping:
+
+        t = (K - 1) + (log sigma - log table[K-1]) / (log table[K-1] - log table[K-2]).
+
+    Resolution-scaled levels above the base area (s * sigma_i > sigma_998 = 14.53 in `terminal` mode)
+    thus get as distinct timesteps as the levels below (t up to 998 + log(s) / 0.00606: 1065 at s = 1.5,
+    1112 at s = 2), where interpolating towards sigma_max = 20000 squeezed them into [998, 998.06];
+    at or below the base area nothing changes. Shape: sigma (...) -> t (...) in sigma's dtype.
+    """
+    finite = table[:-1] if terminal else table
+    log_top, log_below = finite[-1].log(), finite[-2].log()
+    t = sigma_to_t(sigma, finite)
+    above = (len(finite) - 1) + (sigma.to(table.dtype).log() - log_top) / (log_top - log_below)
+    t = torch.where(sigma.to(table.dtype) > finite[-1], above.to(t.dtype), t)
+    if terminal:
+        t = torch.where(is_terminal(sigma, float(table[-1])), float(len(table) - 1), t)
+    return t
+
+
 def t_to_sigma(t: Tensor, table: Tensor) -> Tensor:
     """Noise level of a (fractional) timestep, the inverse of `sigma_to_t` (k-diffusion t_to_sigma).
 
@@ -218,8 +241,9 @@ class NoiseSchedule:
         return self.scaled_table(height_px, width_px).to(generator.device)[index].float()
 
     def timestep(self, sigma: Tensor) -> Tensor:
-        """UNet timestep of a (scaled) sigma over the UNSCALED table, in [0, 999]. Float32, like sigma."""
-        return sigma_to_t(sigma.float(), self.table)
+        """UNet timestep of a (scaled) sigma over the UNSCALED table (`timestep_of`): sigma_max -> 999,
+        finite sigmas above the last finite entry extrapolated past it. Float32, like sigma."""
+        return timestep_of(sigma.float(), self.table.to(sigma.device), self.mode != "off")
 
     def is_terminal(self, sigma: Tensor) -> Tensor:
         """True where sigma is the terminal level sigma_max (see `is_terminal`)."""
