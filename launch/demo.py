@@ -82,6 +82,9 @@ def main() -> int:
     print(f"metrics (jsonl):   {run_dir / 'metrics.jsonl'}")
     print(f"exports:           {export}")
     print(f"cache report:      {out / 'cache' / 'report.json'}")
+    batching = json.loads((run_dir / "sampler_summary.json").read_text())
+    print(f"sampler:           {batching['images']} images in {len(batching['buckets'])} buckets, "
+          f"{batching['unused']} unused per epoch ({run_dir / 'sampler_summary.json'})")
     print(f"demo took {time.time() - start:.0f} s")
     return 0
 

@@ -11,7 +11,8 @@ a checkpoint after every step):
                 --world_info ... --node_rank k`, what `deepspeed --hostfile H --no_ssh --node_rank k`
                 runs), resumed from one_rank's step 1
 Global batch = micro-batch x world size = 4 in all of them, so every run draws the same global
-batches (see test_two_ranks_train_on_the_same_global_batches_as_one).
+batches (see test_two_ranks_train_on_the_same_global_batches_as_one). The 20-image cache has buckets
+of 8 and 3 images: with seed 0 the first two steps are tails of 3 samples, which 2 ranks split 2 + 1.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import base64
 import glob
 import json
-import math
 import os
 import signal
 import socket
@@ -129,9 +129,10 @@ def in_process_run(config: Path, output_dir: Path, micro_batch: int, *extra: str
 
 @pytest.fixture(scope="module")
 def run_config(make_run_config) -> Path:
-    """configs/demo.yaml on the tiny model and a 32-image cache (5 buckets, 7 global batches of 4)."""
+    """configs/demo.yaml on the tiny model and a 20-image cache (buckets of 8, 3, 3, 3, 3 images: steps of
+    3, 3, 4, 3, 3, 4 samples with seed 0)."""
     trainer = {"max_steps": STEPS, "save_every": 1, "keep_last": STEPS, "log_every": 1, "warmup_steps": 1}
-    return make_run_config("distributed", 32, trainer, {"every": 0})
+    return make_run_config("distributed", 20, trainer, {"every": 0})
 
 
 @pytest.fixture(scope="module")
@@ -231,23 +232,32 @@ def assert_resumed_bitwise(resumed: list[dict], tag: Path, n_params: int) -> Non
 def test_two_ranks_train_on_the_same_global_batches_as_one(one_rank, two_ranks, tiny_sdxl):
     """2 ranks x micro-batch 2 against 1 rank x micro-batch 4, gradient accumulation 1 in both.
 
-    The sampler plans global batches of G = micro_batch x world_size and gives rank r the slice
-    [r * micro, (r + 1) * micro), so both runs see the same 4 ids per step. 1 rank x (2 x accum 2)
-    would not: its G is 2, so it draws different (2-sample) batches from a different epoch plan.
-    Sigma, noise and caption edits are seeded per (seed, epoch, sample id), not per rank, so the
-    per-sample inputs match too. Step 1 starts from the same weights: its loss and gradient norm
-    agree to float rounding. After it the runs differ only by (a) the bf16 gradient reduction
-    (two bf16 partial gradients averaged over gloo instead of one batch-of-4 backward) and (b)
-    AdamWSR's stochastic rounding, whose noise is keyed by rank: rank 1's half of the flat
-    partition rounds with other noise than the same elements on 1 rank. (b) dominates: weights
-    whose update is below one bf16 ulp move by a whole ulp or not at all. Measured after 3 steps:
-    ||w2 - w1|| = 0.13 ||w1 - w0||; with per-rank noise streams (the earlier trainer) the step-1
-    losses differ by far more than the tolerance below.
+    The sampler cuts global batches of G = micro_batch x world_size per bucket and splits each over the
+    ranks, so both runs see the same ids per step; the first two steps are 3-sample tails, which the
+    2 ranks split unevenly (2 + 1). 1 rank x (2 x accum 2) would not: its G is 2, so it draws other
+    batches from another epoch plan. Sigma, noise and caption edits are seeded per (seed, epoch,
+    sample id), not per rank, so the per-sample inputs match too. Step 1 starts from the same weights:
+    its loss, gradient norm and gradient (Adam's first moment after step 1 is 0.1 x the clipped
+    gradient) agree to bf16 rounding, which checks the per-sample weighting: each rank's loss is
+    sum * W / C, C = 3, so DeepSpeed's mean over ranks is the mean over the 3 samples; a mean of rank
+    means would weigh rank 1's lone sample 1/2 instead of 1/3. After step 1 the runs differ only by
+    (a) the bf16 gradient reduction and (b) AdamWSR's stochastic rounding, whose noise is keyed by rank.
+    (b) dominates: weights whose update is below one bf16 ulp move by a whole ulp or not at all.
     """
-    assert two_ranks.ids == one_rank.ids and len(one_rank.ids) == STEPS
-    assert all(len(ids) == 4 == len(set(ids)) for ids in one_rank.ids)
+    assert two_ranks.ids == one_rank.ids and [len(ids) for ids in one_rank.ids] == [3, 3, 4]
+    per_rank = [torch.load(two_ranks.output_dir / "record" / f"rank{r}.pt", weights_only=False)["ids"]
+                for r in range(2)]
+    assert [[len(ids) for ids in rank] for rank in per_rank] == [[2, 2, 2], [1, 1, 2]]  # uneven steps
     assert_losses_close(two_ranks.losses(), one_rank.losses(), first=1)
     assert two_ranks.grad_norms()[1] == pytest.approx(one_rank.grad_norms()[1], rel=1e-3)
+    two, one = (saved_partitions(run.tag(1))["exp_avg"].float() for run in (two_ranks, one_rank))
+    n_params = sum(t.numel() for t in one_rank.modules[0].values())
+    gap = (two[:n_params] - one[:n_params]).norm() / one[:n_params].norm()
+    # measured 0.004 (bf16 reduction); a mean of rank means would be off by
+    # ||2 g_c - g_a - g_b|| / (4 ||g_a + g_b + g_c||), ~0.35 for similar-size, unrelated per-sample gradients
+    assert gap < 2e-2, gap
+    records = [json.loads(line) for line in (two_ranks.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["samples_per_step"] for r in records] == [3, 3, 4]
     start = load_unet(tiny_sdxl, dtype=torch.bfloat16).state_dict()
     weights_close(two_ranks.modules[0], one_rank.modules[0], start, rtol=0.25)
 
@@ -308,12 +318,12 @@ def test_one_rank_checkpoint_resumes_on_two_nodes(one_rank, one_to_two, tiny_sdx
 
 
 def test_resume_with_another_global_batch_keeps_epoch_and_samples_consumed(run_config, two_ranks, tmp_path):
-    """Saved with G = 4 (2 x 2), resumed with G = 2 (1 x 2): positions count global batches, so the
-    sampler restarts the saved epoch's G = 2 plan after as many samples as were consumed, and warns."""
+    """Saved with G = 4 (2 x 2), resumed with G = 2 (1 x 2): the sampler keeps the epoch and restarts
+    the G = 2 plan of it at its last step boundary at or before the samples consumed, and warns."""
     saved = checkpoint.read_state(two_ranks.tag(RESUME_STEP))[checkpoint.SAMPLER]
     trainer, _ = in_process_run(run_config, tmp_path, 2, "--trainer.resume", str(two_ranks.tag(RESUME_STEP)))
     with pytest.warns(UserWarning, match="global batch 4 .* now 2"):
         trainer.resume()
     state = trainer.sampler.state_dict()
-    assert (state["epoch"], state["global_batch"]) == (saved["epoch"], 2)
-    assert state["position"] == math.floor(saved["position"] * 4 / 2) > 0
+    assert (state["epoch"], state["global_batch"], saved["samples_done"]) == (saved["epoch"], 2, 3)
+    assert 0 < state["samples_done"] <= 3 < state["samples_done"] + trainer.sampler.upcoming_samples(1)

@@ -1,5 +1,6 @@
 """Distributed bucket sampler: every id once per epoch on 8 simulated ranks over NAI's 33 buckets with a
-heavy-tailed size distribution, rank agreement, the same global batches on any split, resume, batch by area."""
+heavy-tailed size distribution, rank agreement, the same global batches on any split, resume, batch
+by area."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def step_ids(step: list[tuple[str, list[int]]]) -> list[int]:
                          [(8, 4, None), (8, 2, BASE_AREA), (8, 1, None), (3, 2, None), (1, 4, None)])
 def test_every_id_once_per_epoch_on_every_rank_split(world_size, micro_batch, base_area):
     samplers = ranks(world_size, micro_batch, seed=7, base_area=base_area)
-    caps = dict(zip(samplers[0].keys, bucket_micro_batches(samplers[0].keys, micro_batch, base_area).tolist()))
+    keys = samplers[0].keys
+    caps = dict(zip(keys, bucket_micro_batches(keys, micro_batch, base_area).tolist()))
     orders = []
     for e in range(2):
         steps = []
@@ -80,7 +82,8 @@ def test_ranks_agree_and_the_plan_is_a_pure_function():
     samplers = ranks(8, 4, seed=3)
     plans = [s.plan(0) for s in samplers] + [BucketBatchSampler(HEAVY, 4, 8, 5, seed=3).plan(0)]
     for plan in plans[1:]:
-        assert all(np.array_equal(getattr(plan, f), getattr(plans[0], f)) for f in ("ids", "offsets", "bucket"))
+        assert all(np.array_equal(getattr(plan, f), getattr(plans[0], f))
+                   for f in ("ids", "offsets", "bucket"))
     reordered = {key: np.asarray(HEAVY[key])[::-1].copy() for key in reversed(list(HEAVY))}
     again = BucketBatchSampler(reordered, 4, 8, 0, seed=3).plan(0)  # key and id order do not matter
     assert np.array_equal(again.ids, plans[0].ids)
@@ -159,7 +162,8 @@ def test_batch_by_area_keeps_pixels_per_micro_batch_about_constant():
         assert m * h * w <= 4 * BASE_AREA or m == 1
     buckets = {"512x512": list(range(64)), "1024x1024": list(range(64, 96))}
     s = BucketBatchSampler(buckets, 2, 2, 0, seed=0, base_area=BASE_AREA)
-    sizes = {key: {len(ids) for key_, ids in [next(s) for _ in range(len(s))] if key_ == key} for key in buckets}
+    epoch0 = [next(s) for _ in range(len(s))]
+    sizes = {key: {len(ids) for key_, ids in epoch0 if key_ == key} for key in buckets}
     assert sizes == {"512x512": {8}, "1024x1024": {2}}
     assert s.summary_dict["buckets"]["512x512"]["global_batch"] == 16
 

@@ -59,6 +59,11 @@ def test_resumed_run_repeats_the_uninterrupted_one_bitwise(run_config, tmp_path)
     assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step00000004"
     state = checkpoint.read_state(tags[-1])
     assert state["step"] == 4 and state["config"]["noise"]["ztsnr"] == "terminal"
+    summary = json.loads((tmp_path / "a" / "sampler_summary.json").read_text())  # start-up bucket report
+    assert (summary["images"], summary["used_per_epoch"], summary["unused"]) == (16, 16, 0)
+    records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    planned = straight.sampler.plan(0).offsets  # 1 rank: step k is micro-batch k
+    assert [r["samples_per_step"] for r in records] == [int(n) for n in planned[1:5] - planned[:4]]
 
 
 def test_validation_grid_is_written(run_config, tmp_path):

@@ -122,9 +122,13 @@ class TrainerConfig:
     output_dir: str = "runs/sdxl"
     """Run folder: checkpoints/, samples/, tensorboard/, config.yaml."""
     micro_batch: int = 1
-    """Samples per rank per forward pass."""
+    """Samples per rank per forward pass (at most; a bucket's tail gives smaller ones). With batch_by_area,
+    the count at noise.base_area: an h x w bucket takes max(1, floor(micro_batch * base_area / (h * w)))."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step; global batch = micro_batch * grad_accum * world size."""
+    """Micro-batches per optimizer step; global batch = micro_batch * grad_accum * world size (at most)."""
+    batch_by_area: bool = False
+    """Micro-batch per bucket by pixel area (pixels per micro-batch about constant): smaller buckets take
+    more samples. A step is still one optimizer update; metrics log samples_per_step."""
     max_steps: int = 1000
     """Optimizer steps to train."""
     lr_schedule: str = "constant"

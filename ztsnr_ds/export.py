@@ -439,10 +439,14 @@ counters over-exposure at high guidance.
 ## Other resolutions: ZTSNR sigmas
 
 Training scaled every finite sigma with the image area. For sizes other than the base area pass the
-scaled sigmas yourself, ending with 0 (diffusers turns them into timesteps over the table above):
+scaled sigmas yourself, ending with 0. Above the base area, sigmas beyond the table's last finite level
+got timesteps past 998 in training (the last step's log slope continued); diffusers' stock scheduler
+clamps them to [998, 999), so use ztsnr_ds' subclass, which maps them as training did:
 
 ```python
+from ztsnr_ds.sampling import ZTSNREulerDiscreteScheduler
 from ztsnr_ds.schedule import NoiseSchedule
+pipe.scheduler = ZTSNREulerDiscreteScheduler.from_pretrained("OUT", subfolder="scheduler")
 schedule = NoiseSchedule("{s.mode}", {s.sigma_max:g}, {s.base_area})
 sigmas = schedule.inference_sigmas("trailing", 28, height, width).tolist()  # 29 levels, last 0
 image = pipe(prompt, sigmas=sigmas, height=height, width=width, guidance_scale=5.0).images[0]

@@ -66,20 +66,6 @@ def sample_streams(seed: int, epoch: int, sample_id: int) -> tuple[torch.Generat
             random.Random(int.from_bytes(digest[8:16], "little")))
 
 
-def rebatched_sampler_state(saved: dict, sampler) -> dict:
-    """A sampler state saved with another global batch G (micro_batch x world size), moved to `sampler`'s G.
-
-    Positions count global batches of the saved G and the epoch plan depends on G, so the exact
-    continuation is lost. This keeps the epoch and the number of samples consumed in it: the
-    position becomes floor(consumed / G_new) in the new G's plan of the same epoch. Within this
-    epoch some samples may then be seen twice and others not at all; later epochs are complete.
-    """
-    consumed = saved["position"] * saved["global_batch"]
-    position = min(consumed // sampler.global_batch, sampler.batches_per_epoch)
-    return saved | {"position": position, "carry": {}, "global_batch": sampler.global_batch,
-                    "micro_batch": sampler.micro_batch, "world_size": sampler.world_size}
-
-
 class StopTraining(RuntimeError):
     """Raised when the run cannot go on (e.g. too many non-finite losses in a row)."""
 
@@ -100,7 +86,9 @@ class Trainer:
         self.prompts = PromptEncoder.from_parts(self.parts)
         self.resume_tag = checkpoint.find_resume_tag(self.output_dir, cfg.trainer.resume)
         self.build_engine()
-        self.sampler = cfg.sampler(self.cache.buckets, cfg.trainer.micro_batch, dist.world_size, dist.rank)
+        self.sampler = cfg.sampler(self.cache.buckets, cfg.trainer.micro_batch, dist.world_size, dist.rank,
+                                   base_area=cfg.noise.base_area if cfg.trainer.batch_by_area else None)
+        self.step_samples = 0  # samples of all ranks in the last optimizer step
         self.step = 0
         self.nonfinite_total = 0
         self.stop_requested = False
@@ -155,13 +143,13 @@ class Trainer:
         state = checkpoint.load(self.engine, self.resume_tag, self.dist.is_main)
         self.step = state[checkpoint.STEP]
         saved = state[checkpoint.SAMPLER]
-        if saved["global_batch"] != self.sampler.global_batch:
+        if not self.sampler.same_global_batches(saved):
             warnings.warn(f"{self.resume_tag} was saved with global batch {saved['global_batch']} "
-                          f"(micro_batch x world size), now {self.sampler.global_batch}: the sampler keeps "
-                          "epoch and samples consumed, but the rest of this epoch may repeat or skip some "
-                          "samples (set trainer.micro_batch to keep the product for an exact continuation)",
+                          f"(micro_batch x world size, batch by area {saved.get('base_area')}), now "
+                          f"{self.sampler.global_batch} (by area {self.sampler.base_area}): the sampler "
+                          "keeps epoch and samples consumed, but the rest of this epoch may repeat or skip "
+                          "some samples (keep micro_batch x world size for an exact continuation)",
                           stacklevel=2)
-            saved = rebatched_sampler_state(saved, self.sampler)
         self.sampler.load_state_dict(saved)
         self.nonfinite_total = state[checkpoint.COUNTERS]["nonfinite_total"]
         if self.dist.is_main:
@@ -208,18 +196,24 @@ class Trainer:
     def train_step(self, batches) -> float:
         """One optimizer step over grad_accum good micro-batches; returns the global mean loss.
 
-        A micro-batch whose loss is non-finite on any rank is dropped on all ranks before
-        backward (DeepSpeed's bf16 path has no overflow skip), and the next one takes its place.
+        Each sample weighs 1 / (samples of all ranks in this optimizer step), C, which every rank reads
+        from the sampler's plan. DeepSpeed divides by grad_accum and averages over W ranks, so a rank's
+        micro-batch loss is sum(per-sample) * W * grad_accum / C: the gradient of the global mean.
+        A micro-batch whose loss is non-finite on any rank is dropped on all ranks before backward
+        (DeepSpeed's bf16 path has no overflow skip), and the next one takes its place (C then counts
+        the planned micro-batches: the step's weighting is off by the swapped sizes, see README).
         """
-        losses: list[float] = []
-        consecutive = 0
-        while len(losses) < self.cfg.trainer.grad_accum:
+        accum = self.cfg.trainer.grad_accum
+        scale = self.dist.world_size * accum / self.sampler.upcoming_samples(accum)
+        loss_sum, samples, good, consecutive = 0.0, 0, 0, 0
+        while good < accum:
             bucket, ids = next(batches)
             per_sample, sigma = self.forward_loss(self.cache.batch(ids), bucket, ids)
-            loss = per_sample.mean()
-            flags = torch.stack([loss.detach().float(), (~torch.isfinite(loss)).float()])
-            torch.distributed.all_reduce(flags)  # sum over ranks
-            total, nonfinite = flags.tolist()  # host sync: every rank must agree before backward
+            loss = per_sample.sum() * scale
+            flags = torch.stack([per_sample.detach().float().sum(), (~torch.isfinite(loss)).float(),
+                                 torch.tensor(float(len(ids)), device=loss.device)])
+            torch.distributed.all_reduce(flags)  # sums over ranks: loss, non-finite ranks, samples
+            total, nonfinite, count = flags.tolist()  # host sync: every rank must agree before backward
             if nonfinite:
                 consecutive += 1
                 self.nonfinite_total += 1
@@ -231,12 +225,13 @@ class Trainer:
                                        "stopping. The last complete checkpoint is intact; lower "
                                        "optimizer.lr or check the data, then resume.")
                 continue
-            consecutive = 0
+            consecutive, good = 0, good + 1
             self.engine.backward(loss)
             self.engine.step()
             self.bands.add(per_sample, sigma)
-            losses.append(total / self.dist.world_size)
-        return sum(losses) / len(losses)
+            loss_sum, samples = loss_sum + total, samples + int(count)
+        self.step_samples = samples
+        return loss_sum / samples
 
     # ----------------------------------------------------------------------------- validation
     @torch.no_grad()
@@ -270,13 +265,20 @@ class Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
+    def _report_sampler(self) -> None:
+        """Rank 0: the per-bucket batching table on stdout and in <output_dir>/sampler_summary.json."""
+        if self.dist.is_main:
+            print(self.sampler.summary())
+            summary = json.dumps(self.sampler.summary_dict, indent=1)
+            (self.output_dir / "sampler_summary.json").write_text(summary)
+
     def _log(self, metrics_file, loss: float, lr: float, seconds: float) -> None:
-        record = {"step": self.step, "loss": loss, "lr": lr, "epoch": self.sampler.epoch}
+        record = {"step": self.step, "loss": loss, "lr": lr, "epoch": self.sampler.epoch,
+                  "samples_per_step": self.step_samples}
         if self.step % self.cfg.trainer.log_every == 0:
             grad_norm = self.engine.get_global_grad_norm()
-            global_batch = self.cfg.trainer.micro_batch * self.cfg.trainer.grad_accum * self.dist.world_size
             record |= {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                       "step_time": seconds, "samples_per_s": global_batch / seconds,
+                       "step_time": seconds, "samples_per_s": self.step_samples / seconds,
                        "nonfinite_total": self.nonfinite_total}
             record |= self.bands.read_and_reset()
             self.logger.scalars({k: v for k, v in record.items() if k != "step"}, self.step)
@@ -293,6 +295,7 @@ class Trainer:
             print(READY_LINE, flush=True)
         batches = iter(self.sampler)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._report_sampler()
         metrics_file = open(self.output_dir / "metrics.jsonl", "a") if self.dist.is_main else None
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.dist.is_main and self.cfg.logging.progress))
