@@ -7,14 +7,15 @@ computed in numpy on every rank alike:
      m_b = max(1, floor(micro_batch * base_area / (h * w))) (`bucket_micro_batches`).
   2. the global batches of all buckets are shuffled together (one permutation).
   3. a step (one micro-step of every rank) is one global batch split into W near-equal micro-batches,
-     rank r taking the r-th. A global batch smaller than W cannot give every rank a sample, so it is
-     joined with the batches after it until the step holds >= W ids; those ranks then train on
-     different buckets in the same step (ZeRO-2 needs one shape only inside a micro-batch). A group
-     still short at the end of the epoch joins the last step with room for its buckets (`_join_small`).
+     rank r taking the r-th (a tail of 3 on 2 ranks: 2 + 1). Global batches smaller than W cannot give
+     every rank a sample: they are cut together, in order, into steps of exactly W ids, one per rank, so
+     ranks train on different buckets in the same step (ZeRO-2 needs one shape only inside a
+     micro-batch); the < W ids left over join the step with the most spare room (`_join_small`).
 Every id is in exactly one micro-batch per epoch, every rank has a non-empty micro-batch in every step,
-and all ranks make the same number of steps. Steps 1 and 2 do not depend on how G_b is split into
-micro_batch x W, so 1 rank x micro 4 and 2 ranks x micro 2 train on the same ids in every step except
-the (at most one per bucket) steps that join tails smaller than W.
+all ranks make the same number of steps, and no micro-batch holds more than its bucket's m_b ids unless
+no step has room for the leftover (m_b = 1 and N not a multiple of W: then a few ranks take one more,
+in one step). Steps 1 and 2 do not depend on how G_b is split into micro_batch x W, so 1 rank x micro 4
+and 2 ranks x micro 2 train on the same ids in every step except those holding tails smaller than W.
 
 Steps hold different numbers of samples (tails); the trainer weights each sample by 1 / (samples in the
 optimizer step), a count every rank reads from the plan (`upcoming_samples`). The checkpoint state is a
