@@ -296,7 +296,7 @@ class BucketBatchSampler:
         lines = [f"{'bucket':>11} {'images':>8} {'micro':>6} {'global':>7} {'full':>6} {'tail':>5}  tail is"]
         for key, b in s["buckets"].items():
             joined = b["tail_joined_with_other_buckets"]
-            how = "-" if not b["tail"] else "joined with other buckets" if joined else "split over the ranks"
+            how = "-" if not b["tail"] else "joined with other buckets" if joined else "a smaller step"
             lines.append(f"{key:>11} {b['images']:>8} {b['micro_batch']:>6} {b['global_batch']:>7} "
                          f"{b['full_global_batches']:>6} {b['tail']:>5}  {how}")
         area = f", batch by area at {s['batch_by_area_base']} px" if s["batch_by_area_base"] else ""
