@@ -82,20 +82,22 @@ def bad_ds_json(tmp_path):
     ("batch", BATCH_KEY),
     ("malformed", "deepspeed_config"),
     ("stage7", "zero_optimization.stage"),
-    ("unfillable", "trainer.micro_batch"),
+    ("more_ranks_than_images", "trainer.micro_batch"),
     ("eps", "optimizer.eps"),
     ("missing_tag", "trainer.resume"),
     ("schedule", "validation.schedule"),
     ("resume_none_over_checkpoints", "trainer.resume"),
 ])
-def test_config_errors_exit_before_any_model_loads(run_config, bad_ds_json, tmp_path, case, key):
+def test_config_errors_exit_before_any_model_loads(run_config, bad_ds_json, tmp_path, monkeypatch, case, key):
+    if case == "more_ranks_than_images":  # any micro_batch trains (tails), but every rank needs a sample
+        monkeypatch.setenv("WORLD_SIZE", "9")
     base = json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text())
     (tmp_path / "out" / "checkpoints" / checkpoint.tag_for(3)).mkdir(parents=True)
     args = {
         "batch": lambda: ["--deepspeed_config", bad_ds_json(json.dumps(base | {BATCH_KEY: 7}))],
         "malformed": lambda: ["--deepspeed_config", bad_ds_json('{"bf16": {"enabled": true,}')],
         "stage7": lambda: ["--deepspeed_config", bad_ds_json(json.dumps(base | STAGE_7))],
-        "unfillable": lambda: ["--trainer.micro_batch", "9"],  # 8 images in the cache
+        "more_ranks_than_images": lambda: [],  # 8 images in the cache, 9 ranks (WORLD_SIZE below)
         "eps": lambda: ["--optimizer.eps", "-1"],
         "missing_tag": lambda: ["--trainer.resume", str(tmp_path / "nope" / "step00000001")],
         "schedule": lambda: ["--validation.schedule", "bogus"],

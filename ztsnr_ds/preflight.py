@@ -3,7 +3,7 @@
 Each raises ValueError naming the key to change (config.check_inputs turns it into ConfigError, exit 2):
 the DeepSpeed JSON (readable, batch sizes that agree with trainer.*, a ZeRO stage this trainer runs),
 trainer.resume (a complete tag; never a silent mix of two runs in one output_dir) and whether the
-sampler can fill a micro-batch from the cache's buckets.
+sampler can plan an epoch on the cache's buckets (every rank needs a sample in every step).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def check_resume(output_dir: Path, resume: str, overwrite: bool) -> None:
 
 
 def check_buckets(config) -> None:
-    """The configured sampler, built on the cache's buckets, must have at least one batch per epoch."""
+    """The configured sampler must plan an epoch on the cache's buckets for this world size."""
     try:
         buckets = LatentCache(config.data.cache_dir, verify=False).buckets
         config.sampler(buckets, config.trainer.micro_batch, world_size(), 0)
@@ -70,4 +70,4 @@ def check_buckets(config) -> None:
         raise ValueError(f"data.cache_dir: {err}") from err
     except ValueError as err:
         raise ValueError(f"trainer.micro_batch = {config.trainer.micro_batch} (x {world_size()} ranks): "
-                         f"{err}; lower trainer.micro_batch or add images to the buckets") from err
+                         f"{err}; lower trainer.micro_batch, use fewer ranks or add images") from err
