@@ -12,6 +12,7 @@ from ztsnr_ds.optim import (
     AdamWSR,
     copy_stochastic_,
     lowbias32,
+    round_to_bf16,
     rounding_key,
     splitmix64,
     stochastic_round_to_bf16,
@@ -240,6 +241,35 @@ def test_runs_are_bitwise_reproducible_and_resume_exactly(kahan):
 
 def test_chunk_size_does_not_change_the_result():
     _assert_runs_equal(_bf16_run(3, {"chunk_size": 1 << 20}), _bf16_run(3, {"chunk_size": 97}))
+
+
+def _f32(bits: list[int]) -> torch.Tensor:
+    return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+def test_rounding_keeps_nan_nan_and_inf_inf():
+    """NaN payloads at the top of the mantissa would carry into the exponent (0x7F800001 + noise -> inf)
+    or wrap into the sign (0x7FFFFFFF + noise -> -0.0); both roundings must keep them NaN, and inf inf."""
+    nans = _f32([0x7FFFFFFF, 0x7F800001, 0xFFFFFFFF, 0xFF800001, 0x7FC00000, 0x7FBFFFFF])
+    infs = _f32([0x7F800000, 0xFF800000])
+    for noise in (None, torch.full((6,), 0xFFFF, dtype=torch.int32), torch.full((6,), 1, dtype=torch.int32)):
+        assert torch.isnan(round_to_bf16(nans, noise)).all()
+        inf_noise = None if noise is None else noise[:2]
+        assert torch.equal(round_to_bf16(infs, inf_noise), infs.to(torch.bfloat16))
+    assert torch.isnan(stochastic_round_to_bf16(nans, 7)).all()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_nan_gradient_gives_nan_params_not_inf_or_zero(fused):
+    """A NaN in the update must surface as NaN in the bf16 param and moments, on both paths."""
+    torch._dynamo.reset()
+    p = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    p.grad = torch.full((64,), 0.5, dtype=torch.bfloat16)
+    p.grad[::7] = float("nan")
+    AdamWSR([p], lr=1e-2, fused=fused).step()
+    bad = torch.zeros(64, dtype=torch.bool)
+    bad[::7] = True
+    assert torch.isnan(p.detach()[bad]).all() and torch.isfinite(p.detach()[~bad]).all()
 
 
 FUSED_CASES = {"sr": {}, "kahan": {"kahan": True}, "rtn": {"kahan": True, "stochastic_rounding": False}}

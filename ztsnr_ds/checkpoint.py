@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ztsnr_ds import integrity, safe_load
+from ztsnr_ds.engine import any_rank
 
 STATE_FILE = "ztsnr_state.json"
 LATEST_FILE = "latest"
@@ -203,18 +204,14 @@ def _estimate_size(engine, checkpoint_dir: Path) -> int:
 def _check_space(engine, checkpoint_dir: Path) -> int:
     """Fail on every rank, before writing, if any rank sees less free space than a tag needs."""
     need = _estimate_size(engine, checkpoint_dir)
-    short = torch.tensor([float(integrity.free_bytes(checkpoint_dir) < need)])
-    torch.distributed.all_reduce(short, op=torch.distributed.ReduceOp.MAX)
-    if short.item():  # host sync, once per save
+    if any_rank(integrity.free_bytes(checkpoint_dir) < need):  # host sync, once per save
         raise CheckpointError(integrity.no_space_message(checkpoint_dir, need))
     return need
 
 
 def _raise_if_any_failed(failed: BaseException | None, tag_dir: Path, need: int, is_main: bool) -> None:
     """Collective: if a rank's write failed, every rank raises; a full disk gets its partial tag removed."""
-    flag = torch.tensor([float(failed is not None)])
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    if not flag.item():  # host sync, once per save
+    if not any_rank(failed is not None):  # host sync, once per save
         return
     no_space = integrity.is_no_space(failed or OSError(), tag_dir.parent)
     torch.distributed.barrier()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from ztsnr_ds import locks
 
@@ -59,6 +60,19 @@ def init_distributed(backend: str | None = None, timeout: timedelta | None = Non
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if `flag` is true on any: a MAX all-reduce, then one host sync (the answer).
+
+    The tensor lives where the process group's backend wants it: NCCL (and the other accelerator
+    backends) accept device tensors only, gloo CPU ones. On GPUs gloo is used only by launch/cache.py.
+    """
+    gloo = torch.distributed.get_backend() == "gloo"
+    device = "cpu" if gloo else get_accelerator().current_device_name()
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def build_ds_config(path: str | Path, micro_batch: int, grad_accum: int, world_size: int) -> dict:

@@ -101,11 +101,16 @@ def counter_hash(n: int, base: int | torch.Tensor, key_hi: int | torch.Tensor, d
 
 def round_to_bf16(x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
     """x (fp32) -> bf16 by add-and-truncate: SR with 16-bit noise in [0, 2^16), or round-to-nearest-even
-    (noise = 0x7FFF + lowest kept bit) when noise is None. The fp32 -> bf16 cast at the end is exact."""
+    (noise = 0x7FFF + lowest kept bit) when noise is None. The fp32 -> bf16 cast at the end is exact.
+
+    A NaN is passed through: adding noise to its bits could carry into the exponent or the sign and turn it
+    into inf or -0.0 (0x7FFFFFFF + 1 is 0x80000000), hiding a divergence. +-inf stays inf (its low bits
+    are zero, so the noise never carries)."""
     bits = x.view(torch.int32)
     if noise is None:
         noise = ((bits >> 16) & 1) + 0x7FFF
-    return ((bits + noise) & BF16_KEEP).view(torch.float32).to(torch.bfloat16)
+    rounded = ((bits + noise) & BF16_KEEP).view(torch.float32)
+    return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
 
 
 def copy_stochastic_(dst: torch.Tensor, src: torch.Tensor, key: int, chunk_size: int = EAGER_CHUNK):

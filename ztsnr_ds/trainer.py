@@ -31,7 +31,7 @@ from ztsnr_ds import checkpoint
 from ztsnr_ds.config import TrainConfig, TrainerConfig
 from ztsnr_ds.data.cache import LatentCache
 from ztsnr_ds.data.tags import shuffle_caption
-from ztsnr_ds.engine import DistInfo, build_ds_config, initialize, is_pure_bf16
+from ztsnr_ds.engine import DistInfo, any_rank, build_ds_config, initialize, is_pure_bf16
 from ztsnr_ds.generate import SampleSpec, generate
 from ztsnr_ds.metrics import BandMeter, MetricLogger, image_grid
 from ztsnr_ds.models import load_frozen, load_unet
@@ -261,9 +261,7 @@ class Trainer:
             tqdm.write(f"signal {signum}: finishing this step, saving a checkpoint, then exiting")
 
     def _agree_to_stop(self) -> bool:
-        flag = torch.tensor([float(self.stop_requested)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.stop_requested)  # host sync once per step: all ranks save and stop together
 
     def _report_sampler(self) -> None:
         """Rank 0: the per-bucket batching table on stdout and in <output_dir>/sampler_summary.json."""
