@@ -132,3 +132,20 @@ def test_gradient_accumulation_equals_larger_batch():
     assert moved.abs().mean() > 0.5 * lr  # the step really moved the weights
     # Same update up to bf16 rounding of grads and weights: at most 1% of elements disagree by > lr/4.
     assert (diffs.abs() > lr / 4).float().mean() < 0.01
+
+
+def test_an_inf_gradient_with_a_finite_loss_is_skipped_and_counted():
+    """DeepSpeed's ZeRO-2 bf16 step (check_grad_overflow) skips a step whose gradient norm is not finite and
+    counts it in engine.skipped_steps, which the trainer logs and subtracts from the LR schedule's step."""
+    engine, _ = make_engine(PURE)
+    x, y = regression_batch(4)
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    first = next(engine.module.parameters())
+    hook = first.register_hook(lambda g: torch.full_like(g, float("inf")))  # the loss itself stays finite
+    assert torch.isfinite(torch.tensor(step(engine, x, y)))
+    hook.remove()
+    assert engine.skipped_steps == 1
+    assert all(torch.equal(b, p.detach()) for b, p in zip(before, engine.module.parameters()))
+    step(engine, x, y)
+    assert engine.skipped_steps == 1
+    assert not torch.equal(before[0], first.detach())

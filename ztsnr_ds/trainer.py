@@ -200,8 +200,8 @@ class Trainer:
         from the sampler's plan. DeepSpeed divides by grad_accum and averages over W ranks, so a rank's
         micro-batch loss is sum(per-sample) * W * grad_accum / C: the gradient of the global mean.
         A micro-batch whose loss is non-finite on any rank is dropped on all ranks before backward
-        (DeepSpeed's bf16 path has no overflow skip), and the next one takes its place (C then counts
-        the planned micro-batches: the step's weighting is off by the swapped sizes, see README).
+        (an inf gradient from a finite loss is DeepSpeed's to skip), and the next one takes its place
+        (C counts the planned micro-batches: the step's weighting is off by the swapped sizes, see README).
         """
         accum = self.cfg.trainer.grad_accum
         scale = self.dist.world_size * accum / self.sampler.upcoming_samples(accum)
@@ -277,7 +277,7 @@ class Trainer:
             grad_norm = self.engine.get_global_grad_norm()
             record |= {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                        "step_time": seconds, "samples_per_s": self.step_samples / seconds,
-                       "nonfinite_total": self.nonfinite_total}
+                       "nonfinite_total": self.nonfinite_total, "skipped_steps": self.engine.skipped_steps}
             record |= self.bands.read_and_reset()
             self.logger.scalars({k: v for k, v in record.items() if k != "step"}, self.step)
         if self.dist.is_main:
@@ -301,7 +301,8 @@ class Trainer:
         try:
             while self.step < cfg.max_steps:
                 start = time.perf_counter()
-                lr = lr_at(self.step, cfg, self.cfg.optimizer.lr)
+                # The schedule counts updates applied: DeepSpeed skips (and counts) inf-gradient steps.
+                lr = lr_at(self.step - self.engine.skipped_steps, cfg, self.cfg.optimizer.lr)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 loss = self.train_step(batches)
