@@ -27,11 +27,13 @@ from ztsnr_ds.export import (
     SDXL_UNET_CONFIG,
     UNET_WEIGHTS,
     ExportError,
+    current_umask,
     export_single_file,
     load_base,
     load_checkpoint,
     load_unet_safetensors,
     openclip_to_sgm,
+    sampling_readme,
     sgm_to_unet,
     single_file_state,
     unet_shapes,
@@ -134,7 +136,7 @@ def test_single_file_text_encoders_match_originals(single_file, tiny_sdxl):
 def test_single_file_markers_and_metadata(single_file, run_dir, tiny_sdxl):
     with safe_open(str(single_file), "pt") as f:
         meta, keys = f.metadata(), set(f.keys())
-        assert f.get_tensor("v_pred").numel() == 0 and f.get_tensor("ztsnr").numel() == 0
+        assert f.get_tensor("v_pred").numel() == 0 and "ztsnr" not in f.keys()  # terminal: not Lin's table
     assert meta["modelspec.sai_model_spec"] == "1.0.0"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
     assert meta["modelspec.prediction_type"] == "v" and meta["modelspec.title"] == "tiny step 1"
@@ -148,10 +150,14 @@ def test_single_file_markers_and_metadata(single_file, run_dir, tiny_sdxl):
         "model.diffusion_model.out.2.weight",
     } <= keys
     assert [p.name for p in single_file.parent.iterdir()] == [single_file.name]  # no temporary file left
+    assert single_file.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # safetensors alone gives 0600
     trained = load_checkpoint(run_dir)
-    trained_off = replace(trained, noise={**NOISE, "ztsnr": "off"})
-    off = single_file_state(trained_off, load_base(tiny_sdxl, trained, torch.bfloat16), torch.bfloat16)
-    assert "v_pred" in off and "ztsnr" not in off
+    parts = load_base(tiny_sdxl, trained, torch.bfloat16)
+    for mode, marked in (("off", False), ("terminal", False), ("rescale", True)):
+        state = single_file_state(replace(trained, noise={**NOISE, "ztsnr": mode}), parts, torch.bfloat16)
+        assert "v_pred" in state and ("ztsnr" in state) == marked, mode
+        readme = sampling_readme(replace(trained, noise={**NOISE, "ztsnr": mode}))
+        assert ("no `ztsnr` marker" in readme) != marked, mode
 
 
 def test_import_single_file_reproduces_trained_unet(single_file, reference, tiny_sdxl, tmp_path):

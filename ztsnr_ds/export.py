@@ -2,8 +2,8 @@
 
 The trained weights come from deepspeed's `zero_to_fp32` (any world size, no GPU needed; bf16 tensors
 for bf16 masters). Single-file SDXL uses the key layout of Stability's generative-models (SGM), which
-ComfyUI, A1111 and `diffusers.from_single_file` read; empty `v_pred` / `ztsnr` marker tensors tell
-ComfyUI to sample with v-prediction and the zero-terminal-SNR schedule.
+ComfyUI, A1111 and `diffusers.from_single_file` read; the empty `v_pred` marker tells the clients to
+sample with v-prediction, and `ztsnr` (written for `rescale` models only) to rebuild Lin et al.'s table.
 
 Key maps are data: dicts from diffusers module names to SGM ones (DESIGN.md section 8), expanded per
 block by small functions. A key is renamed by its longest dotted prefix found in the map, so a map
@@ -317,12 +317,24 @@ def check_shapes(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------- writing
+def current_umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    """Write via a temporary file and rename, so no half-written file ever carries the final name."""
+    """Write via a temporary file and rename, so no half-written file ever carries the final name.
+
+    safetensors creates its file 0600; an export is meant for other programs (a ComfyUI or A1111 running
+    as another user), so it gets what `open` would give: 0666 less the umask (0644 with the usual 022).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -390,12 +402,18 @@ def load_base(base: str | Path, trained: TrainedUNet, dtype: torch.dtype) -> Fro
 
 def single_file_state(trained: TrainedUNet, parts: FrozenParts,
                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All SDXL weights in SGM keys, plus the empty `v_pred` and (in ZTSNR modes) `ztsnr` markers."""
+    """All SDXL weights in SGM keys, plus the empty `v_pred` marker and, for `rescale` only, `ztsnr`.
+
+    ComfyUI, Forge, reForge and A1111 read `ztsnr` as "rebuild Lin et al.'s rescaled table" (top sigma
+    4518.76 before the terminal step); only a `rescale` model was trained on that table. A `terminal`
+    model would be told other timesteps than training used at nearly every step, so it carries no
+    `ztsnr` marker; the metadata (`ztsnr_ds.ztsnr`, `sigma_max`, `base_area`) records its table.
+    """
     state = unet_to_sgm(trained.state_dict, trained.unet_config)
     state |= clip_l_to_sgm(parts.text_encoder.state_dict())
     state |= openclip_to_sgm(parts.text_encoder_2.state_dict())
     state |= vae_to_sgm(parts.vae.state_dict(), parts.vae.config)
-    markers = ["v_pred"] + (["ztsnr"] if trained.noise["ztsnr"] != "off" else [])
+    markers = ["v_pred"] + (["ztsnr"] if trained.noise["ztsnr"] == "rescale" else [])
     state |= {name: torch.zeros(0) for name in markers}
     return {k: v.to(dtype).contiguous() for k, v in state.items()}
 
@@ -453,7 +471,10 @@ image = pipe(prompt, sigmas=sigmas, height=height, width=width, guidance_scale=5
 ```
 
 ztsnr_ds' own Euler sampler (`ztsnr_ds.sampling`) takes the same sigmas. A single-file export of this
-checkpoint carries the `v_pred` and `ztsnr` marker keys that ComfyUI reads to pick v-prediction and ZTSNR.
+checkpoint carries the `v_pred` marker that ComfyUI, A1111 and Forge read to pick v-prediction{
+    ", and `ztsnr`, which makes them rebuild this (Lin et al.'s rescaled) table" if s.mode == "rescale" else
+    "; it carries no `ztsnr` marker, because the clients read that as Lin et al.'s rescaled table, not `"
+    + s.mode + "`"}.
 """
 
 
