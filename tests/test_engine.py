@@ -134,6 +134,17 @@ def test_gradient_accumulation_equals_larger_batch():
     assert (diffs.abs() > lr / 4).float().mean() < 0.01
 
 
+def test_gradient_accumulation_runs_in_fp32_and_the_weights_stay_bf16():
+    assert "data_types" not in build_ds_config(PURE, 4, 1, world_size=1)
+    engine, opt = make_engine(PURE, micro=4, accum=2)
+    assert engine.optimizer.gradient_accumulation_dtype == torch.float32  # DeepSpeed's own field
+    x, y = regression_batch(8)
+    step(engine, x[:4], y[:4])
+    step(engine, x[4:], y[4:])
+    assert engine.global_steps == 1 and opt.param_groups[0]["params"][0].dtype == torch.bfloat16
+    assert torch.isfinite(torch.tensor(float(engine.get_global_grad_norm())))
+
+
 def test_an_inf_gradient_with_a_finite_loss_is_skipped_and_counted():
     """DeepSpeed's ZeRO-2 bf16 step (check_grad_overflow) skips a step whose gradient norm is not finite and
     counts it in engine.skipped_steps, which the trainer logs and subtracts from the LR schedule's step."""

@@ -80,6 +80,9 @@ def build_ds_config(path: str | Path, micro_batch: int, grad_accum: int, world_s
 
     train_batch_size = micro_batch * grad_accum * world_size. A JSON value other than
     "auto" (or absent) that disagrees is an error: which number wins would be a guess.
+    With grad_accum > 1 gradients accumulate in fp32 (`data_types.grad_accum_dtype`, unless the JSON
+    sets it): DeepSpeed would otherwise sum them in the model's bf16. In ZeRO-2 that buffer is this
+    rank's gradient partition, so it costs 2/N more bytes per parameter; weights stay bf16.
     """
     path = Path(path)
     if not path.is_file():
@@ -95,6 +98,8 @@ def build_ds_config(path: str | Path, micro_batch: int, grad_accum: int, world_s
                 f'set it to "auto" in the JSON or change trainer.micro_batch / trainer.grad_accum'
             )
         config[key] = value
+    if grad_accum > 1:  # bf16 sums of k micro-batch gradients lose low bits k-1 times: accumulate in fp32
+        config.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     return config
 
 
