@@ -23,24 +23,16 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from ztsnr_ds import checkpoint, engine
 from ztsnr_ds.export import (
-    OPENCLIP_PREFIX,
-    SDXL_UNET_CONFIG,
-    UNET_WEIGHTS,
     ExportError,
     current_umask,
     export_single_file,
     load_base,
     load_checkpoint,
-    load_unet_safetensors,
-    openclip_to_sgm,
     sampling_readme,
-    sgm_to_unet,
     single_file_state,
-    unet_shapes,
-    unet_to_sgm,
-    vae_to_sgm,
 )
-from ztsnr_ds.models import load_unet
+from ztsnr_ds.keymaps import OPENCLIP_PREFIX, openclip_to_sgm, sgm_to_unet, unet_to_sgm, vae_to_sgm
+from ztsnr_ds.models import SDXL_UNET_CONFIG, UNET_WEIGHTS, load_unet, load_unet_safetensors, unet_shapes
 from ztsnr_ds.schedule import ztsnr_sigmas
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,17 +29,10 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from ztsnr_ds import checkpoint
-from ztsnr_ds.export import (
-    UNET_PREFIX,
-    UNET_WEIGHTS,
-    ExportError,
-    load_checkpoint,
-    resolve_tag,
-    save_safetensors,
-    unet_from_state,
-)
+from ztsnr_ds.export import ExportError, load_checkpoint, resolve_tag, save_safetensors
+from ztsnr_ds.keymaps import UNET_PREFIX
 from ztsnr_ds.metrics import image_grid
-from ztsnr_ds.models import FrozenParts, load_frozen, load_unet
+from ztsnr_ds.models import UNET_WEIGHTS, FrozenParts, load_frozen, load_unet, unet_from_state
 from ztsnr_ds.sampling import SDXLDenoiser, sample_euler
 from ztsnr_ds.schedule import NoiseSchedule
 from ztsnr_ds.text import PromptEncoder

@@ -13,8 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import safe_open
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from ztsnr_ds.keymaps import UNET_PREFIX, ExportError, sgm_to_unet
+
+SDXL_UNET_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sdxl_unet" / "config.json"
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+META_UNET_CONFIG = "ztsnr_ds.unet_config"  # safetensors metadata key of an export's UNet config (JSON)
 
 # Tiny SDXL-shaped UNet: the same block structure as SDXL (3 levels, no attention in the
 # first, 2 resnets per level, linear projections, text_time added conditions) with
@@ -66,7 +74,7 @@ def load_unet(path: str | Path, dtype: torch.dtype = torch.float32) -> UNet2DCon
     """Load a UNet from a diffusers SDXL folder (`<path>/unet`), a UNet folder, or safetensors.
 
     A `.safetensors` file with diffusers keys needs a `config.json` beside it; one with SGM
-    keys (a full single-file SDXL) is converted by `ztsnr_ds.export.load_unet_safetensors`.
+    keys (a full single-file SDXL) is converted by `load_unet_safetensors`.
     """
     path = Path(path)
     if path.is_dir():
@@ -78,10 +86,76 @@ def load_unet(path: str | Path, dtype: torch.dtype = torch.float32) -> UNet2DCon
             )
         return UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
     if path.suffix == ".safetensors" and path.is_file():
-        from ztsnr_ds.export import load_unet_safetensors
-
         return load_unet_safetensors(path, dtype=dtype)
     raise FileNotFoundError(f"UNet path {path} does not exist or is not a folder / .safetensors file")
+
+
+def unet_shapes(config: dict) -> dict[str, torch.Size]:
+    """Parameter shapes of the UNet a config describes, without allocating it."""
+
+    with init_empty_weights():
+        return {k: v.shape for k, v in UNet2DConditionModel.from_config(config).state_dict().items()}
+
+
+def check_shapes(expected: dict[str, torch.Size], state: dict[str, torch.Tensor], problem: str) -> None:
+    """Raise ExportError (starting with `problem`) unless `state` has exactly the expected keys and shapes."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(s)}" for k, s in expected.items()
+             if k in state and state[k].shape != s]
+    if missing or unexpected or wrong:
+        raise ExportError(f"{problem}: {len(missing)} missing (e.g. {missing[:2]}), "
+                          f"{len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+                          f"{len(wrong)} of other shape (e.g. {wrong[:2]})")
+
+
+def _read_unet_config(config: dict | str | Path) -> dict:
+    """A config dict, a config.json, or a folder holding one."""
+    if isinstance(config, dict):
+        return config
+    path = Path(config)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ExportError(f"UNet config {path} does not exist; pass a config.json or a folder with one")
+    return json.loads(path.read_text())
+
+
+def load_unet_safetensors(path: str | Path, dtype: torch.dtype = torch.float32,
+                          config: dict | str | Path | None = None):
+    """A UNet2DConditionModel from a .safetensors: diffusers keys or a full single-file SDXL (SGM keys).
+
+    Config, first found: `config`; the file's ztsnr_ds.unet_config metadata; for diffusers keys a
+    config.json beside the file; for SGM keys configs/sdxl_unet/config.json (stock SDXL).
+    """
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"UNet weights {path} do not exist; pass a .safetensors file")
+    with safe_open(str(path), "pt") as f:
+        metadata, keys = f.metadata() or {}, list(f.keys())
+        sgm = any(k.startswith(UNET_PREFIX) for k in keys)
+        state = {k: f.get_tensor(k) for k in keys if k.startswith(UNET_PREFIX) or not sgm}
+    if config is None and META_UNET_CONFIG in metadata:
+        config = json.loads(metadata[META_UNET_CONFIG])
+    elif config is None:
+        config = SDXL_UNET_CONFIG if sgm else path.parent
+    config = _read_unet_config(config)
+    fix = f"{path} does not fit its UNet config; pass config= (a UNet config.json or folder)"
+    try:
+        state = sgm_to_unet(state, config) if sgm else state
+    except ExportError as e:
+        raise ExportError(f"{fix}: {e}") from e
+    check_shapes(unet_shapes(config), state, fix)
+    return unet_from_state(config, state, dtype)
+
+
+def unet_from_state(config: dict, state: dict[str, torch.Tensor],
+                    dtype: torch.dtype) -> UNet2DConditionModel:
+    """A UNet from a config and its full state dict, without initialising random weights first."""
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config)
+    unet.load_state_dict(state, strict=True, assign=True)
+    return unet.to(dtype).eval()
 
 
 def load_frozen(folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> FrozenParts:
