@@ -1,7 +1,8 @@
 """Export a trained UNet from a ZeRO checkpoint; works on CPU, for checkpoints of any world size.
 
-    python launch/export.py --checkpoint runs/x --format diffusers --out exports/x
-        -> exports/x/unet/ (config.json + safetensors), exports/x/scheduler/, exports/x/README.md
+    python launch/export.py --checkpoint runs/x --format diffusers --out exports/x [--base path/to/sdxl]
+        -> exports/x/unet/ (config.json + safetensors), exports/x/scheduler/, exports/x/README.md;
+           with --base also its VAE, text encoders, tokenizers and model_index.json: a whole pipeline folder
     python launch/export.py --checkpoint runs/x/checkpoints/step00001000 --format single_file \\
         --base path/to/sdxl-diffusers-folder --out x.safetensors
         -> one SDXL checkpoint (SGM keys, v_pred / ztsnr markers) for ComfyUI, A1111, from_single_file
@@ -26,6 +27,7 @@ from ztsnr_ds.export import (  # noqa: E402
     export_diffusers,
     export_single_file,
     load_checkpoint,
+    single_file_loader,
 )
 
 
@@ -35,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="run dir, its checkpoints/ dir, or a tag folder")
     parser.add_argument("--format", required=True, choices=("diffusers", "single_file"))
     parser.add_argument("--out", required=True, help="output folder (diffusers) or .safetensors file")
-    parser.add_argument("--base", help="diffusers SDXL folder the run trained from (single_file: VAE, "
-                                       "text encoders)")
+    parser.add_argument("--base", help="diffusers SDXL folder the run trained from: its VAE and text "
+                                       "encoders (needed by single_file; diffusers: a whole pipeline)")
     parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
     parser.add_argument("--title", help="modelspec.title (default: '<run name> step <N>')")
     return parser
@@ -49,18 +51,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--format single_file needs --base, the diffusers SDXL folder the run trained from")
     if args.format == "single_file" and not args.out.endswith(".safetensors"):
         parser.error(f"--format single_file writes one file: --out {args.out} must end in .safetensors")
-    if args.format == "diffusers" and args.base:
-        parser.error("--base is used by --format single_file only (diffusers format writes the UNet alone)")
     try:
         trained = load_checkpoint(args.checkpoint, DTYPES[args.dtype])
         if args.format == "diffusers":
-            out = export_diffusers(trained, args.out, args.title)
+            out = export_diffusers(trained, args.out, args.title, args.base)
         else:
             out = export_single_file(trained, args.base, args.out, DTYPES[args.dtype], args.title)
     except ExportError as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 2
     print(f"exported {trained.tag_dir} (step {trained.step}) -> {out}")
+    if args.format == "single_file":
+        print(f"diffusers, with the scheduler it was trained for:\n{single_file_loader(out, args.base)}")
     return 0
 
 

@@ -28,6 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from ztsnr_ds.config import DROPOUT_MODES  # noqa: E402
 from ztsnr_ds.generate import (  # noqa: E402
     NOISE_SETTINGS,
     SampleInputError,
@@ -81,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "model.pretrained of a checkpoint; required for UNet-only models)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", type=Path, help="text file, one prompt per line (blank lines skipped)")
-    p.add_argument("--negative", default="", help="negative prompt (unconditional CFG branch)")
+    p.add_argument("--negative", default="", help="negative prompt (unconditional CFG branch); empty: the "
+                                                  "model's unconditional, see --dropout-mode")
     p.add_argument("--steps", type=_positive_int, default=28, help="sampler steps (ignored with a list)")
     p.add_argument("--schedule", default="trailing", choices=(*INFERENCE_SCHEDULES, "list"))
     p.add_argument("--sigmas", type=_sigmas, help="--schedule list: descending levels, e.g. '20000,17.8,...' "
@@ -100,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma-max", type=float, default=s, help="override the model's sigma_max")
     p.add_argument("--base-area", type=_base_area, default=s, help="override the model's base area (px, "
                                                                     "or 'none')")
+    p.add_argument("--dropout-mode", choices=DROPOUT_MODES, default=s,
+                   help="what an empty --negative stands for: the encoded '' (empty) or zero embeddings "
+                        "(zeros); default: the model's captions.dropout_mode, else empty")
     return p
 
 
@@ -142,13 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     for module in (unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
         module.to(device)
+    dropout_mode = getattr(args, "dropout_mode", source.dropout_mode) or "empty"
     spec = SampleSpec(args.prompt, args.negative, args.n, args.seed,
                       None if args.sigmas else args.steps, args.sigmas or args.schedule,
-                      args.cfg, args.cfg_rescale, args.width, args.height)
+                      args.cfg, args.cfg_rescale, args.width, args.height, dropout_mode)
     settings = {"model": str(source.path), "kind": source.kind, "base": str(base), "steps": spec.steps,
                 "schedule": args.schedule, "cfg": args.cfg, "cfg_rescale": args.cfg_rescale,
                 "width": args.width, "height": args.height, "n": args.n, "dtype": dtype_name,
-                "device": device.type, "noise": noise, "noise_from": origin}
+                "device": device.type, "noise": noise, "noise_from": origin, "dropout_mode": dropout_mode}
     paths = write_samples(generate(unet, parts, schedule, spec), spec, args.out, settings, args.save_latents)
     print(f"wrote {len(paths)} files to {args.out}: {json.dumps([p.name for p in paths])}")
     return 0

@@ -15,7 +15,7 @@ import pytest
 import torch
 from accelerate import init_empty_weights
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -25,15 +25,18 @@ from ztsnr_ds import checkpoint, engine
 from ztsnr_ds.export import (
     ExportError,
     current_umask,
+    export_diffusers,
     export_single_file,
     load_base,
     load_checkpoint,
     sampling_readme,
+    single_file_loader,
     single_file_state,
 )
 from ztsnr_ds.keymaps import OPENCLIP_PREFIX, openclip_to_sgm, sgm_to_unet, unet_to_sgm, vae_to_sgm
 from ztsnr_ds.models import SDXL_UNET_CONFIG, UNET_WEIGHTS, load_unet, load_unet_safetensors, unet_shapes
-from ztsnr_ds.schedule import ztsnr_sigmas
+from ztsnr_ds.sampling import ZTSNREulerDiscreteScheduler
+from ztsnr_ds.schedule import NoiseSchedule, diffusers_scheduler_config, ztsnr_sigmas
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = checkpoint.tag_for(1)
@@ -67,6 +70,11 @@ def run_dir(tiny_sdxl, tmp_path_factory) -> Path:
     }
     checkpoint.save(ds_engine, out, 1, state, keep_last=2, is_main=dist.is_main)
     return out
+
+
+@pytest.fixture(scope="module")
+def sample_main():
+    return runpy.run_path(str(ROOT / "launch" / "sample.py"))["main"]
 
 
 @pytest.fixture(scope="module")
@@ -274,3 +282,47 @@ def test_bad_inputs_name_path_and_fix(run_dir, tmp_path, capsys):
     cli_main = runpy.run_path(str(ROOT / "launch" / "export.py"))["main"]
     assert cli_main(["--checkpoint", str(tmp_path / "empty"), "--format", "diffusers", "--out", "o"]) == 2
     assert "is not a checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dropout_mode", ["empty", "zeros"])
+def test_pipeline_export_samples_like_sample_py(run_dir, tiny_sdxl, tmp_path, sample_main, dropout_mode):
+    """--base makes a whole pipeline folder; diffusers with our scheduler and the same noise and sigmas
+    gives sample.py's latents, and its default negative (none given) is the run's unconditional."""
+    trained = replace(load_checkpoint(run_dir), dropout_mode=dropout_mode)  # terminal mode, bf16 weights
+    out = export_diffusers(trained, tmp_path / "pipe", base=tiny_sdxl)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["force_zeros_for_empty_prompt"] == (dropout_mode == "zeros")
+    readable = 0o666 & ~current_umask()
+    assert {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()} == {readable}
+    pipe = StableDiffusionXLPipeline.from_pretrained(out, local_files_only=True, torch_dtype=torch.float32)
+    assert_state_equal(pipe.unet.state_dict(), trained.state_dict)
+    assert pipe.scheduler.config.trained_betas is not None
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    pipe.scheduler = ZTSNREulerDiscreteScheduler.from_config(pipe.scheduler.config)  # training's t(sigma)
+
+    flags = ["--prompt", "1girl", "--seed", "3", "--steps", "4", "--width", "128", "--height", "128",
+             "--dtype", "fp32", "--cfg", "5", "--cfg-rescale", "0.7", "--save-latents",
+             "--out", str(tmp_path / "s")]
+    assert sample_main(["--model", str(out), *flags]) == 0
+    with safe_open(str(tmp_path / "s" / "latents.safetensors"), "pt") as f:
+        ours, sigmas = f.get_tensor("latents"), [float(s) for s in f.metadata()["sigmas"].split(",")]
+    assert sigmas == NoiseSchedule("terminal").inference_sigmas("trailing", 4, 128, 128).tolist()
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))  # generate.py's draw
+    theirs = pipe("1girl", height=128, width=128, sigmas=sigmas, guidance_scale=5.0, guidance_rescale=0.7,
+                  latents=noise, output_type="latent").images
+    assert theirs.abs().max() > 1  # latents of unit scale: atol is absolute and relative alike
+    # diffusers' Euler steps x + d * dt in fp32 from sigma_max (tests/test_sampling.py: 5.5e-3 from fp64
+    # at 4 trailing steps, CFG 5, rescale 0.7); ours is within 9e-6 of fp64.
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1.5e-2)
+
+
+def test_single_file_loads_in_diffusers_with_its_scheduler(single_file, reference, tiny_sdxl):
+    """The lines launch/export.py prints after a single-file export run as printed."""
+    scope: dict = {}
+    exec(single_file_loader(single_file, tiny_sdxl), scope)
+    pipe = scope["pipe"]
+    assert_state_equal(pipe.unet.state_dict(), reference)
+    ours = diffusers_scheduler_config(NoiseSchedule("terminal"))
+    assert pipe.scheduler.config.trained_betas == ours["trained_betas"]
+    assert (pipe.scheduler.config.prediction_type, pipe.scheduler.config.timestep_spacing) == (
+        "v_prediction", "trailing")

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import random
+from types import SimpleNamespace
+
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
+from ztsnr_ds.config import CaptionConfig
 from ztsnr_ds.models import TINY_TEXT_HIDDEN, load_frozen
 from ztsnr_ds.text import PromptEncoder
+from ztsnr_ds.trainer import Trainer
 
 PROMPTS = ["1girl, solo, looking at viewer", "landscape, mountains, sunset"]
 
@@ -84,3 +89,28 @@ def test_long_caption_truncated_to_77_tokens(encoder):
     # the extra tag falls past token 77: both captions encode identically
     torch.testing.assert_close(embeds[0], embeds[1], rtol=0, atol=0)
     torch.testing.assert_close(pooled[0], pooled[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["empty", "zeros"])
+@pytest.mark.parametrize("cached", [True, False])
+def test_caption_dropout_trains_the_chosen_unconditional(encoder, mode, cached):
+    """Trainer.conditioning: dropped rows are the encoded "" (empty) or zeros (zeros), cached or live."""
+    captions = [f"tag{i}, solo" for i in range(6)]
+    drop = [random.Random(i).random() < 0.5 for i in range(6)]  # the streams' first draw
+    assert any(drop) and not all(drop)
+    embeds, pooled = encoder.encode(captions)
+    batch = {"embeds": embeds.clone(), "pooled": pooled.clone()} if cached else {"captions": captions}
+    caps = CaptionConfig(shuffle_tags=False, dropout=0.5, dropout_mode=mode)
+    trainer = SimpleNamespace(cfg=SimpleNamespace(captions=caps), device=torch.device("cpu"), prompts=encoder)
+    got_embeds, got_pooled = Trainer.conditioning(trainer, batch, [random.Random(i) for i in range(6)])
+    empty = encoder.encode([""])
+    for i, dropped in enumerate(drop):
+        want = (empty if mode == "empty" else [torch.zeros_like(t[:1]) for t in empty]) if dropped else (
+            embeds[i : i + 1], pooled[i : i + 1])
+        torch.testing.assert_close(got_embeds[i : i + 1], want[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(got_pooled[i : i + 1], want[1], rtol=0, atol=1e-6)
+
+
+def test_dropout_mode_is_validated():
+    with pytest.raises(ValueError, match="captions.dropout_mode = 'none' is not one of empty, zeros"):
+        CaptionConfig(dropout_mode="none")

@@ -22,6 +22,7 @@ from ztsnr_ds.schedule import INFERENCE_SCHEDULES
 ZTSNR_MODES = ("terminal", "rescale", "off")
 WEIGHTINGS = ("min_snr", "soft_min_snr", "none")
 LR_SCHEDULES = ("constant", "cosine")
+DROPOUT_MODES = ("empty", "zeros")  # the unconditional: encoded "" or zero embeddings (PromptEncoder)
 
 
 def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
@@ -109,11 +110,16 @@ class CaptionConfig:
     keep_first: int = 1
     """Tags kept in place at the front when shuffling (e.g. the rating or subject tag)."""
     dropout: float = 0.05
-    """Probability of training on the empty prompt (makes classifier-free guidance work)."""
+    """Probability of training on the unconditional (makes classifier-free guidance work)."""
+    dropout_mode: str = "empty"
+    """The unconditional, for dropout and for an empty negative prompt: empty (the encoded "", which
+    ComfyUI and A1111 send for an empty negative) or zeros (zero embeddings and pooled vector, SDXL base's
+    own dropout, which diffusers sends when no negative is given). Exports record it."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout <= 1.0:
             raise ValueError(f"captions.dropout = {self.dropout} must lie in [0, 1]")
+        _check_choice("captions.dropout_mode", self.dropout_mode, DROPOUT_MODES)
         _check_positive("captions.keep_first", self.keep_first, allow_zero=True)
 
 

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from ztsnr_ds import checkpoint, safe_load
 from ztsnr_ds.keymaps import ExportError, clip_l_to_sgm, openclip_to_sgm, unet_to_sgm, vae_to_sgm
 from ztsnr_ds.models import (
+    FROZEN_PARTS,
     META_UNET_CONFIG,
     UNET_WEIGHTS,
     FrozenParts,
@@ -37,6 +38,10 @@ from ztsnr_ds.schedule import NoiseSchedule, diffusers_scheduler_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NOISE_KEYS = ("ztsnr", "sigma_max", "resolution_scaling", "base_area")  # config.noise (ztsnr_ds.config)
+EMPTY_PROMPT = {  # what each captions.dropout_mode trained as the unconditional, and how a client sends it
+    "empty": 'the encoded empty prompt "" (an empty negative prompt in ComfyUI and A1111)',
+    "zeros": "zero text embeddings (diffusers without a negative prompt; ComfyUI: ConditioningZeroOut)",
+}
 
 # ---------------------------------------------------------------------------------------- checkpoints
 @dataclass
@@ -48,6 +53,7 @@ class TrainedUNet:
     step: int
     noise: dict  # config.noise of the run: ztsnr, sigma_max, base_area, resolution_scaling
     tag_dir: Path
+    dropout_mode: str = "empty"  # captions.dropout_mode: the unconditional it learned ("" or zeros)
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -97,7 +103,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Tr
         noise = state[checkpoint.CONFIG]["noise"]
         unet_config, step = state[checkpoint.UNET_CONFIG], state[checkpoint.STEP]
         noise = {key: noise[key] for key in NOISE_KEYS}
-    except (KeyError, TypeError) as e:
+        dropout_mode = state[checkpoint.CONFIG].get("captions", {}).get("dropout_mode", "empty")  # older: ""
+    except (KeyError, TypeError, AttributeError) as e:
         raise ExportError(f"{tag_dir / checkpoint.STATE_FILE} lacks {e}; export checkpoints written by "
                           "ztsnr_ds.checkpoint.save") from e
     try:
@@ -111,7 +118,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Tr
                           "interrupted? Pass an older complete tag folder") from e
     check_shapes(unet_shapes(unet_config), weights,
                  f"{tag_dir}: the weights do not match unet_config in {checkpoint.STATE_FILE}")
-    return TrainedUNet(weights, unet_config, step, noise, tag_dir)
+    return TrainedUNet(weights, unet_config, step, noise, tag_dir, dropout_mode)
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -140,9 +147,15 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
 
 
 def export_metadata(trained: TrainedUNet, title: str | None = None) -> dict[str, str]:
-    """modelspec.* (Stability's SAI model spec 1.0.0) where a key exists, ztsnr_ds.* for the rest."""
-    base_area = trained.schedule.base_area
-    side = math.isqrt(base_area) if base_area else 1024
+    """modelspec.* (Stability's SAI model spec 1.0.0) where a key exists, ztsnr_ds.* for the rest.
+
+    The noise table (mode, sigma_max, base area) is in both: ztsnr_ds.* for programs (generate.py, the
+    ComfyUI node), modelspec.description for people; ztsnr_ds.scheduler_config is the diffusers
+    scheduler that samples it (`diffusers_scheduler_config`).
+    """
+    s = trained.schedule
+    side = math.isqrt(s.base_area) if s.base_area else 1024
+    area = f"base area {s.base_area} px" if s.base_area else "no resolution scaling"
     return {
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-xl-v1-base",
@@ -150,30 +163,42 @@ def export_metadata(trained: TrainedUNet, title: str | None = None) -> dict[str,
         "modelspec.title": title or trained.title,
         "modelspec.resolution": f"{side}x{side}",
         "modelspec.prediction_type": "v",
+        "modelspec.description": f"ztsnr_ds: v-prediction, zero terminal SNR mode {s.mode} (sigma_max "
+                                 f"{s.sigma_max:g}), {area}; unconditional (empty prompt): "
+                                 f"{EMPTY_PROMPT[trained.dropout_mode]}",
         "ztsnr_ds.step": str(trained.step),
         "ztsnr_ds.checkpoint_tag": trained.tag_dir.name,
-        "ztsnr_ds.ztsnr": trained.noise["ztsnr"],
-        "ztsnr_ds.sigma_max": str(float(trained.noise["sigma_max"])),
-        "ztsnr_ds.base_area": str(base_area),
+        "ztsnr_ds.ztsnr": s.mode,
+        "ztsnr_ds.sigma_max": str(float(s.sigma_max)),
+        "ztsnr_ds.base_area": str(s.base_area),
+        "ztsnr_ds.dropout_mode": trained.dropout_mode,
+        "ztsnr_ds.scheduler_config": json.dumps(diffusers_scheduler_config(s)),
         META_UNET_CONFIG: json.dumps(trained.unet_config),
     }
 
 
-def export_diffusers(trained: TrainedUNet, out: str | Path, title: str | None = None) -> Path:
-    """Write out/unet (config.json + safetensors), out/scheduler (ZTSNR Euler, v-pred) and out/README.md."""
-
+def export_diffusers(trained: TrainedUNet, out: str | Path, title: str | None = None,
+                     base: str | Path | None = None) -> Path:
+    """Write out/unet (config.json + safetensors), out/scheduler (ZTSNR Euler, v-pred), out/README.md and,
+    with `base`, the base's other parts and a model_index.json: a whole StableDiffusionXLPipeline folder."""
     out = Path(out)
+    base = check_base(base, trained) if base is not None else None
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # replaces `out` only once complete
     try:
         save_safetensors(trained.state_dict, tmp / "unet" / UNET_WEIGHTS,
                          {"format": "pt", **export_metadata(trained, title)})
         with init_empty_weights():
             config_json = UNet2DConditionModel.from_config(trained.unet_config).to_json_string()
-        checkpoint.write_atomic(tmp / "unet" / "config.json", config_json)
-        (tmp / "scheduler").mkdir(exist_ok=True)
+        checkpoint.write_atomic(tmp / "unet" / "config.json", config_json)  # open(): 0666 less the umask
+        (tmp / "scheduler").mkdir()
         scheduler = diffusers_scheduler_config(trained.schedule)
         checkpoint.write_atomic(tmp / "scheduler" / "scheduler_config.json", json.dumps(scheduler, indent=2))
         checkpoint.write_atomic(tmp / "README.md", sampling_readme(trained, title))
+        if base is not None:
+            for part in FROZEN_PARTS:  # copyfile: new files get 0666 less the umask, not the base's modes
+                shutil.copytree(base / part, tmp / part, copy_function=shutil.copyfile)
+            index = pipeline_index(json.loads((base / "model_index.json").read_text()), trained)
+            checkpoint.write_atomic(tmp / "model_index.json", json.dumps(index, indent=2))
         if out.exists():  # an earlier export: swapped out only now that the new one is whole
             os.replace(out, old := out.with_name(f"{out.name}.old{os.getpid()}"))
             shutil.rmtree(old)
@@ -183,8 +208,16 @@ def export_diffusers(trained: TrainedUNet, out: str | Path, title: str | None = 
     return out
 
 
-def load_base(base: str | Path, trained: TrainedUNet, dtype: torch.dtype) -> FrozenParts:
-    """VAE and text encoders of the SDXL folder the run trained from; its UNet must match in shape."""
+def pipeline_index(base_index: dict, trained: TrainedUNet) -> dict:
+    """The base's model_index.json with our scheduler and the run's empty-prompt convention: diffusers
+    zeroes the negative embeddings when none is given iff force_zeros_for_empty_prompt."""
+    return {**base_index, "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "force_zeros_for_empty_prompt": trained.dropout_mode == "zeros"}
+
+
+def check_base(base: str | Path, trained: TrainedUNet) -> Path:
+    """The SDXL folder the run trained from, checked: its UNet matches in shape, it has every frozen part."""
     base = Path(base)
     fix = "pass --base the diffusers SDXL folder the run was trained from (model.pretrained)"
     unet_json = base / "unet" / "config.json"
@@ -192,10 +225,20 @@ def load_base(base: str | Path, trained: TrainedUNet, dtype: torch.dtype) -> Fro
         raise ExportError(f"--base {base} is not a diffusers SDXL folder (no {unet_json}); {fix}")
     check_shapes(unet_shapes(json.loads(unet_json.read_text())), trained.state_dict,
                  f"--base {base}: {unet_json} disagrees with the checkpoint {trained.tag_dir}; {fix}")
+    missing = [p for p in (*FROZEN_PARTS, "model_index.json") if not (base / p).exists()]
+    if missing:
+        raise ExportError(f"--base {base} lacks {', '.join(missing)}; {fix}")
+    return base
+
+
+def load_base(base: str | Path, trained: TrainedUNet, dtype: torch.dtype) -> FrozenParts:
+    """VAE and text encoders of the SDXL folder the run trained from (`check_base`)."""
+    base = check_base(base, trained)
     try:
         return load_frozen(base, dtype)
     except (FileNotFoundError, OSError) as e:
-        raise ExportError(f"--base {base}: {e}; {fix}") from e
+        raise ExportError(f"--base {base}: {e}; pass --base the diffusers SDXL folder the run was "
+                          "trained from (model.pretrained)") from e
 
 
 def single_file_state(trained: TrainedUNet, parts: FrozenParts,
@@ -214,6 +257,17 @@ def single_file_state(trained: TrainedUNet, parts: FrozenParts,
     markers = ["v_pred"] + (["ztsnr"] if trained.noise["ztsnr"] == "rescale" else [])
     state |= {name: torch.zeros(0) for name in markers}
     return {k: v.to(dtype).contiguous() for k, v in state.items()}
+
+
+def single_file_loader(path: str | Path, base: str | Path) -> str:
+    """Python that loads a single-file export into diffusers with the scheduler it was trained for (the
+    file's ztsnr_ds.scheduler_config metadata); `base` gives the configs and tokenizers, offline."""
+    return ("import json, safetensors\n"
+            "from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline\n"
+            f"pipe = StableDiffusionXLPipeline.from_single_file({str(path)!r}, config={str(base)!r}, "
+            "local_files_only=True)\n"
+            f"pipe.scheduler = EulerDiscreteScheduler.from_config(json.loads(safetensors.safe_open("
+            f"{str(path)!r}, 'pt').metadata()['ztsnr_ds.scheduler_config']))")
 
 
 def export_single_file(trained: TrainedUNet, base: str | Path, out: str | Path,

@@ -2,7 +2,8 @@
 it was trained with, load UNet, VAE and text encoders, sample with the ZTSNR Euler sampler, and write
 PNGs that carry their settings, a grid, and optionally the latents (`launch/sample.py` is the CLI).
 
-Model kinds and where their training settings (ztsnr, sigma_max, base_area) are read from:
+Model kinds and where their training settings (ztsnr, sigma_max, base_area; captions.dropout_mode, the
+unconditional an empty negative prompt stands for) are read from:
 - checkpoint (a run folder, its checkpoints/ folder or a tag folder): ztsnr_state.json, config.noise;
   config.model.pretrained is the default base (VAE, text encoders, tokenizers);
 - diffusers (a UNet folder, an `export_diffusers` folder, a full SDXL folder, or a UNet .safetensors
@@ -59,6 +60,7 @@ class ModelSource:
     path: Path  # the tag folder of a checkpoint, else the path as given
     noise: dict = field(default_factory=dict)  # the NOISE_SETTINGS the model records (maybe none)
     base: Path | None = None  # diffusers SDXL folder for VAE and text encoders that the model names
+    dropout_mode: str | None = None  # captions.dropout_mode it records (None: records none)
 
 
 # ---------------------------------------------------------------------------------------- the model
@@ -75,6 +77,11 @@ def noise_from_metadata(metadata: dict[str, str]) -> dict:
     return noise
 
 
+def dropout_mode_from_metadata(metadata: dict[str, str]) -> str | None:
+    """captions.dropout_mode from the ztsnr_ds.* metadata of `export.export_metadata` (None if absent)."""
+    return metadata.get("ztsnr_ds.dropout_mode")
+
+
 def _inspect_checkpoint(path: Path) -> ModelSource:
     try:
         tag_dir = resolve_tag(path)
@@ -86,7 +93,9 @@ def _inspect_checkpoint(path: Path) -> ModelSource:
     if not noise.get("resolution_scaling", True):
         recorded["base_area"] = None
     pretrained = config.get("model", {}).get("pretrained")
-    return ModelSource("checkpoint", tag_dir, recorded, Path(pretrained) if pretrained else None)
+    dropout_mode = config.get("captions", {}).get("dropout_mode", "empty")  # older runs: the encoded ""
+    return ModelSource("checkpoint", tag_dir, recorded, Path(pretrained) if pretrained else None,
+                       dropout_mode)
 
 
 def _read_header(path: Path) -> tuple[dict[str, str], list[str]]:
@@ -101,14 +110,17 @@ def _read_header(path: Path) -> tuple[dict[str, str], list[str]]:
 def _inspect_folder(path: Path) -> ModelSource:
     folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
     weights = folder / UNET_WEIGHTS  # sharded or variant files carry no ztsnr_ds metadata
-    noise = noise_from_metadata(_read_header(weights)[0]) if weights.is_file() else {}
-    return ModelSource("diffusers", path, noise, path if (path / "model_index.json").is_file() else None)
+    metadata = _read_header(weights)[0] if weights.is_file() else {}
+    base = path if (path / "model_index.json").is_file() else None
+    return ModelSource("diffusers", path, noise_from_metadata(metadata), base,
+                       dropout_mode_from_metadata(metadata))
 
 
 def _inspect_file(path: Path) -> ModelSource:
     metadata, keys = _read_header(path)
     sgm = any(k.startswith(UNET_PREFIX) for k in keys)
-    return ModelSource("single_file" if sgm else "diffusers", path, noise_from_metadata(metadata))
+    return ModelSource("single_file" if sgm else "diffusers", path, noise_from_metadata(metadata),
+                       dropout_mode=dropout_mode_from_metadata(metadata))
 
 
 def inspect_model(path: str | Path) -> ModelSource:
@@ -214,6 +226,9 @@ class SampleSpec:
     cfg_rescale: float = 0.7
     width: int = 1024
     height: int = 1024
+    dropout_mode: str = "empty"
+    """captions.dropout_mode of the model: what the empty negative "" stands for (`empty`: the encoded "";
+    `zeros`: zero embeddings). A non-empty negative is always encoded."""
 
     def seed_of(self, prompt_index: int, image_index: int) -> int:
         return self.seed + prompt_index * self.n + image_index
@@ -236,8 +251,10 @@ def decode(vae: AutoencoderKL, latents: Tensor) -> Tensor:
     return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()
 
 
-def _conditioning(encoder: PromptEncoder, prompt: str, time_ids: Tensor) -> dict:
-    embeds, pooled = encoder.encode([prompt])
+def _conditioning(encoder: PromptEncoder, prompt: str, time_ids: Tensor,
+                  dropout_mode: str = "empty") -> dict:
+    """Denoiser kwargs of one prompt; "" is the model's unconditional (`PromptEncoder.unconditional`)."""
+    embeds, pooled = encoder.unconditional(1, dropout_mode) if prompt == "" else encoder.encode([prompt])
     return dict(encoder_hidden_states=embeds, text_embeds=pooled, time_ids=time_ids)
 
 
@@ -256,7 +273,7 @@ def generate(unet: UNet2DConditionModel, parts: FrozenParts, schedule: NoiseSche
     size = [spec.height, spec.width, 0, 0, spec.height, spec.width]
     time_ids = torch.tensor([size], dtype=torch.float32, device=device)  # (1, 6)
     encoder = PromptEncoder.from_parts(parts)
-    uncond = None if spec.cfg == 1 else _conditioning(encoder, spec.negative, time_ids)
+    uncond = None if spec.cfg == 1 else _conditioning(encoder, spec.negative, time_ids, spec.dropout_mode)
     denoiser = SDXLDenoiser(unet, schedule)
     latents, images, seeds = [], [], []
     for p, prompt in enumerate(spec.prompts):

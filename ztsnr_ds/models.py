@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from safetensors import safe_open
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -23,6 +23,7 @@ from ztsnr_ds.keymaps import UNET_PREFIX, ExportError, sgm_to_unet
 SDXL_UNET_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sdxl_unet" / "config.json"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 META_UNET_CONFIG = "ztsnr_ds.unet_config"  # safetensors metadata key of an export's UNet config (JSON)
+FROZEN_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")  # diffusers subfolders
 
 # Tiny SDXL-shaped UNet: the same block structure as SDXL (3 levels, no attention in the
 # first, 2 resnets per level, linear projections, text_time added conditions) with
@@ -43,6 +44,11 @@ TINY_UNET_CONFIG: dict = dict(
     addition_time_embed_dim=8,
     projection_class_embeddings_input_dim=80,
     norm_num_groups=32,
+)
+SDXL_BASE_SCHEDULER: dict = dict(  # scheduler_config.json of stable-diffusion-xl-base-1.0
+    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+    prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", interpolation_type="linear",
+    use_karras_sigmas=False,
 )
 TINY_TEXT_HIDDEN = 32  # each encoder; concatenated 2 * 32 = 64 = cross_attention_dim
 TINY_VAE_CONFIG: dict = dict(
@@ -161,8 +167,7 @@ def unet_from_state(config: dict, state: dict[str, torch.Tensor],
 def load_frozen(folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> FrozenParts:
     """Load VAE, both text encoders and tokenizers from a diffusers SDXL folder; frozen, eval."""
     folder = Path(folder)
-    missing = [s for s in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-               if not (folder / s).is_dir()]
+    missing = [s for s in FROZEN_PARTS if not (folder / s).is_dir()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a diffusers SDXL folder: missing {', '.join(missing)}/")
     kw = dict(torch_dtype=dtype, local_files_only=True)
@@ -207,7 +212,8 @@ def _tiny_text_config(hidden_act: str, vocab_size: int):
 def write_tiny_sdxl(out: str | Path, seed: int = 0) -> Path:
     """Write a tiny SDXL-shaped diffusers folder with random weights; needs no download.
 
-    CLIP-L stand-in uses quick_gelu, the bigG stand-in gelu and a projection, as in SDXL.
+    CLIP-L stand-in uses quick_gelu, the bigG stand-in gelu and a projection, as in SDXL; the scheduler
+    is SDXL base's (epsilon, leading), which `from_single_file(config=...)` reads.
     """
     out = Path(out)
     torch.manual_seed(seed)
@@ -217,10 +223,10 @@ def write_tiny_sdxl(out: str | Path, seed: int = 0) -> Path:
     CLIPTextModelWithProjection(_tiny_text_config("gelu", len(tok))).save_pretrained(out / "text_encoder_2")
     UNet2DConditionModel(**TINY_UNET_CONFIG).save_pretrained(out / "unet")
     AutoencoderKL(**TINY_VAE_CONFIG).save_pretrained(out / "vae")
-    (out / "model_index.json").write_text(json.dumps({
+    EulerDiscreteScheduler(**SDXL_BASE_SCHEDULER).save_pretrained(out / "scheduler")
+    (out / "model_index.json").write_text(json.dumps({  # no force_zeros_for_empty_prompt: exports set it
         "_class_name": "StableDiffusionXLPipeline",
         "_diffusers_version": "0.42.1",
-        "force_zeros_for_empty_prompt": True,
         "scheduler": ["diffusers", "EulerDiscreteScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],

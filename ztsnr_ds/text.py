@@ -72,3 +72,9 @@ class PromptEncoder:
             self._empty = self.encode([""])
         embeds, pooled = self._empty
         return embeds.expand(batch, -1, -1), pooled.expand(batch, -1)
+
+    def unconditional(self, batch: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unconditional of captions.dropout_mode: `empty` (the encoded "", see `empty`) or `zeros`
+        (zero embeddings and pooled vector, SDXL base's caption dropout). Shapes as `empty`."""
+        embeds, pooled = self.empty(batch)
+        return (embeds, pooled) if mode == "empty" else (torch.zeros_like(embeds), torch.zeros_like(pooled))

@@ -163,17 +163,19 @@ class Trainer:
         """
         cap = self.cfg.captions
         drop = torch.tensor([rng.random() < cap.dropout for rng in rngs])
-        if "embeds" in batch:
+        cached = "embeds" in batch
+        if cached:
             embeds, pooled = batch["embeds"].to(self.device), batch["pooled"].to(self.device)
-            if drop.any():
-                empty_embeds, empty_pooled = self.prompts.empty(1)
-                embeds[drop], pooled[drop] = empty_embeds.to(embeds.dtype), empty_pooled.to(pooled.dtype)
-            return embeds, pooled
-        captions = [
-            "" if d else shuffle_caption(c, cap.keep_first, rng) if cap.shuffle_tags else c
-            for c, d, rng in zip(batch["captions"], drop.tolist(), rngs)
-        ]
-        return self.prompts.encode(captions)
+        else:
+            captions = [
+                "" if d else shuffle_caption(c, cap.keep_first, rng) if cap.shuffle_tags else c
+                for c, d, rng in zip(batch["captions"], drop.tolist(), rngs)
+            ]
+            embeds, pooled = self.prompts.encode(captions)
+        if drop.any() and (cached or cap.dropout_mode == "zeros"):  # live "" rows are already encoded
+            u_embeds, u_pooled = self.prompts.unconditional(1, cap.dropout_mode)
+            embeds[drop], pooled[drop] = u_embeds.to(embeds.dtype), u_pooled.to(pooled.dtype)
+        return embeds, pooled
 
     def forward_loss(self, batch: dict, bucket: str, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample weighted v loss (B,) and the sigmas drawn for it (B,)."""
@@ -242,7 +244,7 @@ class Trainer:
         val = self.cfg.validation
         spec = SampleSpec(prompts=list(val.prompts), negative=val.negative, seed=val.seed, steps=val.steps,
                           schedule=val.schedule, cfg=val.cfg_scale, cfg_rescale=val.cfg_rescale,
-                          width=val.width, height=val.height)
+                          width=val.width, height=val.height, dropout_mode=self.cfg.captions.dropout_mode)
         unet = self.engine.module  # ZeRO-2 keeps full weights on every rank
         unet.eval()
         samples = generate(unet, self.parts, self.schedule, spec, progress=False)
