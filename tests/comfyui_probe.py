@@ -1,12 +1,13 @@
 """Run inside a ComfyUI checkout's Python (not ours): apply the ztsnr_ds node to an SDXL model and
 record what ComfyUI's own code computes with it. tests/test_comfyui.py runs this and checks the numbers.
 
-    COMFYUI_PYTHON comfyui_probe.py COMFYUI_DIR NODE_DIR INPUTS.safetensors OUT.safetensors
+    COMFYUI_PYTHON comfyui_probe.py COMFYUI_DIR NODE_DIR INPUTS.safetensors OUT.safetensors CKPT_DIR
 
 The SDXL model has a probe in place of its UNet (ComfyUI builds the rest: model_base.SDXL, ModelPatcher,
 KSampler): it records the (input, timestep) ComfyUI gives it and returns
 v = 0.5 xc - t / 2000 + mean(context), so tests can replay the same model through ztsnr_ds.
-INPUTS: noise (1, 4, h, w), cond, uncond (1, L, D).
+INPUTS: noise (1, 4, h, w), cond, uncond (1, L, D). CKPT_DIR/export.safetensors: a file with an export's
+metadata, which the node reads when chosen by name, as ComfyUI's checkpoint list offers it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-comfy_dir, node_dir, inputs_path, out_path = sys.argv[1:5]
+comfy_dir, node_dir, inputs_path, out_path, ckpt_dir = sys.argv[1:6]
 sys.path.insert(0, comfy_dir)
 
 import comfy.cli_args  # noqa: E402
@@ -28,6 +29,7 @@ import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import comfy.supported_models  # noqa: E402
+import folder_paths  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 MODES = ("terminal", "rescale", "off")
@@ -106,6 +108,10 @@ def main() -> None:
             (patched,) = node.patch(patcher, "(use the settings below)", mode, 20000.0, 1024 * 1024,
                                     width, height)
             record(out, key, patched.get_model_object("model_sampling"), noise)
+    folder_paths.add_model_folder_path("checkpoints", ckpt_dir)
+    assert "export.safetensors" in node.INPUT_TYPES()["required"]["ckpt_name"][0]
+    (patched,) = node.patch(patcher, "export.safetensors", "terminal", 20000.0, 1024 * 1024, 1024, 1024)
+    out["from_metadata.sigmas"] = patched.get_model_object("model_sampling").sigmas  # its settings win
     # ComfyUI's own KSampler (euler, simple, CFG 5) on a terminal model at 1024 x 1024, the probe as UNet.
     (patched,) = node.patch(patcher, "(use the settings below)", "terminal", 20000.0, 1024 * 1024, 1024, 1024)
     pooled = {"pooled_output": torch.zeros(1, 1280), "width": 1024, "height": 1024}

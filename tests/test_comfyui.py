@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ztsnr_ds import schedule as zs
+from ztsnr_ds.export import TrainedUNet, export_metadata
 from ztsnr_ds.objective import append_dims, c_in, denoised_from_v
 from ztsnr_ds.sampling import sample_euler
 
@@ -27,6 +28,9 @@ NODE_DIR = ROOT / "comfyui"
 MODES = ("terminal", "rescale", "off")
 SIZES = ((1024, 1024), (1536, 1536), (832, 1216))  # as comfyui_probe.py
 STEPS, CFG, SDXL_SCALE_FACTOR = 28, 5.0, 0.13025
+# A run whose export metadata the node reads (settings unlike the node's inputs in the probe).
+METADATA_RUN = TrainedUNet({}, {}, 1, {"ztsnr": "rescale", "sigma_max": 5000.0, "resolution_scaling": False,
+                                       "base_area": 1024 * 1024}, Path("runs/x/checkpoints/step00000001"))
 
 
 def _table_module():
@@ -62,9 +66,11 @@ def comfy(tmp_path_factory) -> dict[str, torch.Tensor]:
     inputs = {"noise": torch.randn(1, 4, 16, 16, generator=g), "cond": torch.randn(1, 8, 64, generator=g),
               "uncond": torch.randn(1, 8, 64, generator=g)}
     save_file(inputs, tmp / "in.safetensors")
+    (tmp / "ckpt").mkdir()
+    save_file({"v_pred": torch.zeros(0)}, tmp / "ckpt" / "export.safetensors", export_metadata(METADATA_RUN))
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     cmd = [python, str(ROOT / "tests" / "comfyui_probe.py"), comfy_dir, str(NODE_DIR),
-           str(tmp / "in.safetensors"), str(tmp / "out.safetensors")]
+           str(tmp / "in.safetensors"), str(tmp / "out.safetensors"), str(tmp / "ckpt")]
     subprocess.run(cmd, check=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
     return {**load_file(tmp / "out.safetensors"), **{f"in.{k}": v for k, v in inputs.items()}}
 
@@ -101,6 +107,10 @@ def test_model_sampling_matches_ztsnr_ds(comfy, mode, width, height):
                                    rtol=1e-6, atol=0)
         assert torch.equal(comfy[f"{key}.{name}.noise"], append_dims(levels, 4) * x)  # x = x0 + sigma eps
         assert torch.equal(comfy[f"{key}.{name}.noise_max"], levels[0] * noise)
+
+
+def test_node_reads_the_export_metadata(comfy):
+    assert torch.equal(comfy["from_metadata.sigmas"], zs.NoiseSchedule("rescale", 5000.0, None).table.float())
 
 
 def _scheduler(name: str, ours: zs.NoiseSchedule, table: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from ztsnr_ds.export import (
     ExportError,
     current_umask,
     export_diffusers,
+    export_metadata,
     export_single_file,
     load_base,
     load_checkpoint,
@@ -33,6 +34,7 @@ from ztsnr_ds.export import (
     single_file_loader,
     single_file_state,
 )
+from ztsnr_ds.generate import noise_from_metadata
 from ztsnr_ds.keymaps import OPENCLIP_PREFIX, openclip_to_sgm, sgm_to_unet, unet_to_sgm, vae_to_sgm
 from ztsnr_ds.models import SDXL_UNET_CONFIG, UNET_WEIGHTS, load_unet, load_unet_safetensors, unet_shapes
 from ztsnr_ds.sampling import ZTSNREulerDiscreteScheduler
@@ -158,6 +160,17 @@ def test_single_file_markers_and_metadata(single_file, run_dir, tiny_sdxl):
         assert "v_pred" in state and ("ztsnr" in state) == marked, mode
         readme = sampling_readme(replace(trained, noise={**NOISE, "ztsnr": mode}))
         assert ("no `ztsnr` marker" in readme) != marked, mode
+        for noise in ({**NOISE, "ztsnr": mode, "sigma_max": 5000.0},
+                      {**NOISE, "ztsnr": mode, "resolution_scaling": False}):
+            meta = export_metadata(replace(trained, noise=noise))  # the exact table, in every mode
+            area = 1024**2 if noise["resolution_scaling"] else None
+            schedule = NoiseSchedule(mode, noise["sigma_max"], area)
+            assert noise_from_metadata(meta) == {"ztsnr": mode, "sigma_max": noise["sigma_max"],
+                                                 "base_area": schedule.base_area}
+            assert f"mode {mode} (sigma_max {noise['sigma_max']:g})" in meta["modelspec.description"]
+            assert ("base area 1048576 px" in meta["modelspec.description"]) == noise["resolution_scaling"]
+            scheduler = EulerDiscreteScheduler.from_config(json.loads(meta["ztsnr_ds.scheduler_config"]))
+            assert scheduler.config.trained_betas == diffusers_scheduler_config(schedule)["trained_betas"]
 
 
 def test_import_single_file_reproduces_trained_unet(single_file, reference, tiny_sdxl, tmp_path):
