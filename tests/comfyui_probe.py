@@ -6,13 +6,15 @@ record what ComfyUI's own code computes with it. tests/test_comfyui.py runs this
 The SDXL model has a probe in place of its UNet (ComfyUI builds the rest: model_base.SDXL, ModelPatcher,
 KSampler): it records the (input, timestep) ComfyUI gives it and returns
 v = 0.5 xc - t / 2000 + mean(context), so tests can replay the same model through ztsnr_ds.
-INPUTS: noise (1, 4, h, w), cond, uncond (1, L, D). CKPT_DIR/export.safetensors: a file with an export's
-metadata, which the node reads when chosen by name, as ComfyUI's checkpoint list offers it.
+INPUTS: noise (1, 4, h, w), cond, uncond (1, L, D). CKPT_DIR/model.safetensors: a file with an export's
+metadata, which the node reads when chosen by name, as ComfyUI's checkpoint list offers it. The node is
+loaded by ComfyUI's own custom-node loader, which then validates comfyui/example_workflow_api.json.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -29,7 +31,9 @@ import comfy.model_patcher  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import comfy.supported_models  # noqa: E402
+import execution  # noqa: E402
 import folder_paths  # noqa: E402
+import nodes  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 MODES = ("terminal", "rescale", "off")
@@ -39,14 +43,15 @@ STEPS = 28
 CFG = 5.0
 
 
-def load_node_package(path: str):
-    """Import the node folder as ComfyUI's custom-node loader does: a package from its __init__.py."""
-    spec = importlib.util.spec_from_file_location("ztsnr_ds_comfy", Path(path) / "__init__.py",
-                                                  submodule_search_locations=[path])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+async def load_node_and_validate_workflow() -> bool:
+    """ComfyUI's start-up: built-in extra nodes, then our folder as a custom node; then the example."""
+    await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
+    assert await nodes.load_custom_node(node_dir), f"ComfyUI could not load {node_dir}"
+    workflow = json.loads((Path(node_dir) / "example_workflow_api.json").read_text())
+    valid, error, _, node_errors = await execution.validate_prompt("probe", workflow, None)
+    if not valid:
+        print(f"example workflow invalid: {error} {node_errors}", file=sys.stderr)
+    return valid
 
 
 class Probe(torch.nn.Module):
@@ -93,12 +98,15 @@ def record(out: dict, key: str, ms, noise: torch.Tensor) -> None:
 
 
 def main() -> None:
-    node = load_node_package(node_dir).NODE_CLASS_MAPPINGS["ZTSNRModelSampling"]()
+    folder_paths.add_model_folder_path("checkpoints", ckpt_dir)
+    valid = asyncio.run(load_node_and_validate_workflow())
+    node = nodes.NODE_CLASS_MAPPINGS["ZTSNRModelSampling"]()
     inputs = load_file(inputs_path)
     noise = inputs["noise"]
     patcher, probe = sdxl_patcher()
     stock = patcher.get_model_object("model_sampling")  # what ComfyUI gives a `v_pred` file by itself
-    out = {"stock.sigmas": stock.sigmas, "stock.timestep": stock.timestep(stock.sigmas).float()}
+    out = {"workflow_valid": torch.tensor(float(valid)), "stock.sigmas": stock.sigmas,
+           "stock.timestep": stock.timestep(stock.sigmas).float()}
     stock_ztsnr = sdxl_patcher(ztsnr=True)[0].get_model_object("model_sampling")  # `v_pred` + `ztsnr`
     out["stock_ztsnr.sigmas"] = stock_ztsnr.sigmas
     out["stock_ztsnr.t14"] = stock_ztsnr.timestep(torch.tensor([14.0])).float()
@@ -108,9 +116,8 @@ def main() -> None:
             (patched,) = node.patch(patcher, "(use the settings below)", mode, 20000.0, 1024 * 1024,
                                     width, height)
             record(out, key, patched.get_model_object("model_sampling"), noise)
-    folder_paths.add_model_folder_path("checkpoints", ckpt_dir)
-    assert "export.safetensors" in node.INPUT_TYPES()["required"]["ckpt_name"][0]
-    (patched,) = node.patch(patcher, "export.safetensors", "terminal", 20000.0, 1024 * 1024, 1024, 1024)
+    assert "model.safetensors" in node.INPUT_TYPES()["required"]["ckpt_name"][0]
+    (patched,) = node.patch(patcher, "model.safetensors", "terminal", 20000.0, 1024 * 1024, 1024, 1024)
     out["from_metadata.sigmas"] = patched.get_model_object("model_sampling").sigmas  # its settings win
     # ComfyUI's own KSampler (euler, simple, CFG 5) on a terminal model at 1024 x 1024, the probe as UNet.
     (patched,) = node.patch(patcher, "(use the settings below)", "terminal", 20000.0, 1024 * 1024, 1024, 1024)

@@ -67,7 +67,7 @@ def comfy(tmp_path_factory) -> dict[str, torch.Tensor]:
               "uncond": torch.randn(1, 8, 64, generator=g)}
     save_file(inputs, tmp / "in.safetensors")
     (tmp / "ckpt").mkdir()
-    save_file({"v_pred": torch.zeros(0)}, tmp / "ckpt" / "export.safetensors", export_metadata(METADATA_RUN))
+    save_file({"v_pred": torch.zeros(0)}, tmp / "ckpt" / "model.safetensors", export_metadata(METADATA_RUN))
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     cmd = [python, str(ROOT / "tests" / "comfyui_probe.py"), comfy_dir, str(NODE_DIR),
            str(tmp / "in.safetensors"), str(tmp / "out.safetensors"), str(tmp / "ckpt")]
@@ -107,6 +107,10 @@ def test_model_sampling_matches_ztsnr_ds(comfy, mode, width, height):
                                    rtol=1e-6, atol=0)
         assert torch.equal(comfy[f"{key}.{name}.noise"], append_dims(levels, 4) * x)  # x = x0 + sigma eps
         assert torch.equal(comfy[f"{key}.{name}.noise_max"], levels[0] * noise)
+
+
+def test_comfyui_loads_the_node_and_accepts_the_example_workflow(comfy):
+    assert float(comfy["workflow_valid"]) == 1.0  # execution.validate_prompt, node via load_custom_node
 
 
 def test_node_reads_the_export_metadata(comfy):

@@ -298,9 +298,16 @@ resolution-aware noise {area}; checkpoint {trained.tag_dir.name} (step {trained.
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 unet = UNet2DConditionModel.from_pretrained("OUT", subfolder="unet")
 scheduler = EulerDiscreteScheduler.from_pretrained("OUT", subfolder="scheduler")
-pipe = StableDiffusionXLPipeline.from_pretrained("BASE_SDXL", unet=unet, scheduler=scheduler)
+zeros = {trained.dropout_mode == "zeros"}  # captions.dropout_mode {trained.dropout_mode}
+pipe = StableDiffusionXLPipeline.from_pretrained("BASE_SDXL", unet=unet, scheduler=scheduler,
+                                                 force_zeros_for_empty_prompt=zeros)
 image = pipe(prompt, num_inference_steps=28, guidance_scale=5.0, guidance_rescale=0.7).images[0]
 ```
+
+An export made with `--base` is a whole pipeline: `StableDiffusionXLPipeline.from_pretrained("OUT")`.
+The unconditional the model learned (captions.dropout_mode `{trained.dropout_mode}`):
+{EMPTY_PROMPT[trained.dropout_mode]}. force_zeros_for_empty_prompt (model_index.json, or the argument
+above) follows it, so a call without a negative prompt gives it.
 
 Trailing spacing makes the first step the terminal sigma, where sampling starts from pure noise as in
 training; `leading` spacing would skip it (Lin et al. 2023, sec. 3.3). CFG-rescale (0.5-0.7, same paper)
