@@ -17,6 +17,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from ztsnr_ds.data.cache import CacheConfig
 from ztsnr_ds.data.sampler import BucketBatchSampler
+from ztsnr_ds.kernels import ATTENTION_BACKENDS, COMPILE_MODES
 from ztsnr_ds.schedule import INFERENCE_SCHEDULES
 
 ZTSNR_MODES = ("terminal", "rescale", "off")
@@ -44,6 +45,16 @@ class ModelConfig:
     (diffusers keys) or a full single-file SDXL .safetensors (SGM keys)."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward: about a third more compute for far less memory."""
+    attention: str = "sdpa"
+    """Attention kernel (torch SDPA backend): sdpa (PyTorch picks per call), flash, cudnn, efficient
+    (memory-efficient) or math. One the device cannot run fails at the first step."""
+    compile: str = "none"
+    """torch.compile the UNet: none, full (the whole UNet) or regional (each transformer block: far
+    quicker to compile, most of the gain). Compiles at the first step; checkpoints are unchanged."""
+
+    def __post_init__(self) -> None:
+        _check_choice("model.attention", self.attention, tuple(ATTENTION_BACKENDS))
+        _check_choice("model.compile", self.compile, COMPILE_MODES)
 
 
 @dataclass
@@ -158,6 +169,9 @@ class TrainerConfig:
     """Steps between metric logs (each log is one host sync)."""
     max_nonfinite: int = 10
     """Consecutive skipped non-finite micro-batches after which the run stops."""
+    deterministic: bool = False
+    """Deterministic kernels (torch.use_deterministic_algorithms, cuDNN, cuBLAS workspace): on GPUs, runs
+    and resumes then repeat bit for bit, at some speed; the CPU is deterministic without it."""
 
     def __post_init__(self) -> None:
         for key in ("micro_batch", "grad_accum", "max_steps", "save_every", "log_every", "max_nonfinite"):

@@ -21,6 +21,7 @@ from deepspeed.accelerator import get_accelerator
 from ztsnr_ds import locks
 
 BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+WAIT_TIMEOUT = timedelta(hours=6)  # how long ranks wait for rank 0's validation images
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,13 @@ def init_distributed(backend: str | None = None, timeout: timedelta | None = Non
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():  # first: NCCL's communicators and barriers use the current device
+        torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
         locks.check_build_locks()  # DeepSpeed JIT-builds its CPU shm op here: never wait on a stale lock
         kwargs = {"timeout": timeout} if timeout is not None else {}
         deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank)
 
 
@@ -73,6 +74,17 @@ def any_rank(flag: bool) -> bool:
     value = torch.tensor([float(flag)], device=device)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return bool(value.item())
+
+
+def wait_group(timeout: timedelta = WAIT_TIMEOUT) -> torch.distributed.ProcessGroup:
+    """A gloo group of all ranks for waiting while one rank works alone (rank 0's validation images).
+
+    A rank blocked in an NCCL collective for longer than the default group's timeout (DeepSpeed: 30 min)
+    is aborted by NCCL's watchdog; a gloo barrier waits on the CPU, up to `timeout`, with nothing queued
+    on the GPU. Gloo talks TCP between the hosts (set GLOO_SOCKET_IFNAME if it picks the wrong interface).
+    Collective: every rank calls it, at the same point.
+    """
+    return torch.distributed.new_group(backend="gloo", timeout=timeout)
 
 
 def build_ds_config(path: str | Path, micro_batch: int, grad_accum: int, world_size: int) -> dict:

@@ -19,9 +19,9 @@ SIGMA_BAND_EDGES = (0.5, 2.0, 10.0, 100.0)
 SIGMA_BAND_NAMES = ("lt0.5", "0.5-2", "2-10", "10-100", "ge100")
 
 
-def sigma_band(sigma: torch.Tensor) -> torch.Tensor:
-    """Band index 0..4 per sample. Shape: (B,) -> (B,) int64."""
-    return torch.bucketize(sigma.float(), torch.tensor(SIGMA_BAND_EDGES, device=sigma.device))
+def sigma_band(sigma: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Band index 0..4 per sample; edges: SIGMA_BAND_EDGES on sigma's device. Shape: (B,) -> (B,) int64."""
+    return torch.bucketize(sigma.float(), edges)
 
 
 class BandMeter:
@@ -30,9 +30,10 @@ class BandMeter:
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(len(SIGMA_BAND_NAMES), dtype=torch.float64, device=device)
         self.counts = torch.zeros_like(self.sums)
+        self.edges = torch.tensor(SIGMA_BAND_EDGES, device=device)  # once: each copy would sync the host
 
     def add(self, loss: torch.Tensor, sigma: torch.Tensor) -> None:
-        band = sigma_band(sigma)
+        band = sigma_band(sigma, self.edges)
         self.sums.index_add_(0, band, loss.detach().double())
         self.counts.index_add_(0, band, torch.ones_like(loss, dtype=torch.float64))
 

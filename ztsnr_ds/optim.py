@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from ztsnr_ds.device import to_device
+
 MASK32 = 0xFFFFFFFF
 MASK64 = 0xFFFFFFFFFFFFFFFF
 BF16_KEEP = -(1 << 16)  # int32 0xFFFF0000: the fp32 bits that survive as a bf16
@@ -201,8 +203,9 @@ def adamw_chunk_(
 
 def _on(device: torch.device, values: list[float] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Per-step scalars as a tensor on the param's device: tensors, not Python numbers, so that the
-    compiled kernel is not specialised (and recompiled) on every new lr or key."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    compiled kernel is not specialised (and recompiled) on every new lr or key. Pinned on CUDA: a copy
+    from pageable memory would sync the host at every chunk."""
+    return to_device(device, torch.tensor(values, dtype=dtype))[0]
 
 
 @functools.cache

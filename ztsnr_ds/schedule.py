@@ -220,6 +220,7 @@ class NoiseSchedule:
         self, mode: str = "terminal", sigma_max: float = 20000.0, base_area: int | None = 1024 * 1024
     ):
         self.table = ztsnr_sigmas(mode, sigma_max)  # (1000,) float64, unscaled
+        self._tables = {self.table.device: self.table}  # per device: copied once, not at every step
         self.mode = mode
         self.sigma_max = sigma_max
         self.base_area = base_area
@@ -243,7 +244,9 @@ class NoiseSchedule:
     def timestep(self, sigma: Tensor) -> Tensor:
         """UNet timestep of a (scaled) sigma over the UNSCALED table (`timestep_of`): sigma_max -> 999,
         finite sigmas above the last finite entry extrapolated past it. Float32, like sigma."""
-        return timestep_of(sigma.float(), self.table.to(sigma.device), self.mode != "off")
+        if sigma.device not in self._tables:  # a copy from pageable memory would sync the host each call
+            self._tables[sigma.device] = self.table.to(sigma.device)
+        return timestep_of(sigma.float(), self._tables[sigma.device], self.mode != "off")
 
     def is_terminal(self, sigma: Tensor) -> Tensor:
         """True where sigma is the terminal level sigma_max (see `is_terminal`)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from ztsnr_ds.device import to_device
 from ztsnr_ds.models import FrozenParts
 
 
@@ -54,8 +55,8 @@ class PromptEncoder:
 
         Shape: embeds (B, max_length, D1 + D2), pooled (B, P) with P = text_encoder_2's projection dim.
         """
-        ids, ids_2 = self.tokenize(list(prompts))
-        out = self.text_encoder(ids.to(self.text_encoder.device), output_hidden_states=True)
+        ids, ids_2 = to_device(self.text_encoder.device, *self.tokenize(list(prompts)))  # one copy, no sync
+        out = self.text_encoder(ids, output_hidden_states=True)
         out_2 = self.text_encoder_2(ids_2.to(self.text_encoder_2.device), output_hidden_states=True)
         embeds = torch.cat([out.hidden_states[-2], out_2.hidden_states[-2].to(out.hidden_states[-2])], dim=-1)
         return embeds, out_2.text_embeds

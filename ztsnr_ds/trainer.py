@@ -27,11 +27,12 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from ztsnr_ds import checkpoint
+from ztsnr_ds import checkpoint, kernels
 from ztsnr_ds.config import TrainConfig, TrainerConfig
 from ztsnr_ds.data.cache import LatentCache
 from ztsnr_ds.data.tags import shuffle_caption
-from ztsnr_ds.engine import DistInfo, any_rank, build_ds_config, initialize, is_pure_bf16
+from ztsnr_ds.device import to_device
+from ztsnr_ds.engine import DistInfo, any_rank, build_ds_config, initialize, is_pure_bf16, wait_group
 from ztsnr_ds.generate import SampleSpec, generate
 from ztsnr_ds.metrics import BandMeter, MetricLogger, image_grid
 from ztsnr_ds.models import load_frozen, load_unet
@@ -73,6 +74,9 @@ class StopTraining(RuntimeError):
 class Trainer:
     def __init__(self, cfg: TrainConfig, config_dict: dict, dist: DistInfo) -> None:
         self.cfg, self.config_dict, self.dist = cfg, config_dict, dist
+        if cfg.trainer.deterministic:
+            kernels.make_deterministic()  # before the first matmul (cuBLAS workspace)
+        self.wait_group = wait_group()  # collective: every rank, here
         self.output_dir = Path(cfg.trainer.output_dir)
         self.device = torch.device(get_accelerator().device_name(dist.local_rank))
         self.cache = LatentCache(cfg.data.cache_dir)
@@ -109,9 +113,8 @@ class Trainer:
         unet = load_unet(cfg.model.unet_path or cfg.model.pretrained, dtype=dtype)
         if cfg.model.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA (flash / memory-efficient kernels)
+        kernels.set_attention(unet, cfg.model.attention)  # PyTorch SDPA, backend as configured
+        kernels.compile_unet(unet, cfg.model.compile)
         unet.train()
         opt = cfg.optimizer
         self.optimizer = AdamWSR(unet.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
@@ -165,7 +168,7 @@ class Trainer:
         drop = torch.tensor([rng.random() < cap.dropout for rng in rngs])
         cached = "embeds" in batch
         if cached:
-            embeds, pooled = batch["embeds"].to(self.device), batch["pooled"].to(self.device)
+            embeds, pooled = to_device(self.device, batch["embeds"], batch["pooled"])
         else:
             captions = [
                 "" if d else shuffle_caption(c, cap.keep_first, rng) if cap.shuffle_tags else c
@@ -174,25 +177,27 @@ class Trainer:
             embeds, pooled = self.prompts.encode(captions)
         if drop.any() and (cached or cap.dropout_mode == "zeros"):  # live "" rows are already encoded
             u_embeds, u_pooled = self.prompts.unconditional(1, cap.dropout_mode)
-            embeds[drop], pooled[drop] = u_embeds.to(embeds.dtype), u_pooled.to(pooled.dtype)
+            (mask,) = to_device(self.device, drop)  # (B,); a select, not a masked write: no host sync
+            embeds = torch.where(mask[:, None, None], u_embeds.to(embeds.dtype), embeds)
+            pooled = torch.where(mask[:, None], u_pooled.to(pooled.dtype), pooled)
         return embeds, pooled
 
     def forward_loss(self, batch: dict, bucket: str, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample weighted v loss (B,) and the sigmas drawn for it (B,)."""
-        x0 = batch["latents"].to(self.device, torch.float32)  # (B, 4, h/8, w/8), already * scaling
+        x0 = batch["latents"].float()  # (B, 4, h/8, w/8), already * scaling
         height, width = self.cache.height_width(bucket)
         streams = [sample_streams(self.cfg.trainer.seed, self.sampler.epoch, i) for i in ids]
         sigma = torch.cat([self.schedule.sample_sigmas(1, height, width, gen) for gen, _ in streams])
         noise = torch.stack([torch.randn(x0.shape[1:], generator=gen) for gen, _ in streams])
-        sigma, noise = sigma.to(self.device), noise.to(self.device)  # (B,), (B, 4, h/8, w/8)
+        # Drawn on the CPU, per sample; one non-blocking copy of the whole micro-batch (ztsnr_ds/device.py).
+        x0, noise, sigma, t, weight, time_ids = to_device(
+            self.device, x0, noise, sigma, self.schedule.timestep(sigma), batch["weight"], batch["time_ids"])
         embeds, pooled = self.conditioning(batch, [rng for _, rng in streams])
         x = add_noise(x0, noise, sigma)
         model_in = (c_in(append_dims(sigma, x.ndim)) * x).to(torch.bfloat16)
-        v_pred = self.engine(model_in, self.schedule.timestep(sigma).to(self.device),
-                             encoder_hidden_states=embeds.to(torch.bfloat16),
+        v_pred = self.engine(model_in, t, encoder_hidden_states=embeds.to(torch.bfloat16),
                              added_cond_kwargs={"text_embeds": pooled.to(torch.bfloat16),
-                                                "time_ids": batch["time_ids"].to(self.device)}).sample
-        weight = batch["weight"].to(self.device)
+                                                "time_ids": time_ids}).sample
         return self.objective.loss(v_pred.float(), x0, noise, sigma, weight), sigma
 
     def train_step(self, batches) -> float:
@@ -213,7 +218,7 @@ class Trainer:
             per_sample, sigma = self.forward_loss(self.cache.batch(ids), bucket, ids)
             loss = per_sample.sum() * scale
             flags = torch.stack([per_sample.detach().float().sum(), (~torch.isfinite(loss)).float(),
-                                 torch.tensor(float(len(ids)), device=loss.device)])
+                                 loss.new_full((), float(len(ids)))])  # a fill: no host-to-device copy
             torch.distributed.all_reduce(flags)  # sums over ranks: loss, non-finite ranks, samples
             total, nonfinite, count = flags.tolist()  # host sync: every rank must agree before backward
             if nonfinite:
@@ -255,6 +260,13 @@ class Trainer:
         grid.save(out)
         self.logger.image("validation", grid, self.step, caption=" | ".join(val.prompts))
         return out
+
+    def _validate_while_others_wait(self) -> None:
+        """Rank 0 validates while the others wait in a barrier of the gloo wait group (long timeout),
+        not in the next step's NCCL collective, whose timeout (30 min) would kill the job if sampling
+        took longer. No device work is in flight meanwhile: every step ends with a host sync."""
+        self.validate()
+        torch.distributed.barrier(group=self.wait_group)
 
     # ----------------------------------------------------------------------------- the loop
     def _request_stop(self, signum, _frame) -> None:
@@ -319,11 +331,11 @@ class Trainer:
                 if stop:
                     return
                 if self.cfg.validation.every and self.step % self.cfg.validation.every == 0:
-                    self.validate()
+                    self._validate_while_others_wait()
             if saved_at != self.step:
                 self.save()
             if self.cfg.validation.every and self.step % self.cfg.validation.every:
-                self.validate()
+                self._validate_while_others_wait()
         finally:
             bar.close()
             if metrics_file is not None:
