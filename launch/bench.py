@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -396,6 +397,8 @@ def held_tensor_bytes(engine, optimizer: torch.optim.Optimizer) -> dict[str, int
     Storages reachable from Python objects (gc) plus the .grad of module and optimizer params
     (a grad may have no Python object of its own).
     """
+    from torch._subclasses.fake_tensor import FakeTensor
+
     flat = [p for group in optimizer.param_groups for p in group["params"]]
     module = list(engine.module.parameters())
     roles = {
@@ -404,12 +407,15 @@ def held_tensor_bytes(engine, optimizer: torch.optim.Optimizer) -> dict[str, int
         "flat partition grad": [p.grad for p in flat if p.grad is not None],
         "module weights": module,
         "module grads": [p.grad for p in module if p.grad is not None],
-        "other (DeepSpeed buffers)": [o for o in gc.get_objects() if torch.is_tensor(o)],
+        "other (DeepSpeed buffers)": [o for o in gc.get_objects()  # a dead weakref.proxy raises on isinstance
+                                      if type(o) not in weakref.ProxyTypes and torch.is_tensor(o)],
     }
     seen: set[int] = set()
     out = dict.fromkeys(roles, 0)
     for role, tensors in roles.items():
         for t in tensors:
+            if isinstance(t, FakeTensor):  # torch.compile's stand-ins (the fused optimizer's): no memory
+                continue
             storage = t.untyped_storage()
             if storage.data_ptr() and storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())

@@ -198,29 +198,34 @@ def _write_tiny_tokenizer(folder: Path, pad_token: str) -> CLIPTokenizer:
     return tokenizer
 
 
-def _tiny_text_config(hidden_act: str, vocab_size: int):
+def _tiny_text_config(hidden_act: str, vocab_size: int, hidden: int = TINY_TEXT_HIDDEN):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=TINY_TEXT_HIDDEN, intermediate_size=2 * TINY_TEXT_HIDDEN,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
-        hidden_act=hidden_act, projection_dim=TINY_TEXT_HIDDEN, bos_token_id=512, eos_token_id=513,
+        hidden_act=hidden_act, projection_dim=hidden, bos_token_id=512, eos_token_id=513,
         pad_token_id=513,
     )
 
 
-def write_tiny_sdxl(out: str | Path, seed: int = 0) -> Path:
+def write_tiny_sdxl(out: str | Path, seed: int = 0,
+                    text_hidden: tuple[int, int] = (TINY_TEXT_HIDDEN, TINY_TEXT_HIDDEN)) -> Path:
     """Write a tiny SDXL-shaped diffusers folder with random weights; needs no download.
 
     CLIP-L stand-in uses quick_gelu, the bigG stand-in gelu and a projection, as in SDXL; the scheduler
-    is SDXL base's (epsilon, leading), which `from_single_file(config=...)` reads.
+    is SDXL base's (epsilon, leading), which `from_single_file(config=...)` reads. text_hidden: the two
+    encoders' widths; (768, 1280) gives the full SDXL UNet its 2048-wide text and 1280 pooled inputs
+    (launch/gpu_check.py then puts that UNet in unet/).
     """
     out = Path(out)
     torch.manual_seed(seed)
     tok = _write_tiny_tokenizer(out / "tokenizer", pad_token="<|endoftext|>")
     _write_tiny_tokenizer(out / "tokenizer_2", pad_token="!")
-    CLIPTextModel(_tiny_text_config("quick_gelu", len(tok))).save_pretrained(out / "text_encoder")
-    CLIPTextModelWithProjection(_tiny_text_config("gelu", len(tok))).save_pretrained(out / "text_encoder_2")
+    clip_l = _tiny_text_config("quick_gelu", len(tok), text_hidden[0])
+    clip_g = _tiny_text_config("gelu", len(tok), text_hidden[1])
+    CLIPTextModel(clip_l).save_pretrained(out / "text_encoder")
+    CLIPTextModelWithProjection(clip_g).save_pretrained(out / "text_encoder_2")
     UNet2DConditionModel(**TINY_UNET_CONFIG).save_pretrained(out / "unet")
     AutoencoderKL(**TINY_VAE_CONFIG).save_pretrained(out / "vae")
     EulerDiscreteScheduler(**SDXL_BASE_SCHEDULER).save_pretrained(out / "scheduler")
