@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ztsnr_ds.optim import (
+    FUSED_OPTIONS,
     AdamWSR,
     copy_stochastic_,
     lowbias32,
@@ -247,16 +248,21 @@ def _f32(bits: list[int]) -> torch.Tensor:
     return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
 
 
-def test_rounding_keeps_nan_nan_and_inf_inf():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_rounding_keeps_nan_nan_and_inf_inf(compiled):
     """NaN payloads at the top of the mantissa would carry into the exponent (0x7F800001 + noise -> inf)
-    or wrap into the sign (0x7FFFFFFF + noise -> -0.0); both roundings must keep them NaN, and inf inf."""
+    or wrap into the sign (0x7FFFFFFF + noise -> -0.0); both roundings must keep them NaN, and inf inf,
+    eagerly and as the fused kernel compiles them (same inductor options)."""
+    torch._dynamo.reset()
+    rounding = torch.compile(round_to_bf16, dynamic=True, options=FUSED_OPTIONS) if compiled else \
+        round_to_bf16
     nans = _f32([0x7FFFFFFF, 0x7F800001, 0xFFFFFFFF, 0xFF800001, 0x7FC00000, 0x7FBFFFFF])
-    infs = _f32([0x7F800000, 0xFF800000])
+    infs = _f32([0x7F800000, 0xFF800000, 0x7F800000, 0xFF800000, 0x7F800000, 0xFF800000])
     for noise in (None, torch.full((6,), 0xFFFF, dtype=torch.int32), torch.full((6,), 1, dtype=torch.int32)):
-        assert torch.isnan(round_to_bf16(nans, noise)).all()
-        inf_noise = None if noise is None else noise[:2]
-        assert torch.equal(round_to_bf16(infs, inf_noise), infs.to(torch.bfloat16))
+        assert torch.isnan(rounding(nans, noise)).all()
+        assert torch.equal(rounding(infs, noise), infs.to(torch.bfloat16))
     assert torch.isnan(stochastic_round_to_bf16(nans, 7)).all()
+    assert torch.equal(stochastic_round_to_bf16(infs, 7), infs.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])

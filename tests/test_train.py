@@ -64,6 +64,7 @@ def test_resumed_run_repeats_the_uninterrupted_one_bitwise(run_config, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     planned = straight.sampler.plan(0).offsets  # 1 rank: step k is micro-batch k
     assert [r["samples_per_step"] for r in records] == [int(n) for n in planned[1:5] - planned[:4]]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 0, 0]  # DeepSpeed's count, logged every step here
 
 
 def test_validation_grid_is_written(run_config, tmp_path):
@@ -124,6 +125,8 @@ def test_incomplete_checkpoint_is_ignored(run_config, tmp_path):
     (["--loss.weighting", "snr"], "loss.weighting"),
     (["--data.cache_dir", "/nonexistent/cache"], "data.cache_dir"),
     (["--model.pretrained", "/nonexistent/sdxl"], "model.pretrained"),
+    (["--model.attention", "flash3"], "model.attention"),
+    (["--model.compile", "max"], "model.compile"),
 ])
 def test_config_errors_name_the_key(run_config, args, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -48,6 +48,11 @@ MASK64 = 0xFFFFFFFFFFFFFFFF
 BF16_KEEP = -(1 << 16)  # int32 0xFFFF0000: the fp32 bits that survive as a bf16
 EAGER_CHUNK = 1 << 18  # fastest of 2^16..2^20 eagerly in launch/bench.py optim
 FUSED_CHUNK = 1 << 26  # no temporaries when fused; chunks only keep int32 counters and launches bounded
+FUSED_OPTIONS = {  # inductor's eager-numerics options for the fused kernel (see fused_adamw_chunk)
+    "eager_numerics.division_rounding": True,
+    "eager_numerics.disable_ftz": True,
+    "emulate_precision_casts": True,
+}
 
 
 def splitmix64(z: int) -> int:
@@ -214,13 +219,8 @@ def fused_adamw_chunk() -> Callable[..., None]:
     Inductor's eager-numerics options keep Triton's fp32 arithmetic as eager's: IEEE division (Triton's
     `/` is approximate), no multiply-add contraction (emulate_precision_casts turns off Triton's
     fp fusion) and no flush of denormal moments to zero."""
-    options = {
-        "eager_numerics.division_rounding": True,
-        "eager_numerics.disable_ftz": True,
-        "emulate_precision_casts": True,
-    }
     logging.getLogger(__name__).info("AdamWSR: the first step compiles the fused kernel (cached on disk)")
-    return torch.compile(adamw_chunk_, dynamic=True, fullgraph=True, options=options)
+    return torch.compile(adamw_chunk_, dynamic=True, fullgraph=True, options=FUSED_OPTIONS)
 
 
 class AdamWSR(torch.optim.Optimizer):
