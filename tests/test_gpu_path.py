@@ -85,6 +85,15 @@ def test_regional_compile_compiles_each_transformer_block_in_place():
     assert kernels.compile_unet(unet, "none") == 0
 
 
+def test_model_flop_per_sample_matches_design_for_sdxl_at_1024():
+    """gpu_check's MFU numerator, counted on the meta device, against DESIGN.md sec. 9's 20.2e12."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    from gpu_check import flop_per_sample
+
+    config = json.loads((ROOT / "configs" / "sdxl_unet" / "config.json").read_text())
+    assert flop_per_sample(config, 1024) == pytest.approx(20.2e12, rel=0.005)
+
+
 def _wait_worker(rank: int, port: int, out: Path) -> None:
     """Rank 0 'validates' for 2.5 s; rank 1 goes on to the next step's all_reduce. The default group times
     out after 1 s, so that all_reduce survives only if the trainer's wait held rank 1 back."""
