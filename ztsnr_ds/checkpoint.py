@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ztsnr_ds import integrity, safe_load
-from ztsnr_ds.engine import any_rank
+from ztsnr_ds.engine import any_rank, wait_group
 
 STATE_FILE = "ztsnr_state.json"
 LATEST_FILE = "latest"
@@ -307,7 +307,9 @@ def to_universal(tag_dir: Path, is_main: bool) -> Path:
                         str(tag_dir), "--output_folder", str(tmp), "--inject_missing_state"],
                        check=True, stdout=subprocess.DEVNULL)
         os.replace(tmp, out)
-    torch.distributed.barrier()  # nobody loads before the folder is complete
+    # Nobody loads before the folder is complete. Converting an SDXL tag takes minutes: wait in gloo with
+    # a long timeout (engine.wait_group), not in an NCCL barrier that the watchdog would abort.
+    torch.distributed.barrier(group=wait_group())
     return out
 
 
