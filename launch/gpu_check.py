@@ -462,7 +462,7 @@ def check_export(ctx: Context) -> tuple[str, dict]:
     start = time.monotonic()
     trained = load_checkpoint(ctx.shared["tag"], torch.bfloat16)  # what launch/export.py runs, read once
     single = export_single_file(trained, ctx.shared["model"], out / "model.safetensors", torch.bfloat16, None)
-    folder = export_diffusers(trained, out / "diffusers", None)
+    folder = export_diffusers(trained, out / "diffusers", None, base=ctx.shared["model"])
     exported = time.monotonic() - start
     argv = ["--model", str(single), "--base", str(ctx.shared["model"]), "--prompt", "1girl, solo", "--n", "4",
             "--steps", "2" if ctx.dry else "8", "--width", str(side), "--height", str(side),
