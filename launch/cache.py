@@ -10,10 +10,16 @@ Several processes split the images and rank 0 merges:
     torchrun --nproc_per_node 8 launch/cache.py --config cfg.yaml
 (RANK / WORLD_SIZE / LOCAL_RANK from the launcher; torch.distributed with gloo, only for barriers.)
 Re-running resumes an interrupted build and re-encodes only new or changed images.
+
+Check or convert a cache (``--cache_dir`` instead of ``--config`` works for both):
+    python launch/cache.py --config cfg.yaml --verify   every shard's sha256 and every sample's CRC-32,
+                                                        on threads (and ranks); report: verify_report.json
+    python launch/cache.py --cache_dir DIR --convert    a format-1 cache (manifest.jsonl) gets its index
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from datetime import timedelta
@@ -25,7 +31,11 @@ import yaml
 from jsonargparse import ArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from ztsnr_ds.data.cache import BuildStats, CacheConfig, build_cache  # noqa: E402
+from ztsnr_ds.data.cache import CacheConfig  # noqa: E402
+from ztsnr_ds.data.cache_build import BuildStats, build_cache  # noqa: E402
+from ztsnr_ds.data.cache_files import CacheError, write_atomic  # noqa: E402
+from ztsnr_ds.data.cache_merge import convert_legacy  # noqa: E402
+from ztsnr_ds.data.cache_verify import verify_cache  # noqa: E402
 from ztsnr_ds.engine import init_distributed  # noqa: E402
 from ztsnr_ds.models import load_frozen  # noqa: E402
 
@@ -34,8 +44,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def cli_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Encode a dataset into the SDXL latent cache (see module docstring).")
-    parser.add_argument("--config", type=str, required=True,
-                        help="YAML with model.pretrained and data sections")
+    parser.add_argument("--config", type=str, help="YAML with model.pretrained and data sections")
+    parser.add_argument("--cache_dir", type=str, help="cache to --verify or --convert (default: config's)")
+    parser.add_argument("--verify", action="store_true", help="check every shard and sample; build nothing")
+    parser.add_argument("--convert", action="store_true", help="write the index of a format-1 cache")
     parser.add_argument("--batch_size", type=int, default=8, help="images per VAE call")
     parser.add_argument("--workers", type=int, default=4, help="threads hashing and decoding images")
     parser.add_argument("--dtype", type=str, default="float32", choices=list(DTYPES),
@@ -57,8 +69,19 @@ def read_sections(path: str | Path) -> tuple[CacheConfig, str]:
     return init.data, init.model.pretrained
 
 
-def main(argv: list[str] | None = None) -> BuildStats:
-    args = cli_parser().parse_args(argv)
+def main(argv: list[str] | None = None) -> BuildStats | dict | int:
+    parser = cli_parser()
+    args = parser.parse_args(argv)
+    if args.verify or args.convert:
+        if args.cache_dir is None and args.config is None:
+            parser.error("--verify and --convert need --cache_dir DIR or --config cfg.yaml")
+        root = Path(args.cache_dir or read_sections(args.config)[0].cache_dir)
+        try:
+            return verify(root, args.workers) if args.verify else convert(root)
+        except CacheError as err:
+            sys.exit(f"launch/cache.py: {err}")
+    if args.config is None:
+        parser.error("--config is required to build a cache")
     cfg, pretrained = read_sections(args.config)
     # Only barriers travel (gloo, even on GPUs); a long timeout because ranks may finish hours apart.
     dist_info = init_distributed(backend="gloo", timeout=timedelta(hours=48))
@@ -77,6 +100,34 @@ def main(argv: list[str] | None = None) -> BuildStats:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def convert(root: Path) -> int:
+    rows = convert_legacy(root)
+    print(f"{root}: index written for {rows} rows")
+    return rows
+
+
+def verify(root: Path, workers: int) -> dict:
+    """Each rank checks every world_size-th shard; rank 0 joins the reports. Exit 1 on any problem."""
+    dist_info = init_distributed(backend="gloo", timeout=timedelta(hours=48))
+    report = verify_cache(root, dist_info.rank, dist_info.world_size, workers, progress=dist_info.rank == 0)
+    if dist.is_initialized():
+        reports = [None] * dist_info.world_size
+        dist.all_gather_object(reports, report)
+        dist.destroy_process_group()
+        report = {"shards": sum(r["shards"] for r in reports), "bytes": sum(r["bytes"] for r in reports),
+                  "samples": sum(r["samples"] for r in reports),
+                  "problems": [p for r in reports for p in r["problems"]]}
+    if dist_info.rank == 0:
+        write_atomic(root / "verify_report.json", json.dumps(report, indent=1).encode())
+        print(f"{root}: {report['shards']} shards ({report['bytes'] / 2**20:.1f} MiB), {report['samples']} "
+              f"samples checked, {len(report['problems'])} problems (verify_report.json)")
+        for problem in report["problems"][:20]:
+            print("  " + ", ".join(f"{k}={v}" for k, v in problem.items()))
+    if report["problems"]:
+        sys.exit(1)
+    return report
 
 
 if __name__ == "__main__":

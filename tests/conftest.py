@@ -39,7 +39,8 @@ def make_run_config(tiny_sdxl, tmp_path_factory):
     import yaml
 
     from ztsnr_ds.data.buckets import BucketConfig
-    from ztsnr_ds.data.cache import CacheConfig, build_cache
+    from ztsnr_ds.data.cache import CacheConfig
+    from ztsnr_ds.data.cache_build import build_cache
     from ztsnr_ds.data.synthetic import write_dataset
     from ztsnr_ds.models import load_frozen
 

@@ -18,14 +18,10 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageOps
 
 from ztsnr_ds.data.buckets import BucketConfig, assign_bucket, make_buckets
-from ztsnr_ds.data.cache import (
-    HEADER_RESERVE,
-    CacheConfig,
-    CacheError,
-    LatentCache,
-    build_cache,
-    merge_parts,
-)
+from ztsnr_ds.data.cache import CacheConfig, LatentCache
+from ztsnr_ds.data.cache_build import build_cache
+from ztsnr_ds.data.cache_files import HEADER_RESERVE, CacheError
+from ztsnr_ds.data.cache_merge import merge_parts
 from ztsnr_ds.data.tags import parse_tags, tag_weights
 from ztsnr_ds.models import TINY_TEXT_HIDDEN, load_frozen
 from ztsnr_ds.text import PromptEncoder
@@ -63,6 +59,7 @@ ROW_FIELDS = {
     "weight",
     "shard",
     "index",
+    "crc32",
 }
 
 
@@ -122,13 +119,14 @@ def _read_rows(cache_dir: Path) -> list[dict]:
 
 
 def _content(rows: list[dict]) -> list[dict]:
-    """Rows without their storage location."""
-    return [{k: v for k, v in row.items() if k not in ("shard", "index")} for row in rows]
+    """Rows without their storage location and checksum (VAE batches of other sizes differ in the
+    last bits, see assert_same_latents)."""
+    return [{k: v for k, v in row.items() if k not in ("shard", "index", "crc32")} for row in rows]
 
 
 def _latents_by_key(cache_dir: Path) -> dict[str, torch.Tensor]:
     cache = LatentCache(cache_dir)
-    return {row["key"]: cache.batch([row["id"]])["latents"][0] for row in cache.rows}
+    return {row["key"]: cache.batch([row["id"]])["latents"][0] for row in _read_rows(cache_dir)}
 
 
 def assert_same_latents(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -170,7 +168,7 @@ def test_latents_equal_independent_vae_encoding(built, parts):
     cfg, _, _ = built
     cache = LatentCache(cfg.cache_dir)
     processor = VaeImageProcessor(vae_scale_factor=8)
-    for row in cache.rows:
+    for row in _read_rows(Path(cfg.cache_dir)):
         oh, ow, top, left, th, tw = row["time_ids"]
         img = ImageOps.exif_transpose(Image.open(row["path"])).convert("RGB")
         assert img.size == (ow, oh)
@@ -183,7 +181,7 @@ def test_latents_equal_independent_vae_encoding(built, parts):
         got = cache.batch([row["id"]])["latents"][0]
         assert got.dtype == torch.bfloat16 and got.shape == (4, th // 8, tw // 8)
         torch.testing.assert_close(got.float(), ref, rtol=2**-7, atol=1e-3 * ref.abs().max().item())
-    assert any(row["crop_tl"] != [0, 0] for row in cache.rows)  # random crops were exercised
+    assert any(row["crop_tl"] != [0, 0] for row in _read_rows(Path(cfg.cache_dir)))  # random crops exercised
 
 
 def test_manifest_rows_report_and_reader(built):
@@ -277,25 +275,57 @@ def test_rerun_reuses_and_reencodes_only_changes(copied, parts):
     assert sorted(p.stem for p in (Path(copied.cache_dir) / "shards").iterdir()) == sorted(meta["shards"])
 
 
-def test_corrupt_shard_detected_on_read_and_rebuilt(copied, parts):
+def _sample_offset(path: Path, index: int) -> tuple[int, int]:
+    """(first byte, length) of latent sample ``index`` in a safetensors shard, from its header."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    entry = json.loads(data[8:8 + size])["latents"]
+    begin, end = entry["data_offsets"]
+    item = (end - begin) // entry["shape"][0]
+    return 8 + size + begin + index * item, item
+
+
+def test_corrupt_sample_detected_on_read_verified_and_rebuilt(copied, parts, capsys):
     root = Path(copied.cache_dir)
     before = _latents_by_key(root)
     rows = _read_rows(root)
-    victim = rows[0]["shard"]
-    path = root / "shards" / f"{victim}.safetensors"
+    victim = next(r for r in rows if sum(o["shard"] == r["shard"] for o in rows) == 2)
+    neighbour = next(r for r in rows if r["shard"] == victim["shard"] and r is not victim)
+    path = root / "shards" / f"{victim['shard']}.safetensors"
+    start, length = _sample_offset(path, victim["index"])
     data = bytearray(path.read_bytes())
-    data[-3] ^= 0xFF  # a flipped bit in the tensor data, header intact
+    data[start + length // 2] ^= 0x01  # one flipped bit inside the victim's latents, header intact
     path.write_bytes(bytes(data))
-    with pytest.raises(CacheError, match=rf"{victim}.*sha256 mismatch.*launch/cache\.py"):
-        LatentCache(root).batch([rows[0]["id"]])
+    cache = LatentCache(root)
+    with pytest.raises(CacheError, match=rf"{victim['shard']}.*sample {victim['index']} \(id {victim['id']}, "
+                                         rf"'{victim['key']}'\) fails its checksum.*launch/cache\.py"):
+        cache.batch([victim["id"]])
+    torch.testing.assert_close(cache.batch([neighbour["id"]])["latents"][0], before[neighbour["key"]],
+                               rtol=0, atol=0)  # the rest of the shard still reads: per-sample checks
 
-    in_victim = sum(r["shard"] == victim for r in rows)
+    launch = _launch_module()
+    with pytest.raises(SystemExit) as exit_info:
+        launch.main(["--cache_dir", str(root), "--verify", "--workers", "2"])
+    assert exit_info.value.code == 1
+    report = json.loads((root / "verify_report.json").read_text())
+    assert report["shards"] == len({r["shard"] for r in rows}) and report["samples"] == len(rows)
+    assert sorted(p["reason"] for p in report["problems"]) == ["crc32 mismatch", _sha_reason(report)]
+    bad = next(p for p in report["problems"] if p["reason"] == "crc32 mismatch")
+    assert (bad["id"], bad["key"], bad["shard"], bad["index"]) == (victim["id"], victim["key"],
+                                                                 victim["shard"], victim["index"])
+    assert f"{len(rows)} samples checked, 2 problems" in capsys.readouterr().out
+
     with count_vae_images(parts.vae) as seen:
         stats = build_cache(copied, parts, batch_size=3, workers=2, progress=False)
-    assert [c["shard"] for c in stats.corrupt_shards] == [victim]
-    assert seen["images"] == stats.encoded == in_victim
-    assert stats.report["corrupt_shards"][0]["shard"] == victim
-    assert_same_latents(_latents_by_key(root), before)  # every shard verified again
+    assert [c["shard"] for c in stats.corrupt_shards] == [victim["shard"]]
+    assert seen["images"] == stats.encoded == 2
+    assert stats.report["corrupt_shards"][0]["shard"] == victim["shard"]
+    assert_same_latents(_latents_by_key(root), before)
+    assert launch.main(["--cache_dir", str(root), "--verify"])["problems"] == []
+
+
+def _sha_reason(report: dict) -> str:
+    return next(p["reason"] for p in report["problems"] if p["reason"].startswith("sha256 mismatch"))
 
 
 def test_interrupted_build_resumes_from_completed_shards(tmp_path, parts, dataset, built):

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 
 from ztsnr_ds import checkpoint, safe_load
-from ztsnr_ds.data.cache import CacheError, LatentCache
+from ztsnr_ds.data.cache_files import CacheError
+from ztsnr_ds.data.index import CacheIndex
 from ztsnr_ds.engine import build_ds_config
 
 ZERO_STAGES = (0, 1, 2)  # validation and export read full weights from every rank: no ZeRO-3
@@ -64,7 +65,7 @@ def check_resume(output_dir: Path, resume: str, overwrite: bool) -> None:
 def check_buckets(config) -> None:
     """The configured sampler must plan an epoch on the cache's buckets for this world size."""
     try:
-        buckets = LatentCache(config.data.cache_dir, verify=False).buckets
+        buckets = CacheIndex(Path(config.data.cache_dir)).buckets
         config.sampler(buckets, config.trainer.micro_batch, world_size(), 0)
     except CacheError as err:
         raise ValueError(f"data.cache_dir: {err}") from err

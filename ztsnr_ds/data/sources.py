@@ -4,7 +4,9 @@ A source is either
 - a folder tree of images (jpg, jpeg, png, webp; any letter case) with same-stem ``.txt``
   captions (comma-separated tags), or
 - a ``.jsonl`` manifest with one ``{"image": path, "caption": text}`` object per line, image paths
-  relative to the manifest's folder.
+  relative to the manifest's folder, or
+- a ``.parquet`` manifest with the same ``image`` and ``caption`` columns and optional ``width`` and
+  ``height`` (the upright size in pixels: the build then buckets without opening the image header).
 
 Nothing in a scan stops on a bad entry: every problem becomes a :class:`Problem` and the caller
 writes the report. Image decoding problems surface later, in :func:`load_image`, as
@@ -43,11 +45,13 @@ class ImageRecord:
 
     path: file to load. caption: raw caption text ("" when missing). key: path relative to the
     dataset root in POSIX form; unique within a source, stable across machines (used as cache id).
+    size: (width, height) upright, when the source declares it.
     """
 
     path: Path
     caption: str
     key: str
+    size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, order=True)
@@ -77,8 +81,10 @@ def scan_source(path: str | Path) -> tuple[list[ImageRecord], list[Problem]]:
         records, problems = scan_folder(path)
     elif path.suffix.lower() == ".jsonl" and path.is_file():
         records, problems = read_manifest(path)
+    elif path.suffix.lower() == ".parquet" and path.is_file():
+        records, problems = read_parquet(path)
     else:
-        raise ValueError(f"source {str(path)!r} is neither a folder nor a .jsonl manifest")
+        raise ValueError(f"source {str(path)!r} is neither a folder nor a .jsonl or .parquet manifest")
     return sorted(records, key=lambda r: r.key), sorted(problems)
 
 
@@ -118,6 +124,38 @@ def read_manifest(manifest: Path) -> tuple[list[ImageRecord], list[Problem]]:
             try:
                 record = _manifest_record(root, _parse_line(_decode_line(raw)), problems)
             except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors too
+                problems.append(Problem(where, manifest, str(err)))
+                continue
+            _add_unique(records, record, where, problems)
+    return list(records.values()), problems
+
+
+def read_parquet(manifest: Path, batch_rows: int = 65536) -> tuple[list[ImageRecord], list[Problem]]:
+    """Records of a Parquet manifest (columns image, caption, optional width and height), read in row
+    batches; the same path rules and problems as a JSONL manifest, "where" being the row number."""
+    import pyarrow.parquet as pq  # only Parquet sources need it
+
+    root = manifest.parent
+    records: dict[str, ImageRecord] = {}
+    problems: list[Problem] = []
+    try:
+        table = pq.ParquetFile(manifest)
+    except Exception as err:  # pyarrow raises ArrowInvalid and OSError subclasses for a damaged file
+        raise ValueError(f"source {manifest}: not a readable Parquet file ({err})") from err
+    names = set(table.schema_arrow.names)
+    if "image" not in names:
+        raise ValueError(f"source {manifest}: no 'image' column (has {sorted(names)})")
+    columns = [c for c in ("image", "caption", "width", "height") if c in names]
+    row = 0
+    for batch in table.iter_batches(batch_size=batch_rows, columns=columns):
+        for entry in batch.to_pylist():
+            row += 1
+            where = f"{manifest.name}:row {row}"
+            try:
+                if not isinstance(entry.get("image"), str) or not entry["image"]:
+                    raise ValueError("bad manifest row: expected a non-empty string 'image'")
+                record = _manifest_record(root, entry, problems)
+            except ValueError as err:
                 problems.append(Problem(where, manifest, str(err)))
                 continue
             _add_unique(records, record, where, problems)
@@ -177,7 +215,18 @@ def _manifest_record(root: Path, entry: dict, problems: list[Problem]) -> ImageR
         problems.append(Problem(key, path, "caption not UTF-8: lone surrogate escape, kept with U+FFFD "
                                            "in its place"))
         caption = _SURROGATE.sub("\ufffd", caption)
-    return ImageRecord(path, caption.strip(), key)
+    return ImageRecord(path, caption.strip(), key, _declared_size(entry))
+
+
+def _declared_size(entry: dict) -> tuple[int, int] | None:
+    """(width, height) when the entry gives both as positive integers; None when it gives neither."""
+    width, height = entry.get("width"), entry.get("height")
+    if width is None and height is None:
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (width, height)):
+        raise ValueError(f"bad manifest line: width and height must both be positive integers, got "
+                         f"{width!r} x {height!r}")
+    return width, height
 
 
 def _read_caption(path: Path, key: str, problems: list[Problem]) -> str | None:

@@ -1,0 +1,208 @@
+"""The cache index: what training reads per sample, as memory-mapped numpy columns.
+
+Every rank ``np.load(..., mmap_mode="r")``s the same files, so the OS page cache holds one copy per
+machine and a rank's private memory does not grow with the dataset (numpy ``.npy`` rather than Arrow:
+fixed-width columns need nothing more, and captions and keys are one UTF-8 blob each plus int64
+offsets -- the layout of an Arrow string column -- so no extra dependency is needed to read them).
+
+``index.json`` names the current column folder ``index-<id>/``; a rewrite fills a new folder and then
+swaps the pointer atomically, so a crash leaves the old index or the new one.
+
+Columns (N rows, id = row number, rows sorted by key):
+    shard (N,) int32       position in index.json "shards"      index (N,) int32   sample in its shard
+    bucket (N,) int32      position in index.json "buckets"     time_ids (N, 6) int32
+    weight (N,) float32    tag-frequency weight, mean 1         crc32 (N,) uint32  of the latent bytes
+    crc32_text (N,) uint32 of embeds + pooled (cached text only)
+    key_hash (N,) uint64   first 8 bytes (little-endian) of BLAKE2b(key): a stable per-image number
+    by_bucket (N,) int64   ids grouped by bucket, ascending inside each; bucket b is
+                           by_bucket[bucket_starts[b]:bucket_starts[b + 1]] (bucket_starts in index.json)
+    keys.bin, captions.bin (UTF-8) with key_offsets, caption_offsets (N + 1,) int64
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ztsnr_ds.data.cache_files import (
+    INDEX,
+    INDEX_FORMAT,
+    MANIFEST,
+    REBUILD_HINT,
+    SHARDS,
+    CacheError,
+    read_json,
+    sync_dir,
+    write_atomic,
+)
+
+CONVERT_HINT = "convert it once with `python launch/cache.py --convert --cache_dir {root}`"
+_FIXED = {"shard": np.int32, "index": np.int32, "bucket": np.int32, "time_ids": np.int32,
+          "weight": np.float32, "crc32": np.uint32, "key_hash": np.uint64}
+
+
+def key_hashes(keys: Sequence[str]) -> np.ndarray:
+    """h(key) = first 8 bytes of BLAKE2b(utf-8 key) as a little-endian uint64. Shape (len(keys),)."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little")
+                        for k in keys), dtype=np.uint64, count=len(keys))
+
+
+def write_index(root: Path, rows: Sequence[dict], shards: dict[str, dict], cache_text: bool,
+                fingerprint: str) -> None:
+    """Columns of ``rows`` (dicts in id order: shard, index, bucket, time_ids, weight, crc32[, crc32_text],
+    key, caption) into a new ``index-<id>/`` folder, then index.json pointing at it."""
+    names = list(shards)
+    bucket_keys = sorted({info["bucket"] for info in shards.values()})
+    shard_pos = {name: i for i, name in enumerate(names)}
+    bucket_pos = {key: i for i, key in enumerate(bucket_keys)}
+    n = len(rows)
+    columns = {
+        "shard": np.fromiter((shard_pos[r["shard"]] for r in rows), np.int32, n),
+        "index": np.fromiter((r["index"] for r in rows), np.int32, n),
+        "bucket": np.fromiter((bucket_pos[r["bucket"]] for r in rows), np.int32, n),
+        "time_ids": np.array([r["time_ids"] for r in rows], dtype=np.int32).reshape(n, 6),
+        "weight": np.fromiter((r["weight"] for r in rows), np.float32, n),
+        "crc32": np.fromiter((r["crc32"] for r in rows), np.uint32, n),
+        "key_hash": key_hashes([r["key"] for r in rows]),
+    }
+    if cache_text:
+        columns["crc32_text"] = np.fromiter((r["crc32_text"] for r in rows), np.uint32, n)
+    columns["by_bucket"] = np.argsort(columns["bucket"], kind="stable").astype(np.int64)
+    starts = np.searchsorted(columns["bucket"][columns["by_bucket"]], np.arange(len(bucket_keys) + 1))
+    folder = f"index-{uuid.uuid4().hex[:12]}"
+    (root / folder).mkdir()
+    for name, values in columns.items():
+        _save(root / folder / f"{name}.npy", values)
+    for name, field in (("keys", "key"), ("captions", "caption")):
+        blob, offsets = _utf8_column([r[field] for r in rows])
+        _save(root / folder / f"{name[:-1]}_offsets.npy", offsets)
+        _write_synced(root / folder / f"{name}.bin", blob)
+    sync_dir(root / folder)
+    meta = {"format": INDEX_FORMAT, "folder": folder, "rows": n, "fingerprint": fingerprint,
+            "cache_text": cache_text, "shards": [{"name": name, **shards[name]} for name in names],
+            "buckets": bucket_keys, "bucket_starts": starts.tolist()}
+    write_atomic(root / INDEX, json.dumps(meta, indent=1).encode())
+    for old in root.glob("index-*"):
+        if old.name != folder:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _utf8_column(values: Sequence[str]) -> tuple[bytes, np.ndarray]:
+    encoded = [v.encode("utf-8") for v in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
+    return b"".join(encoded), offsets
+
+
+def _save(path: Path, values: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, values)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class CacheIndex:
+    """The index of ``root``, memory-mapped and checked for consistency (not for content: the per-sample
+    CRC-32 does that on every read). Opening costs a few sequential passes over the small columns."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        if not (root / INDEX).is_file() and (root / MANIFEST).is_file() and (root / SHARDS).is_file():
+            raise CacheError(f"{root} is a latent cache of format 1 (manifest.jsonl, no {INDEX}); "
+                             + CONVERT_HINT.format(root=root))
+        if not (root / INDEX).is_file():
+            raise CacheError(f"{root / INDEX} not found: build the cache with "
+                             "`python launch/cache.py --config <your yaml>`")
+        meta = read_json(root / INDEX, "latent cache index")
+        try:
+            if meta["format"] != INDEX_FORMAT:
+                raise CacheError(f"{root / INDEX}: index format {meta['format']}, this version reads "
+                                 f"{INDEX_FORMAT}; {REBUILD_HINT}")
+            self.rows: int = int(meta["rows"])
+            self.cache_text: bool = bool(meta["cache_text"])
+            self.fingerprint: str = meta["fingerprint"]
+            self.shards: list[dict] = meta["shards"]
+            self.shard_names = [s["name"] for s in self.shards]
+            self.bucket_keys: list[str] = meta["buckets"]
+            starts = np.asarray(meta["bucket_starts"], dtype=np.int64)
+            folder = root / meta["folder"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise CacheError(f"{root / INDEX} is damaged (bad field: {err}); {REBUILD_HINT}") from None
+        names = list(_FIXED) + ["by_bucket", "key_offsets", "caption_offsets"]
+        names += ["crc32_text"] if self.cache_text else []
+        self.columns = {name: self._column(folder, name) for name in names}
+        self.keys_blob = self._blob(folder / "keys.bin", self.columns["key_offsets"])
+        self.captions_blob = self._blob(folder / "captions.bin", self.columns["caption_offsets"])
+        self._check(starts)
+        by_bucket = self.columns["by_bucket"]
+        self.buckets = {key: by_bucket[starts[i]:starts[i + 1]] for i, key in enumerate(self.bucket_keys)}
+
+    def _column(self, folder: Path, name: str) -> np.ndarray:
+        path = folder / f"{name}.npy"
+        try:
+            values = np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise CacheError(f"{path} is missing; {REBUILD_HINT}") from None
+        except ValueError as err:
+            raise CacheError(f"{path} is damaged ({err}); {REBUILD_HINT}") from None
+        expected = self.rows + 1 if name.endswith("_offsets") else self.rows
+        if len(values) != expected:
+            raise CacheError(f"{path}: {len(values)} rows, index.json says {expected}; {REBUILD_HINT}")
+        return values
+
+    def _blob(self, path: Path, offsets: np.ndarray) -> np.ndarray:
+        size = path.stat().st_size if path.is_file() else -1
+        if size != int(offsets[-1]):
+            raise CacheError(f"{path}: {size} bytes, its offsets say {int(offsets[-1])}; {REBUILD_HINT}")
+        return np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+
+    def _check(self, starts: np.ndarray) -> None:
+        """Every reference in range: shard and bucket positions, sample positions inside their shard,
+        offsets ascending, the bucket grouping consistent with the bucket column."""
+        if problems := self._problems(starts):
+            raise CacheError(f"{self.root / INDEX} is damaged: {'; '.join(problems)}; {REBUILD_HINT}")
+
+    def _problems(self, starts: np.ndarray) -> list[str]:
+        col, n_buckets = self.columns, len(self.bucket_keys)
+        problems = [f"{name} not ascending from 0" for name in ("key_offsets", "caption_offsets")
+                    if col[name][0] != 0 or (np.diff(col[name]) < 0).any()]
+        if len(starts) != n_buckets + 1 or starts[0] != 0 or starts[-1] != self.rows:
+            return problems + ["bucket_starts do not cover the rows"]
+        if not self.rows:
+            return problems
+        counts = np.array([s["count"] for s in self.shards], dtype=np.int64)
+        if not 0 <= col["shard"].min() <= col["shard"].max() < len(counts):
+            problems.append("a shard position out of range")
+        elif ((col["index"] < 0) | (col["index"] >= counts[col["shard"]])).any():
+            problems.append("a sample position beyond its shard's count")
+        if not 0 <= col["bucket"].min() <= col["bucket"].max() < n_buckets:
+            return problems + ["a bucket position out of range"]
+        if (np.bincount(col["bucket"], minlength=n_buckets) != np.diff(starts)).any():
+            return problems + ["bucket_starts disagree with the bucket column"]
+        by_bucket = col["by_bucket"]
+        if not 0 <= by_bucket.min() <= by_bucket.max() < self.rows or (
+                col["bucket"][by_bucket] != np.repeat(np.arange(n_buckets), np.diff(starts))).any():
+            problems.append("by_bucket does not group the ids by their bucket")
+        return problems
+
+    def key(self, i: int) -> str:
+        offsets = self.columns["key_offsets"]
+        return self.keys_blob[offsets[i]:offsets[i + 1]].tobytes().decode("utf-8")
+
+    def caption(self, i: int) -> str:
+        offsets = self.columns["caption_offsets"]
+        return self.captions_blob[offsets[i]:offsets[i + 1]].tobytes().decode("utf-8")
