@@ -413,3 +413,118 @@ def test_launch_script_reads_training_yaml(tmp_path, tiny_sdxl, dataset):
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit):
         launch.main(["--config", str(tmp_path / "typo.yaml")])
+
+
+def _as_format_1(root: Path) -> None:
+    """What a cache written before the index looked like: no index, rows without checksums."""
+    (root / "index.json").unlink()
+    for folder in root.glob("index-*"):
+        shutil.rmtree(folder)
+    rows = [{k: v for k, v in row.items() if k != "crc32"} for row in _read_rows(root)]
+    (root / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_format_1_cache_names_its_command_and_converts(copied):
+    root = Path(copied.cache_dir)
+    before = _latents_by_key(root)
+    rows = _read_rows(root)
+    _as_format_1(root)
+    command = rf"`python launch/cache\.py --convert --cache_dir {root}`"
+    with pytest.raises(CacheError, match=rf"format 1.*{command}"):
+        LatentCache(root)
+    assert _launch_module().main(["--cache_dir", str(root), "--convert"]) == len(rows)
+    after = _latents_by_key(root)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert _read_rows(root) == rows  # the checksums it computed are the ones the build recorded
+
+
+def _rewrite_index(root: Path, edit) -> None:
+    meta = json.loads((root / "index.json").read_text())
+    edit(meta)
+    (root / "index.json").write_text(json.dumps(meta))
+
+
+def _edit_column(root: Path, name: str, edit) -> None:
+    meta = json.loads((root / "index.json").read_text())
+    path = root / meta["folder"] / f"{name}.npy"
+    values = np.load(path)
+    edit(values)
+    np.save(path, values)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda root: (root / "index.json").write_text('{"format": 2, "rows": 1'), r"index\.json is damaged"),
+    (lambda root: _rewrite_index(root, lambda m: m["shards"].pop()), r"shard position out of range"),
+    (lambda root: _rewrite_index(root, lambda m: m.pop("folder")), r"bad field: 'folder'"),
+    (lambda root: _edit_column(root, "index", lambda v: v.__setitem__(0, 7)), r"sample position beyond"),
+    (lambda root: _edit_column(root, "by_bucket", lambda v: v.__setitem__(0, 10**6)), r"by_bucket"),
+    (lambda root: (root / json.loads((root / "index.json").read_text())["folder"] / "weight.npy").unlink(),
+     r"weight\.npy is missing"),
+], ids=["truncated_json", "shard_entry_removed", "field_missing", "index_out_of_range", "bad_grouping",
+        "column_missing"])
+def test_damaged_index_is_named_and_rebuilt_by_the_build(copied, parts, damage, message):
+    root = Path(copied.cache_dir)
+    before = _latents_by_key(root)
+    damage(root)
+    with pytest.raises(CacheError, match=rf"{message}.*launch/cache\.py --config"):
+        LatentCache(root)
+    with count_vae_images(parts.vae) as seen:
+        build_cache(copied, parts, batch_size=3, workers=2, progress=False)  # the command the message names
+    assert seen["images"] == 0  # shards and manifest were intact: everything reused
+    assert_same_latents(_latents_by_key(root), before)
+
+
+def test_swapped_index_rows_fail_their_checksums(copied):
+    root = Path(copied.cache_dir)
+    rows = _read_rows(root)
+    a, b = (r for r in rows if r["shard"] == rows[0]["shard"])  # two samples of one shard (same bucket)
+    _edit_column(root, "index", lambda v: v.__setitem__([a["id"], b["id"]], [b["index"], a["index"]]))
+    with pytest.raises(CacheError, match=rf"sample {b['index']} \(id {a['id']}.*fails its checksum"):
+        LatentCache(root).batch([a["id"]])
+
+
+def test_damaged_build_record_is_rebuilt_by_the_launch_script(copied, tiny_sdxl):
+    root = Path(copied.cache_dir)
+    lines = (root / "manifest.jsonl").read_text().splitlines(keepends=True)
+    (root / "manifest.jsonl").write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    meta = json.loads((root / "shards.json").read_text())
+    meta["shards"].pop(sorted(meta["shards"])[0])
+    (root / "shards.json").write_text(json.dumps(meta))
+    config = _yaml_for(copied, tiny_sdxl, root.parent)
+    stats = _launch_module().main(["--config", str(config), "--workers", "2"])
+    assert stats.encoded == len(lines)  # a torn manifest: nothing of it is trusted, all encoded again
+    assert len(LatentCache(root)) == len(lines)
+
+
+def _yaml_for(cfg: CacheConfig, model: Path, folder: Path) -> Path:
+    data = {"source": cfg.source, "cache_dir": cfg.cache_dir, "crop": cfg.crop,
+            "shard_max_mb": cfg.shard_max_mb,
+            "buckets": {k: getattr(cfg.buckets, k) for k in ("max_area", "step", "min_side", "max_side",
+                                                             "max_aspect")}}
+    path = folder / "cache.yaml"
+    path.write_text(yaml.safe_dump({"model": {"pretrained": str(model)}, "data": data}))
+    return path
+
+
+def test_parquet_source_builds_the_same_cache_as_jsonl(tmp_path, parts, dataset):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    keys = sorted(p.name for p in dataset.glob("img*.png"))
+    captions = [(dataset / k).with_suffix(".txt").read_text() if (dataset / k).with_suffix(".txt").exists()
+                else "" for k in keys]
+    sizes = [Image.open(dataset / k).size for k in keys]
+    (dataset / "list.jsonl").write_text("".join(json.dumps({"image": k, "caption": c}) + "\n"
+                                                for k, c in zip(keys, captions)))
+    pq.write_table(pa.table({"image": keys, "caption": captions, "width": [w for w, _ in sizes],
+                             "height": [h for _, h in sizes]}), dataset / "list.parquet")
+    try:
+        for name in ("jsonl", "parquet"):
+            build_cache(_cfg(dataset / f"list.{name}", tmp_path / name), parts, batch_size=3, workers=2,
+                        progress=False)
+    finally:
+        (dataset / "list.jsonl").unlink()
+        (dataset / "list.parquet").unlink()
+    assert _read_rows(tmp_path / "parquet") == _read_rows(tmp_path / "jsonl")
+    parquet, jsonl = _latents_by_key(tmp_path / "parquet"), _latents_by_key(tmp_path / "jsonl")
+    assert parquet.keys() == jsonl.keys() and all(torch.equal(parquet[k], jsonl[k]) for k in jsonl)
