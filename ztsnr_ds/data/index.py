@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import uuid
@@ -56,11 +57,11 @@ def key_hashes(keys: Sequence[str]) -> np.ndarray:
 
 def write_index(root: Path, rows: Sequence[dict], shards: dict[str, dict], cache_text: bool,
                 fingerprint: str) -> None:
-    """Columns of ``rows`` (dicts in id order: shard, index, bucket, time_ids, weight, crc32[, crc32_text],
-    key, caption) into a new ``index-<id>/`` folder, then index.json pointing at it."""
+    """The index of ``rows`` (dicts in id order: shard, index, bucket, time_ids, weight, crc32[, crc32_text],
+    key, caption): their columns, then :func:`write_columns`."""
     names = list(shards)
-    bucket_keys = sorted({info["bucket"] for info in shards.values()})
     shard_pos = {name: i for i, name in enumerate(names)}
+    bucket_keys = sorted({info["bucket"] for info in shards.values()})
     bucket_pos = {key: i for i, key in enumerate(bucket_keys)}
     n = len(rows)
     columns = {
@@ -74,27 +75,39 @@ def write_index(root: Path, rows: Sequence[dict], shards: dict[str, dict], cache
     }
     if cache_text:
         columns["crc32_text"] = np.fromiter((r["crc32_text"] for r in rows), np.uint32, n)
-    columns["by_bucket"] = np.argsort(columns["bucket"], kind="stable").astype(np.int64)
-    starts = np.searchsorted(columns["bucket"][columns["by_bucket"]], np.arange(len(bucket_keys) + 1))
+    texts = {"keys": utf8_column([r["key"] for r in rows]),
+             "captions": utf8_column([r["caption"] for r in rows])}
+    write_columns(root, columns, texts, [{"name": name, **shards[name]} for name in names], bucket_keys,
+                  cache_text, fingerprint)
+
+
+def write_columns(root: Path, columns: dict[str, np.ndarray], texts: dict[str, tuple[bytes, np.ndarray]],
+                  shards: list[dict], bucket_keys: list[str], cache_text: bool, fingerprint: str) -> None:
+    """Write ``columns`` (the fixed-width ones of the module docstring but by_bucket) and ``texts``
+    ({"keys", "captions"}: (UTF-8 blob, offsets)) into a new ``index-<id>/`` folder, then swap index.json
+    to it and remove older folders. ``shards`` in the order the shard column counts them."""
+    bucket = columns["bucket"]
+    columns = {**columns, "by_bucket": np.argsort(bucket, kind="stable").astype(np.int64)}
+    starts = np.searchsorted(bucket[columns["by_bucket"]], np.arange(len(bucket_keys) + 1))
     folder = f"index-{uuid.uuid4().hex[:12]}"
     (root / folder).mkdir()
     for name, values in columns.items():
         _save(root / folder / f"{name}.npy", values)
-    for name, field in (("keys", "key"), ("captions", "caption")):
-        blob, offsets = _utf8_column([r[field] for r in rows])
+    for name, (blob, offsets) in texts.items():
         _save(root / folder / f"{name[:-1]}_offsets.npy", offsets)
         _write_synced(root / folder / f"{name}.bin", blob)
     sync_dir(root / folder)
-    meta = {"format": INDEX_FORMAT, "folder": folder, "rows": n, "fingerprint": fingerprint,
-            "cache_text": cache_text, "shards": [{"name": name, **shards[name]} for name in names],
-            "buckets": bucket_keys, "bucket_starts": starts.tolist()}
+    meta = {"format": INDEX_FORMAT, "folder": folder, "rows": len(bucket), "fingerprint": fingerprint,
+            "cache_text": cache_text, "shards": shards, "buckets": bucket_keys,
+            "bucket_starts": starts.tolist()}
     write_atomic(root / INDEX, json.dumps(meta, indent=1).encode())
     for old in root.glob("index-*"):
         if old.name != folder:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _utf8_column(values: Sequence[str]) -> tuple[bytes, np.ndarray]:
+def utf8_column(values: Sequence[str]) -> tuple[bytes, np.ndarray]:
+    """(blob, offsets): value i is blob[offsets[i]:offsets[i + 1]] in UTF-8 (an Arrow string column)."""
     encoded = [v.encode("utf-8") for v in values]
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
@@ -168,7 +181,13 @@ class CacheIndex:
         size = path.stat().st_size if path.is_file() else -1
         if size != int(offsets[-1]):
             raise CacheError(f"{path}: {size} bytes, its offsets say {int(offsets[-1])}; {REBUILD_HINT}")
-        return np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        if not size:
+            return np.zeros(0, np.uint8)
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if hasattr(mapped, "madvise"):  # one caption per sample, at random: no read-ahead around it
+            mapped.madvise(mmap.MADV_RANDOM)
+        return np.frombuffer(mapped, dtype=np.uint8)
 
     def _check(self, starts: np.ndarray) -> None:
         """Every reference in range: shard and bucket positions, sample positions inside their shard,

@@ -119,6 +119,8 @@ class ShardFile:
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
         try:
+            if hasattr(os, "posix_fadvise"):  # random access: no read-ahead of neighbours nobody asked for
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
             head = os.pread(self.fd, 8, 0)
             size = int.from_bytes(head, "little") if len(head) == 8 else -1
             if not 0 < size <= MAX_HEADER:

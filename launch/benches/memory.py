@@ -1,0 +1,120 @@
+"""Bytes per parameter held per rank under each DeepSpeed precision config, against DESIGN.md's model."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import torch
+
+from launch.benches import ROOT, arg, benchmark
+from ztsnr_ds.optim import AdamWSR
+
+MEMORY_CONFIGS = {"pure bf16 (zero2_bf16.json)": "ds_configs/zero2_bf16.json",
+                  "fp32 masters (zero2_bf16_fp32master.json)": "ds_configs/zero2_bf16_fp32master.json"}
+# DESIGN.md sec. 9, bytes per parameter on one of N ranks: weights + (grads + master + moments) / N.
+DESIGN_BYTES = {"ds_configs/zero2_bf16.json": (2, 2 + 2 + 4),
+                "ds_configs/zero2_bf16_fp32master.json": (2, 2 + 4 + 8)}
+
+
+def proc_status_kib(field: str) -> int:
+    """A memory field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: peak resident)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def held_tensor_bytes(engine, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of every distinct tensor storage alive, by role, counted once each (first role wins).
+
+    Storages reachable from Python objects (gc) plus the .grad of module and optimizer params
+    (a grad may have no Python object of its own).
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    flat = [p for group in optimizer.param_groups for p in group["params"]]
+    module = list(engine.module.parameters())
+    roles = {
+        "optimizer state": [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)],
+        "flat partition (master weights)": flat,
+        "flat partition grad": [p.grad for p in flat if p.grad is not None],
+        "module weights": module,
+        "module grads": [p.grad for p in module if p.grad is not None],
+        "other (DeepSpeed buffers)": [o for o in gc.get_objects()  # a dead weakref.proxy raises on isinstance
+                                      if type(o) not in weakref.ProxyTypes and torch.is_tensor(o)],
+    }
+    seen: set[int] = set()
+    out = dict.fromkeys(roles, 0)
+    for role, tensors in roles.items():
+        for t in tensors:
+            if isinstance(t, FakeTensor):  # torch.compile's stand-ins (the fused optimizer's): no memory
+                continue
+            storage = t.untyped_storage()
+            if storage.data_ptr() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                out[role] += storage.nbytes()
+    return out
+
+
+def memory_case(config: str, width: int, depth: int) -> dict[str, float]:
+    """Train a deep bf16 MLP 2 steps under `config` on one rank; bytes per parameter, by role and RSS."""
+    from ztsnr_ds.engine import build_ds_config, init_distributed, initialize, is_pure_bf16
+
+    init_distributed()
+    ds_config = build_ds_config(ROOT / config, micro_batch=2, grad_accum=1, world_size=1)
+    dtype = torch.bfloat16 if is_pure_bf16(ds_config) else torch.float32  # as Trainer.build_engine
+    gc.collect()
+    baseline = proc_status_kib("VmRSS")
+    layers = [torch.nn.Linear(width, width, dtype=dtype) for _ in range(depth)]
+    model = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.GELU())])
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = AdamWSR(model.parameters(), lr=1e-4)
+    engine = initialize(model, optimizer, ds_config)
+    init_peak = proc_status_kib("VmHWM") - baseline
+    held: dict[str, int] = {}
+    # At the end of the optimizer step weights, grads, masters and moments are all alive: the peak.
+    optimizer.register_step_post_hook(lambda *_: held.update(held_tensor_bytes(engine, optimizer)))
+    x = torch.randn(2, width).to(torch.bfloat16)
+    for _ in range(2):
+        engine.backward(engine(x).float().pow(2).mean())
+        engine.step()
+    rss = {"peak RSS after initialize - baseline": init_peak,
+           "peak RSS after 2 steps - baseline": proc_status_kib("VmHWM") - baseline,
+           "RSS after 2 steps - baseline": proc_status_kib("VmRSS") - baseline}
+    return {"params": n_params} | {k: v / n_params for k, v in held.items()} | {
+        k: 1024 * v / n_params for k, v in rss.items()}
+
+
+@benchmark(
+    arg("--width", type=int, default=3072, help="MLP width"),
+    arg("--depth", type=int, default=12, help="Linear layers (12 x 3072^2: 113M parameters)"),
+    arg("--case", choices=list(MEMORY_CONFIGS.values()), help=argparse.SUPPRESS),
+)
+def bench_memory(args: argparse.Namespace) -> None:
+    """Bytes per parameter for weights, grads and optimizer state on one rank: pure bf16 vs fp32 masters."""
+    if args.case:  # child process: one configuration, a clean RSS baseline
+        print(json.dumps(memory_case(args.case, args.width, args.depth)))
+        return
+    results = {}
+    for name, config in MEMORY_CONFIGS.items():
+        cmd = [sys.executable, __file__, "memory", "--case", config, "--width", str(args.width),
+               "--depth", str(args.depth)] + (["--threads", str(args.threads)] if args.threads else [])
+        child = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[name] = json.loads(child.stdout.strip().splitlines()[-1])
+    first = next(iter(results.values()))
+    print(f"Deep MLP: {args.depth} x Linear({args.width}, {args.width}), {first['params'] / 1e6:.1f}M "
+          "parameters, ZeRO-2 on one rank, 2 training steps, each configuration in a fresh process. "
+          "Tensors are counted at the end of the second optimizer step (every distinct storage once).\n")
+    rows = [k for k in first if k != "params"]
+    print("| bytes per parameter | " + " | ".join(results) + " |")
+    print("|---|" + "---|" * len(results))
+    for row in rows:
+        print(f"| {row} | " + " | ".join(f"{r[row]:.2f}" for r in results.values()) + " |")
+    tensors = [sum(r[k] for k in rows if "RSS" not in k) for r in results.values()]
+    print("| **all tensors** | " + " | ".join(f"**{t:.2f}**" for t in tensors) + " |")
+    model = [sum(DESIGN_BYTES[c]) for c in MEMORY_CONFIGS.values()]
+    print("| DESIGN.md model (N = 1) | " + " | ".join(f"{m}" for m in model) + " |")
