@@ -200,6 +200,9 @@ def measure(root: Path, fmt: int, args: argparse.Namespace) -> dict:
     child.start()
     alone = queue.get()
     child.join()
+    keys = ("open_s", "private_mb", "anon_mb", "pss_mb", "baseline_private_mb")
+    if fmt == 1:  # all heap, nothing ranks could share: 8 x its 'alone' (8 x 7.5 GB at 1M rows would not fit)
+        return alone | {f"ranks{args.ranks}_{k}": alone[k] for k in keys}
     barrier = context.Barrier(args.ranks)
     children = [context.Process(target=rank_together, args=(str(root), fmt, args.world, args.micro_batch,
                                                             barrier, queue)) for _ in range(args.ranks)]
@@ -208,8 +211,7 @@ def measure(root: Path, fmt: int, args: argparse.Namespace) -> dict:
     together = [queue.get() for _ in children]
     for c in children:
         c.join()
-    return alone | {f"ranks{args.ranks}_{k}": max(r[k] for r in together)
-                    for k in ("open_s", "private_mb", "anon_mb", "pss_mb", "baseline_private_mb")}
+    return alone | {f"ranks{args.ranks}_{k}": max(r[k] for r in together) for k in keys}
 
 
 def folder_mb(folder: Path) -> float:
@@ -259,7 +261,8 @@ def bench_data(args: argparse.Namespace) -> None:
           f"'x{args.ranks}' = the largest of {args.ranks} ranks holding the cache open at once. Private = "
           "Private_Clean + Private_Dirty (smaps_rollup) less the same process's before opening (Python, "
           f"torch, numpy: {results[0]['baseline_private_mb']:.0f} MiB); anon = all heap. Format 1's read "
-          "amplification is computed, not measured: world + 1 (every rank hashes every shard each epoch).\n")
+          "amplification is computed, not measured: world + 1 (every rank hashes every shard each epoch); "
+          f"its x{args.ranks} columns repeat 'alone' (heap only, nothing to share; 8 copies would not fit).\n")
     print(f"| format | rows | index MiB | open s (alone) | open s (x{args.ranks}) | private MiB (alone) | "
           f"private MiB (x{args.ranks}) | anon MiB | plan epoch s | samples/s cold / warm | "
           "bytes read / sample bytes | storage reads / sample bytes (cold shards) |")
