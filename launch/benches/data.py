@@ -262,7 +262,7 @@ def bench_data(args: argparse.Namespace) -> None:
           "Private_Clean + Private_Dirty (smaps_rollup) less the same process's before opening (Python, "
           f"torch, numpy: {results[0]['baseline_private_mb']:.0f} MiB); anon = all heap. Format 1's read "
           "amplification is computed, not measured: world + 1 (every rank hashes every shard each epoch); "
-          f"its x{args.ranks} columns repeat 'alone' (heap only, nothing to share; 8 copies would not fit).\n")
+          f"its x{args.ranks} columns repeat 'alone' (all heap; 8 copies would not fit).\n")
     print(f"| format | rows | index MiB | open s (alone) | open s (x{args.ranks}) | private MiB (alone) | "
           f"private MiB (x{args.ranks}) | anon MiB | plan epoch s | samples/s cold / warm | "
           "bytes read / sample bytes | storage reads / sample bytes (cold shards) |")
