@@ -51,7 +51,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "launch"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -146,8 +145,7 @@ def kill_in_loop(proc, output_dir: Path, kill_step: int, timeout: float) -> int:
 
 
 def check_resume(ctx: Context) -> tuple[str, dict]:
-    from bench import tiny_training_config
-
+    from launch.benches.step import tiny_training_config
     from ztsnr_ds import checkpoint
 
     root = ctx.work / "resume"
@@ -303,7 +301,8 @@ def measure(ctx: Context, trainer, batch: int, label: dict) -> dict:
     import statistics
 
     import torch
-    from bench import synchronize
+
+    from launch.benches import synchronize
 
     bucket = next(iter(trainer.cache.buckets))
     same = itertools.repeat((bucket, trainer.cache.buckets[bucket][:batch]))
@@ -362,7 +361,7 @@ def flop_per_sample(unet_config: dict, side: int) -> float:
 
 def live_bytes_per_param(trainer) -> dict[str, float]:
     """Bytes per UNet parameter of every live tensor at the end of an optimizer step, by role."""
-    from bench import held_tensor_bytes
+    from launch.benches.memory import held_tensor_bytes
 
     held: dict[str, int] = {}
     hook = trainer.optimizer.register_step_post_hook(
@@ -376,8 +375,8 @@ def live_bytes_per_param(trainer) -> dict[str, float]:
 
 def sdxl_inputs(ctx: Context) -> None:
     """The model folder, a latent cache of --side^2 latents and the measured matmul peak (ctx.shared)."""
-    from bench import matmul_peak, synthetic_latent_cache
-
+    from launch.benches.data import synthetic_latent_cache
+    from launch.benches.mfu import matmul_peak
     from ztsnr_ds.models import TINY_UNET_CONFIG
 
     config_file = ROOT / "configs" / "sdxl_unet" / "config.json"
@@ -578,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
               f"network, see the offline recipe in `python {Path(__file__).name} --help`.", file=sys.stderr)
         return 3
     import torch
-    from bench import machine
+
+    from launch.benches import machine
 
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(f"cuda:{max(args.local_rank, 0)}" if torch.cuda.is_available() else "cpu")

@@ -22,25 +22,41 @@ BUCKET_SIDE = 1024
 TAGS_PER_CAPTION = 25
 
 
-def write_shards(root: Path, samples: int, shard_mb: float) -> tuple[list[dict], dict[str, dict]]:
-    """``samples`` random SDXL-size latents (4, 128, 128) bf16 through the build's own ShardWriter."""
+def write_shards(root: Path, samples: int, side: int, shard_mb: float) -> tuple[list[dict], dict[str, dict]]:
+    """``samples`` random latents (4, side/8, side/8) bf16 of the side x side bucket through the build's own
+    ShardWriter; returns their manifest rows (with shard, index, crc32) and the shards' infos."""
     from ztsnr_ds.data.cache_files import PARTS_DIR, SHARD_DIR
     from ztsnr_ds.data.shards import ShardWriter
 
     (root / SHARD_DIR).mkdir(parents=True)
     (root / PARTS_DIR).mkdir()
     writer = ShardWriter(root, 0, "bench", int(shard_mb * 2**20))
-    side = BUCKET_SIDE // 8
+    bucket, time_ids = f"{side}x{side}", [side, side, 0, 0, side, side]
     generator = torch.Generator().manual_seed(0)
     for lo in range(0, samples, 16):
-        n = min(16, samples - lo)
-        rows = [{"key": f"{i:09d}.webp", "sha256": f"{i:064x}", "bucket": f"{BUCKET_SIDE}x{BUCKET_SIDE}"}
-                for i in range(lo, lo + n)]
-        latents = torch.randn(n, 4, side, side, generator=generator).to(torch.bfloat16)
-        writer.add(rows[0]["bucket"], rows, {"latents": latents})
+        keys = [f"{i:09d}.png" for i in range(lo, min(samples, lo + 16))]
+        rows = [{"key": key, "path": str(root / "images" / key), "sha256": f"{lo + j:064x}", "bucket": bucket,
+                 "orig_hw": [side, side], "crop_tl": [0, 0], "time_ids": time_ids, "caption": "1girl, solo",
+                 "tags": ["1girl", "solo"]} for j, key in enumerate(keys)]
+        latents = torch.randn(len(rows), 4, side // 8, side // 8, generator=generator).to(torch.bfloat16)
+        writer.add(bucket, rows, {"latents": latents})
     writer.flush()
-    shutil.rmtree(root / PARTS_DIR)
     return writer.rows, writer.infos
+
+
+def synthetic_latent_cache(root: Path, n: int, side: int, shard_mb: float) -> None:
+    """A trainable cache of n random side x side latents: the build's shard writer and merge, minus the
+    images and the VAE (gpu_check's SDXL-size data)."""
+    from ztsnr_ds.data.cache import CacheConfig
+    from ztsnr_ds.data.cache_files import part_path, write_atomic
+    from ztsnr_ds.data.cache_merge import merge_parts
+
+    rows, infos = write_shards(root, n, side, shard_mb)
+    part = {"rank": 0, "world_size": 1, "fingerprint": "bench", "scan": "bench", "cache_text": False,
+            "rows": rows, "shards": infos, "bad": [], "corrupt_shards": [], "scan_problems": [],
+            "encoded": len(rows), "reused": 0}
+    write_atomic(part_path(root, 0, 1), json.dumps(part).encode())
+    merge_parts(CacheConfig(source=str(root / "images"), cache_dir=str(root), shard_max_mb=shard_mb), 1)
 
 
 def captions_pool(count: int = 997, vocabulary: int = 2000) -> list[bytes]:
@@ -164,8 +180,10 @@ def rank_probe(root: str, fmt: int, world: int, micro_batch: int, reads: int, qu
     sampler.plan(1).rank_plan(0)
     result["plan_epoch_s"] = time.perf_counter() - start
     if fmt == 2:
-        largest = max(cache.buckets.values(), key=len)
-        ids = np.random.default_rng(0).choice(largest, reads, replace=False)
+        largest = np.asarray(max(cache.buckets.values(), key=len))
+        _, first = np.unique(cache.index.columns["crc32"][largest], return_index=True)  # distinct latents
+        ids = np.random.default_rng(0).choice(largest[first], min(reads, len(first)), replace=False)
+        reads = len(ids)
         item = 4 * (BUCKET_SIDE // 8) ** 2 * 2
         for path in Path(root).glob("index-*/*"):  # steady state: the index sits in the page cache
             path.read_bytes()
@@ -236,7 +254,8 @@ def bench_data(args: argparse.Namespace) -> None:
     results = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = Path(tmp) / "cache"
-        samples, shards = write_shards(root, args.samples, args.shard_mb)
+        samples, shards = write_shards(root, args.samples, BUCKET_SIDE, args.shard_mb)
+        shutil.rmtree(root / "parts")
         for rows in args.rows:
             start = time.perf_counter()
             write_index(root, rows, samples, shards)

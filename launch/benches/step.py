@@ -23,7 +23,8 @@ def tiny_training_config(root: Path, micro_batch: int) -> Path:
     import yaml
 
     from ztsnr_ds.data.buckets import BucketConfig
-    from ztsnr_ds.data.cache import CacheConfig, build_cache
+    from ztsnr_ds.data.cache import CacheConfig
+    from ztsnr_ds.data.cache_build import build_cache
     from ztsnr_ds.data.synthetic import write_dataset
     from ztsnr_ds.models import load_frozen, write_tiny_sdxl
 
