@@ -16,7 +16,7 @@ import torch
 from ztsnr_ds.data.buckets import CROP_MODES, BucketConfig, parse_bucket_key
 from ztsnr_ds.data.cache_files import REBUILD_HINT, CacheError
 from ztsnr_ds.data.index import CacheIndex
-from ztsnr_ds.data.shards import TEXT_TENSORS, ShardFiles, sample_checksum
+from ztsnr_ds.data.shards import CHECKSUMS, TEXT_TENSORS, ShardFiles, sample_checksum
 from ztsnr_ds.data.sources import DEFAULT_MAX_PIXELS
 from ztsnr_ds.data.tags import TagWeightConfig
 
@@ -99,18 +99,19 @@ class LatentCache:
         if len(np.unique(col["bucket"][ids])) != 1:
             raise ValueError(f"a batch must come from one bucket, got ids {ids.tolist()} from several")
         out = {
-            "latents": torch.stack([self._sample(i, ("latents",), "crc32")[0] for i in ids]),
+            "latents": torch.stack([self._sample(i, "crc32")[0] for i in ids]),
             "time_ids": torch.from_numpy(col["time_ids"][ids].astype(np.float32)),
             "weight": torch.from_numpy(col["weight"][ids].astype(np.float32)),
             "captions": [self.index.caption(i) for i in ids],
         }
         if self.cache_text:
-            text = [self._sample(i, TEXT_TENSORS, "crc32_text") for i in ids]
+            text = [self._sample(i, "crc32_text") for i in ids]
             out |= {name: torch.stack([t[j] for t in text]) for j, name in enumerate(TEXT_TENSORS)}
         return out
 
-    def _sample(self, i: int, names: tuple[str, ...], crc_column: str) -> list[torch.Tensor]:
-        """Tensors ``names`` of sample ``i``, their bytes checked against the index's CRC-32."""
+    def _sample(self, i: int, crc_column: str) -> list[torch.Tensor]:
+        """The tensors ``crc_column`` covers (CHECKSUMS) of sample ``i``, their bytes checked against it."""
+        names = CHECKSUMS[crc_column]
         name = self.index.shard_names[self.index.columns["shard"][i]]
         shard, position = self._files.get(name), int(self.index.columns["index"][i])
         data = [shard.read(tensor, position) for tensor in names]

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 MANIFEST = "manifest.jsonl"
 SHARDS = "shards.json"
@@ -50,13 +53,20 @@ def part_path(root: Path, rank: int, world_size: int) -> Path:
     return root / PARTS_DIR / f"rank{rank}-of-{world_size}.json"
 
 
+@contextmanager
+def synced(path: Path) -> Iterator[BinaryIO]:
+    """``path`` opened for writing, flushed and fsynced when the block ends."""
+    with open(path, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file, fsync, then os.replace: readers see the old or the new file, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with synced(tmp) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
     sync_dir(path.parent)
 

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from ztsnr_ds.data.cache_files import shard_path
 from ztsnr_ds.data.index import CacheIndex
-from ztsnr_ds.data.shards import TEXT_TENSORS, sample_checksum, shard_problem
+from ztsnr_ds.data.shards import CHECKSUMS, read_shard, sample_checksums
 
 
 def verify_cache(root: Path, rank: int = 0, world_size: int = 1, workers: int = 4,
@@ -41,22 +41,19 @@ def verify_cache(root: Path, rank: int = 0, world_size: int = 1, workers: int = 
 
 def _check_shard(root: Path, index: CacheIndex, s: int, ids: np.ndarray) -> tuple[int, list[dict]]:
     info = index.shards[s]
-    path = shard_path(root, info["name"])
-    if (problem := shard_problem(path, info["sha256"])) is not None:
-        found = [{"shard": info["name"], "reason": problem}]
-        if problem == "missing":
-            return 0, found
-    else:
-        found = []
+    data, problem = read_shard(shard_path(root, info["name"]), info["sha256"])
+    found = [] if problem is None else [{"shard": info["name"], "reason": problem}]
+    if data is None:
+        return 0, found
     try:
-        tensors = safetensors.torch.load(path.read_bytes())
+        tensors = safetensors.torch.load(data)
     except Exception as err:  # a damaged header: nothing in the shard can be checked
         return 0, found + [{"shard": info["name"], "reason": f"unreadable: {err}"}]
-    columns = [("crc32", ("latents",))] + ([("crc32_text", TEXT_TENSORS)] if index.cache_text else [])
+    columns = [c for c in CHECKSUMS if c in index.columns]
     for i in ids:
         position = int(index.columns["index"][i])
-        for column, names in columns:
-            if sample_checksum(*(tensors[n][position] for n in names)) != int(index.columns[column][i]):
-                found.append({"shard": info["name"], "reason": f"{column} mismatch", "id": int(i),
-                              "key": index.key(i), "index": position})
+        actual = sample_checksums(tensors, position)
+        found += [{"shard": info["name"], "reason": f"{column} mismatch", "id": int(i), "key": index.key(i),
+                   "index": position}
+                  for column in columns if actual.get(column) != int(index.columns[column][i])]
     return len(ids), found

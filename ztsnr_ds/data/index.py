@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
-import os
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -41,12 +40,13 @@ from ztsnr_ds.data.cache_files import (
     CacheError,
     read_json,
     sync_dir,
+    synced,
     write_atomic,
 )
 
 CONVERT_HINT = "convert it once with `python launch/cache.py --convert --cache_dir {root}`"
-_FIXED = {"shard": np.int32, "index": np.int32, "bucket": np.int32, "time_ids": np.int32,
-          "weight": np.float32, "crc32": np.uint32, "key_hash": np.uint64}
+_ROW_COLUMNS = ("shard", "index", "bucket", "time_ids", "weight", "crc32", "key_hash")
+"""Columns every index has, one entry per row (types in the module docstring)."""
 
 
 def key_hashes(keys: Sequence[str]) -> np.ndarray:
@@ -92,10 +92,13 @@ def write_columns(root: Path, columns: dict[str, np.ndarray], texts: dict[str, t
     folder = f"index-{uuid.uuid4().hex[:12]}"
     (root / folder).mkdir()
     for name, values in columns.items():
-        _save(root / folder / f"{name}.npy", values)
+        with synced(root / folder / f"{name}.npy") as f:
+            np.save(f, values)
     for name, (blob, offsets) in texts.items():
-        _save(root / folder / f"{name[:-1]}_offsets.npy", offsets)
-        _write_synced(root / folder / f"{name}.bin", blob)
+        with synced(root / folder / f"{name[:-1]}_offsets.npy") as f:
+            np.save(f, offsets)
+        with synced(root / folder / f"{name}.bin") as f:
+            f.write(blob)
     sync_dir(root / folder)
     meta = {"format": INDEX_FORMAT, "folder": folder, "rows": len(bucket), "fingerprint": fingerprint,
             "cache_text": cache_text, "shards": shards, "buckets": bucket_keys,
@@ -112,20 +115,6 @@ def utf8_column(values: Sequence[str]) -> tuple[bytes, np.ndarray]:
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
     return b"".join(encoded), offsets
-
-
-def _save(path: Path, values: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, values)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class CacheIndex:
@@ -155,7 +144,7 @@ class CacheIndex:
             folder = root / meta["folder"]
         except (KeyError, TypeError, ValueError) as err:
             raise CacheError(f"{root / INDEX} is damaged (bad field: {err}); {REBUILD_HINT}") from None
-        names = list(_FIXED) + ["by_bucket", "key_offsets", "caption_offsets"]
+        names = [*_ROW_COLUMNS, "by_bucket", "key_offsets", "caption_offsets"]
         names += ["crc32_text"] if self.cache_text else []
         self.columns = {name: self._column(folder, name) for name in names}
         self.keys_blob = self._blob(folder / "keys.bin", self.columns["key_offsets"])

@@ -14,6 +14,7 @@ import json
 import os
 import zlib
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 
 import safetensors.torch
@@ -31,6 +32,8 @@ from ztsnr_ds.data.cache_files import (
 )
 
 TEXT_TENSORS = ("embeds", "pooled")
+CHECKSUMS = {"crc32": ("latents",), "crc32_text": TEXT_TENSORS}
+"""The per-sample checksums (manifest row fields and index columns) and the tensors each one covers."""
 MAX_HEADER = 16 * HEADER_RESERVE
 """A header larger than this is not one of ours (ours are < 1 KiB): refuse before reading it."""
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -45,20 +48,40 @@ def sample_checksum(*samples: torch.Tensor | bytes) -> int:
     return crc
 
 
+def sample_checksums(tensors: Mapping[str, torch.Tensor], index: int) -> dict[str, int]:
+    """The CHECKSUMS of sample ``index`` of a shard's stacked ``tensors`` (crc32_text only with text)."""
+    return {column: sample_checksum(*(tensors[n][index] for n in names))
+            for column, names in CHECKSUMS.items() if names[0] in tensors}
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def shard_problem(path: Path, sha256: str) -> str | None:
-    """None if the shard file exists and its sha256 matches, else what is wrong with it."""
+    """None if the shard file exists and its sha256 matches, else what is wrong with it (streamed)."""
     if not path.is_file():
         return "missing"
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-    actual = h.hexdigest()
-    return None if actual == sha256 else f"sha256 mismatch (expected {sha256[:16]}..., got {actual[:16]}...)"
+    return _digest_problem(h.hexdigest(), sha256)
+
+
+def read_shard(path: Path, sha256: str) -> tuple[bytes | None, str | None]:
+    """(the shard's bytes or None if missing, what is wrong with it or None): one read for both the
+    sha256 check and the tensors."""
+    if not path.is_file():
+        return None, "missing"
+    data = path.read_bytes()
+    return data, _digest_problem(hashlib.sha256(data).hexdigest(), sha256)
+
+
+def _digest_problem(actual: str, expected: str) -> str | None:
+    if actual == expected:
+        return None
+    return f"sha256 mismatch (expected {expected[:16]}..., got {actual[:16]}...)"
 
 
 class ShardWriter:
@@ -95,10 +118,8 @@ class ShardWriter:
         data = safetensors.torch.save(tensors, metadata={"format": str(FORMAT), "bucket": rows[0]["bucket"],
                                                          "fingerprint": self.fingerprint})
         write_atomic(shard_path(self.root, name), data)
-        for index, (row, sample) in enumerate(self._pending):
-            row.update(shard=name, index=index, crc32=sample_checksum(sample["latents"]))
-            if "embeds" in sample:
-                row["crc32_text"] = sample_checksum(*(sample[n] for n in TEXT_TENSORS))
+        for index, row in enumerate(rows):
+            row.update(shard=name, index=index, **sample_checksums(tensors, index))
         info = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "bucket": rows[0]["bucket"],
                 "count": len(rows)}
         # leading newline: a line torn by a crash never swallows the next one
@@ -179,10 +200,6 @@ class ShardFiles:
         self._open[name] = shard
         return shard
 
-    def close(self) -> None:
-        while self._open:
-            self._open.popitem()[1].close()
-
 
 def fill_checksums(root: Path, rows: list[dict], shards: dict[str, dict], progress: bool = False) -> int:
     """Add the per-sample CRC-32s to rows that lack them (caches written before they existed), reading
@@ -193,12 +210,11 @@ def fill_checksums(root: Path, rows: list[dict], shards: dict[str, dict], progre
             todo.setdefault(row["shard"], []).append(row)
     for name, shard_rows in tqdm(todo.items(), disable=not progress, desc="checksum samples"):
         path = shard_path(root, name)
-        problem = shard_problem(path, shards[name]["sha256"]) if name in shards else "not in shards.json"
+        data, problem = (read_shard(path, shards[name]["sha256"]) if name in shards
+                         else (None, "not in shards.json"))
         if problem is not None:
             raise CacheError(f"latent cache shard {path}: {problem}; {REBUILD_HINT}")
-        tensors = safetensors.torch.load(path.read_bytes())
+        tensors = safetensors.torch.load(data)
         for row in shard_rows:
-            row["crc32"] = sample_checksum(tensors["latents"][row["index"]])
-            if "embeds" in tensors:
-                row["crc32_text"] = sample_checksum(*(tensors[n][row["index"]] for n in TEXT_TENSORS))
+            row.update(sample_checksums(tensors, row["index"]))
     return sum(map(len, todo.values()))
