@@ -48,14 +48,14 @@ def synthetic_latent_cache(root: Path, n: int, side: int, shard_mb: float) -> No
     """A trainable cache of n random side x side latents: the build's shard writer and merge, minus the
     images and the VAE (gpu_check's SDXL-size data)."""
     from ztsnr_ds.data.cache import CacheConfig
-    from ztsnr_ds.data.cache_files import part_path, write_atomic
     from ztsnr_ds.data.cache_merge import merge_parts
+    from ztsnr_ds.data.cache_parts import write_part
 
     rows, infos = write_shards(root, n, side, shard_mb)
-    part = {"rank": 0, "world_size": 1, "fingerprint": "bench", "scan": "bench", "cache_text": False,
-            "rows": rows, "shards": infos, "bad": [], "corrupt_shards": [], "scan_problems": [],
-            "encoded": len(rows), "reused": 0}
-    write_atomic(part_path(root, 0, 1), json.dumps(part).encode())
+    summary = {"rank": 0, "world_size": 1, "fingerprint": "bench", "scan": "bench", "cache_text": False,
+               "shards": infos, "bad": [], "corrupt_shards": [], "scan_problems": [], "encoded": len(rows),
+               "reused": 0}
+    write_part(root, 0, 1, summary, rows)
     merge_parts(CacheConfig(source=str(root / "images"), cache_dir=str(root), shard_max_mb=shard_mb), 1)
 
 

@@ -9,8 +9,9 @@ A build, on every rank:
 3. encode the rest sorted by (bucket, key): decode on threads, VAE in batches, shards of at most
    ``shard_max_mb``. After a shard is fsynced a line goes to ``parts/progress-rank{r}.jsonl``, so an
    interrupted build resumes from its completed shards;
-4. write ``parts/rank{r}-of-{w}.json``. Rank 0 merges (after a barrier when torch.distributed is
-   initialised; data/cache_merge.py). With simulated ranks (no torch.distributed) call merge_parts yourself.
+4. write this rank's part: its rows sorted by key, then its summary (data/cache_parts.py). Rank 0 merges
+   (after a barrier when torch.distributed is initialised; data/cache_merge.py). With simulated ranks
+   (no torch.distributed) call merge_parts yourself.
 
 Every file is written to a temporary name, fsynced and os.replace'd into place, so a crash leaves the
 old or the new file; the progress files are append-only and fsynced after each line.
@@ -38,8 +39,9 @@ from tqdm import tqdm
 
 from ztsnr_ds.data.buckets import assign_bucket, bucket_key, make_buckets, resize_and_crop
 from ztsnr_ds.data.cache import CacheConfig
-from ztsnr_ds.data.cache_files import FORMAT, PARTS_DIR, SHARD_DIR, part_path, write_atomic
+from ztsnr_ds.data.cache_files import FORMAT, PARTS_DIR, SHARD_DIR
 from ztsnr_ds.data.cache_merge import merge_parts
+from ztsnr_ds.data.cache_parts import write_part
 from ztsnr_ds.data.cache_reuse import ReuseIndex
 from ztsnr_ds.data.shards import ShardWriter
 from ztsnr_ds.data.sources import BadImage, ImageRecord, Problem, load_image, scan_source
@@ -101,15 +103,14 @@ def build_cache(
     with ThreadPoolExecutor(workers) as pool:
         reused, todo, bad = _plan(records[rank::world_size], cfg, reuse, pool, 4 * workers, progress)
         bad += _encode_jobs(todo, cfg, parts, writer, pool, batch_size, progress)
-    part = {
+    summary = {
         "rank": rank, "world_size": world_size, "fingerprint": fingerprint, "scan": _scan_digest(records),
-        "cache_text": cfg.cache_text, "rows": reused + writer.rows,
-        "shards": {**reuse.infos(reused), **writer.infos},
+        "cache_text": cfg.cache_text, "shards": {**reuse.infos(reused), **writer.infos},
         "bad": [_problem_dict(p) for p in bad], "corrupt_shards": reuse.corrupt,
         "scan_problems": [_problem_dict(p) for p in problems] if rank == 0 else [],
         "encoded": len(writer.rows), "reused": len(reused),
     }
-    write_atomic(part_path(root, rank, world_size), json.dumps(part).encode())
+    write_part(root, rank, world_size, summary, reused + writer.rows)
     logger.info("rank %d: encoded %d, reused %d, bad %d", rank, len(writer.rows), len(reused), len(bad))
     stats = BuildStats(rank, len(writer.rows), len(reused), len(bad), reuse.corrupt)
     distributed = dist.is_available() and dist.is_initialized()

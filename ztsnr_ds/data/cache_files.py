@@ -13,7 +13,8 @@ Layout of ``cache_dir``::
     shards/NAME.safetensors
                      one bucket per shard: "latents" (n, 4, h/8, w/8) bf16, already * vae scaling_factor;
                      with cache_text also "embeds" (n, 77, D) and "pooled" (n, P) bf16
-    parts/           per-rank progress and results of a build in flight; removed by the merge
+    parts/           per-rank progress, rows (key-sorted JSONL) and summaries of a build in flight;
+                     removed by the merge
 """
 
 from __future__ import annotations
@@ -50,7 +51,13 @@ def shard_path(root: Path, name: str) -> Path:
 
 
 def part_path(root: Path, rank: int, world_size: int) -> Path:
+    """A rank's build summary; written last, so its presence means the rank finished (data/cache_parts.py)."""
     return root / PARTS_DIR / f"rank{rank}-of-{world_size}.json"
+
+
+def part_rows_path(root: Path, rank: int, world_size: int) -> Path:
+    """A rank's manifest rows, one JSON object a line, sorted by key."""
+    return root / PARTS_DIR / f"rank{rank}-of-{world_size}.rows.jsonl"
 
 
 @contextmanager
@@ -62,13 +69,25 @@ def synced(path: Path) -> Iterator[BinaryIO]:
         os.fsync(f.fileno())
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file, fsync, then os.replace: readers see the old or the new file, never half."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A temporary file to stream into; when the block ends it is fsynced and os.replace'd onto ``path``
+    (readers see the old or the new file, never half); on an error it is removed and ``path`` kept."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with synced(tmp) as f:
-        f.write(data)
+    try:
+        with synced(tmp) as f:
+            yield f
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     sync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` through :func:`atomic_file`."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def sync_dir(folder: Path) -> None:
@@ -93,15 +112,18 @@ def read_json(path: Path, what: str) -> dict:
     return value
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSON-lines file; CacheError naming the file and line of a damaged one."""
-    rows = []
+def iter_jsonl(path: Path) -> Iterator[dict]:
+    """Rows of a JSON-lines file, one at a time; CacheError naming the file and line of a damaged one."""
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line.decode("utf-8")))
+                yield json.loads(line.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise CacheError(f"{path}:{lineno} is damaged ({err}); {REBUILD_HINT}") from None
-    return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All rows of a JSON-lines file (see :func:`iter_jsonl`)."""
+    return list(iter_jsonl(path))

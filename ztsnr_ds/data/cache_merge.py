@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ztsnr_ds.data.cache import CacheConfig
 from ztsnr_ds.data.cache_files import (
@@ -17,38 +23,60 @@ from ztsnr_ds.data.cache_files import (
     SHARD_DIR,
     SHARDS,
     CacheError,
-    part_path,
+    atomic_file,
     read_json,
     read_jsonl,
     write_atomic,
 )
-from ztsnr_ds.data.index import write_index
-from ztsnr_ds.data.shards import fill_checksums
+from ztsnr_ds.data.cache_parts import merged_rows, part_rows, read_summaries
+from ztsnr_ds.data.index import IndexWriter, key_hash, write_index
+from ztsnr_ds.data.shards import CHECKSUMS, fill_checksums, shard_checksums
 from ztsnr_ds.data.sources import Problem, summarize_problems
-from ztsnr_ds.data.tags import TagWeightConfig, tag_weights
+from ztsnr_ds.data.tags import TagWeightConfig, image_weight, weights_from_counts
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Counts:
+    """Pass 1 over the parts: what the ids, the tag weights, the shard list and the report need."""
+
+    rows: int = 0
+    tags: Counter = field(default_factory=Counter)
+    buckets: Counter = field(default_factory=Counter)
+    shards: set[str] = field(default_factory=set)
+    unchecked: set[str] = field(default_factory=set)  # shards of rows reused from a format-1 build
 
 
 def merge_parts(cfg: CacheConfig, world_size: int) -> dict:
     """Join every rank's part into manifest.jsonl, shards.json, report.json and the index; returns the report.
 
-    Row ids follow the sorted keys and tag weights are computed over all rows,
-    so the cache does not depend on world_size. Afterwards shards no row refers to and the parts/ files
-    are deleted.
+    Row ids follow the sorted keys and tag weights are computed over all rows, so the cache does not
+    depend on world_size. Streams the parts (data/cache_parts.py): pass 1 counts tags, buckets and shards;
+    pass 2 merges the key-sorted parts into the index's numpy columns and the manifest lines (without
+    weights: their mean is known only at the end); pass 3 appends the weights to the lines. So memory
+    grows by ~60 bytes per row (columns, offsets, weights), not by a Python dict per row. Afterwards
+    shards no row refers to and the parts/ files are deleted.
     """
     root = Path(cfg.cache_dir)
-    parts = _read_parts(root, world_size)
-    rows = sorted((row for part in parts for row in part["rows"]), key=lambda r: r["key"])
-    rows = _with_weights(rows, cfg.tag_weights)
-    shards = {name: info for part in parts for name, info in part["shards"].items()}
-    shards = {name: shards[name] for name in sorted({row["shard"] for row in rows})}
-    fill_checksums(root, rows, shards)  # images reused from a format-1 build
+    parts = read_summaries(root, world_size)
+    counts = _count(part_rows(root, world_size))
+    known = {name: info for part in parts for name, info in part["shards"].items()}
+    if missing := sorted(counts.shards - set(known)):
+        raise CacheError(f"cannot merge {root}: rows refer to shard {missing[0]}, which no part lists; "
+                         f"{REBUILD_HINT}")
+    shards = {name: known[name] for name in sorted(counts.shards)}
     fingerprint, cache_text = parts[0]["fingerprint"], parts[0]["cache_text"]
-    report = _report(cfg.source, parts, rows, shards)
-    _write_record(root, rows, shards, fingerprint, cache_text)
+    index = IndexWriter(root, counts.rows, cache_text)
+    unweighted = root / PARTS_DIR / "manifest-unweighted.jsonl"
+    weights = _merge_rows(root, world_size, shards, counts, cfg.tag_weights, index, unweighted)
+    _write_manifest(root, unweighted, weights)
+    write_atomic(root / SHARDS, json.dumps(_shard_record(shards, fingerprint, cache_text), indent=1).encode())
+    report = _report(cfg.source, parts, counts, shards)
     write_atomic(root / REPORT, json.dumps(report, indent=1).encode())
-    write_index(root, rows, shards, cache_text, fingerprint)
+    index.columns["weight"][:] = weights
+    index.finish([{"name": name, **info} for name, info in shards.items()],
+                 sorted({info["bucket"] for info in shards.values()}), fingerprint)
     for path in (root / SHARD_DIR).iterdir():
         if path.name.endswith(".tmp") or path.name.removesuffix(".safetensors") not in shards:
             path.unlink()
@@ -56,6 +84,50 @@ def merge_parts(cfg: CacheConfig, world_size: int) -> dict:
         path.unlink()
     _log_report(report)
     return report
+
+
+def _count(rows: Iterable[dict]) -> _Counts:
+    counts = _Counts()
+    for row in rows:
+        counts.rows += 1
+        counts.tags.update(set(row["tags"]))
+        counts.buckets[row["bucket"]] += 1
+        counts.shards.add(row["shard"])
+        if "crc32" not in row:
+            counts.unchecked.add(row["shard"])
+    return counts
+
+
+def _merge_rows(root: Path, world_size: int, shards: dict[str, dict], counts: _Counts, cfg: TagWeightConfig,
+                index: IndexWriter, unweighted: Path) -> np.ndarray:
+    """Pass 2: the rows in key order into the index columns (all but weight) and ``unweighted`` (manifest
+    lines without their weight); returns the weights (mean 1), float64 in id order."""
+    weights_of = weights_from_counts(counts.tags, counts.rows, cfg)
+    legacy = shard_checksums(root, counts.unchecked, shards)
+    shard_pos = {name: i for i, name in enumerate(shards)}
+    bucket_pos = {key: i for i, key in enumerate(sorted({info["bucket"] for info in shards.values()}))}
+    crc_columns = [name for name in CHECKSUMS if name in index.columns]
+    col, raw = index.columns, np.empty(counts.rows, np.float64)
+    with open(unweighted, "wb") as out:
+        for i, row in enumerate(merged_rows(root, world_size)):
+            if "crc32" not in row:
+                row.update({name: int(v[row["index"]]) for name, v in legacy[row["shard"]].items()})
+            col["shard"][i], col["index"][i] = shard_pos[row["shard"]], row["index"]
+            col["bucket"][i], col["time_ids"][i] = bucket_pos[row["bucket"]], row["time_ids"]
+            for name in crc_columns:
+                col[name][i] = row[name]
+            col["key_hash"][i] = key_hash(row["key"])
+            index.add_texts(row["key"], row["caption"])
+            raw[i] = image_weight(row["tags"], weights_of)
+            out.write(json.dumps({"id": i, **row}).encode() + b"\n")
+    return raw / (math.fsum(raw) / len(raw)) if len(raw) else raw
+
+
+def _write_manifest(root: Path, unweighted: Path, weights: np.ndarray) -> None:
+    """Pass 3: manifest.jsonl = the unweighted lines with ``"weight": w`` appended (text, no parsing)."""
+    with open(unweighted, "rb") as lines, atomic_file(root / MANIFEST) as out:
+        for line, weight in zip(lines, weights.tolist(), strict=True):
+            out.write(line[:-2] + b', "weight": ' + json.dumps(weight).encode() + b"}\n")
 
 
 def convert_legacy(root: Path, progress: bool = True) -> int:
@@ -79,42 +151,30 @@ def convert_legacy(root: Path, progress: bool = True) -> int:
     return len(rows)
 
 
-def _with_weights(rows: list[dict], cfg: TagWeightConfig) -> list[dict]:
-    weights = tag_weights([row["tags"] for row in rows], cfg)
-    return [{"id": i, **row, "weight": w} for i, (row, w) in enumerate(zip(rows, weights, strict=True))]
+def _shard_record(shards: dict[str, dict], fingerprint: str, cache_text: bool) -> dict:
+    """shards.json: the build's record of whole-shard sha256s, and what the next build reuses."""
+    return {"format": FORMAT, "fingerprint": fingerprint, "cache_text": cache_text, "shards": shards}
 
 
 def _write_record(root: Path, rows: list[dict], shards: dict[str, dict], fingerprint: str,
                   cache_text: bool) -> None:
-    """manifest.jsonl and shards.json: the human-readable record, and what the next build reuses."""
-    meta = {"format": FORMAT, "fingerprint": fingerprint, "cache_text": cache_text, "shards": shards}
+    """manifest.jsonl and shards.json of rows held in memory (the format-1 conversion)."""
     write_atomic(root / MANIFEST, "".join(json.dumps(row) + "\n" for row in rows).encode())
-    write_atomic(root / SHARDS, json.dumps(meta, indent=1).encode())
+    write_atomic(root / SHARDS, json.dumps(_shard_record(shards, fingerprint, cache_text), indent=1).encode())
 
 
-def _read_parts(root: Path, world_size: int) -> list[dict]:
-    paths = [part_path(root, rank, world_size) for rank in range(world_size)]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        raise CacheError(f"cannot merge {root}: no result from {', '.join(missing)} (did every rank finish?)")
-    parts = [read_json(p, "a rank's build result") for p in paths]
-    if len({(p["fingerprint"], p["scan"], p["cache_text"]) for p in parts}) != 1:
-        raise CacheError(f"cannot merge {root}: the parts come from different settings or scans "
-                         f"(stale parts of an earlier build?); {REBUILD_HINT}")
-    return parts
+def _report(source: str, parts: list[dict], counts: _Counts, shards: dict[str, dict]) -> dict:
+    """report.json: counts, buckets, bad images and scan problems (every rank's, in key order)."""
+    def in_order(problem: dict) -> tuple:
+        return problem["key"], problem["path"], problem["reason"]
 
-
-def _report(source: str, parts: list[dict], rows: list[dict], shards: dict[str, dict]) -> dict:
-    buckets: dict[str, int] = {}
-    for row in rows:
-        buckets[row["bucket"]] = buckets.get(row["bucket"], 0) + 1
     return {
-        "source": source, "images": len(rows), "world_size": len(parts),
+        "source": source, "images": counts.rows, "world_size": len(parts),
         "encoded": sum(p["encoded"] for p in parts), "reused": sum(p["reused"] for p in parts),
         "shards": len(shards), "bytes": sum(info["bytes"] for info in shards.values()),
-        "buckets": dict(sorted(buckets.items())),
-        "bad": sorted((b for p in parts for b in p["bad"]), key=lambda b: b["key"]),
-        "scan_problems": parts[0]["scan_problems"],
+        "buckets": dict(sorted(counts.buckets.items())),
+        "bad": sorted((b for p in parts for b in p["bad"]), key=in_order),
+        "scan_problems": sorted((s for p in parts for s in p["scan_problems"]), key=in_order),
         "corrupt_shards": [c for p in parts for c in p["corrupt_shards"]],
     }
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -45,14 +46,24 @@ from ztsnr_ds.data.cache_files import (
 )
 
 CONVERT_HINT = "convert it once with `python launch/cache.py --convert --cache_dir {root}`"
-_ROW_COLUMNS = ("shard", "index", "bucket", "time_ids", "weight", "crc32", "key_hash")
-"""Columns every index has, one entry per row (types in the module docstring)."""
+COLUMN_TYPES: dict[str, tuple[type, tuple[int, ...]]] = {
+    "shard": (np.int32, ()), "index": (np.int32, ()), "bucket": (np.int32, ()), "time_ids": (np.int32, (6,)),
+    "weight": (np.float32, ()), "crc32": (np.uint32, ()), "key_hash": (np.uint64, ()),
+    "crc32_text": (np.uint32, ()),
+}
+"""dtype and per-row shape of every fixed-width column but by_bucket (crc32_text only with cached text)."""
+_ROW_COLUMNS = tuple(name for name in COLUMN_TYPES if name != "crc32_text")
+"""Columns every index has, one entry per row."""
+
+
+def key_hash(key: str) -> int:
+    """h(key) = first 8 bytes of BLAKE2b(utf-8 key) as a little-endian unsigned 64-bit integer."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
 def key_hashes(keys: Sequence[str]) -> np.ndarray:
-    """h(key) = first 8 bytes of BLAKE2b(utf-8 key) as a little-endian uint64. Shape (len(keys),)."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little")
-                        for k in keys), dtype=np.uint64, count=len(keys))
+    """:func:`key_hash` of every key. Shape (len(keys),) uint64."""
+    return np.fromiter(map(key_hash, keys), dtype=np.uint64, count=len(keys))
 
 
 def write_index(root: Path, rows: Sequence[dict], shards: dict[str, dict], cache_text: bool,
@@ -86,27 +97,77 @@ def write_columns(root: Path, columns: dict[str, np.ndarray], texts: dict[str, t
     """Write ``columns`` (the fixed-width ones of the module docstring but by_bucket) and ``texts``
     ({"keys", "captions"}: (UTF-8 blob, offsets)) into a new ``index-<id>/`` folder, then swap index.json
     to it and remove older folders. ``shards`` in the order the shard column counts them."""
+    folder = _new_folder(root)
+    for name, (blob, offsets) in texts.items():
+        with synced(folder / f"{name[:-1]}_offsets.npy") as f:
+            np.save(f, offsets)
+        with synced(folder / f"{name}.bin") as f:
+            f.write(blob)
+    _finish(root, folder, columns, shards, bucket_keys, cache_text, fingerprint)
+
+
+def _new_folder(root: Path) -> Path:
+    folder = root / f"index-{uuid.uuid4().hex[:12]}"
+    folder.mkdir()
+    return folder
+
+
+def _finish(root: Path, folder: Path, columns: dict[str, np.ndarray], shards: list[dict],
+            bucket_keys: list[str], cache_text: bool, fingerprint: str) -> None:
+    """Save the fixed-width columns and by_bucket into ``folder`` (its text blobs already there), point
+    index.json at it and remove older folders."""
     bucket = columns["bucket"]
     columns = {**columns, "by_bucket": np.argsort(bucket, kind="stable").astype(np.int64)}
     starts = np.searchsorted(bucket[columns["by_bucket"]], np.arange(len(bucket_keys) + 1))
-    folder = f"index-{uuid.uuid4().hex[:12]}"
-    (root / folder).mkdir()
     for name, values in columns.items():
-        with synced(root / folder / f"{name}.npy") as f:
+        with synced(folder / f"{name}.npy") as f:
             np.save(f, values)
-    for name, (blob, offsets) in texts.items():
-        with synced(root / folder / f"{name[:-1]}_offsets.npy") as f:
-            np.save(f, offsets)
-        with synced(root / folder / f"{name}.bin") as f:
-            f.write(blob)
-    sync_dir(root / folder)
-    meta = {"format": INDEX_FORMAT, "folder": folder, "rows": len(bucket), "fingerprint": fingerprint,
+    sync_dir(folder)
+    meta = {"format": INDEX_FORMAT, "folder": folder.name, "rows": len(bucket), "fingerprint": fingerprint,
             "cache_text": cache_text, "shards": shards, "buckets": bucket_keys,
             "bucket_starts": starts.tolist()}
     write_atomic(root / INDEX, json.dumps(meta, indent=1).encode())
     for old in root.glob("index-*"):
-        if old.name != folder:
+        if old.name != folder.name:
             shutil.rmtree(old, ignore_errors=True)
+
+
+class IndexWriter:
+    """A new index filled row by row, for a build too large for per-row Python objects: the fixed-width
+    columns preallocated for ``rows`` (the caller fills ``columns[name][i]``), keys and captions streamed
+    to their blobs with int64 offsets. :meth:`finish` swaps index.json to it; until then the old index
+    stays current, and a crash leaves only an unreferenced folder that the next finish removes."""
+
+    def __init__(self, root: Path, rows: int, cache_text: bool) -> None:
+        self.root, self.rows, self.cache_text = root, rows, cache_text
+        self.folder = _new_folder(root)
+        names = [*_ROW_COLUMNS, *(["crc32_text"] if cache_text else [])]
+        self.columns = {name: np.zeros((rows, *shape), dtype)
+                        for name in names for dtype, shape in [COLUMN_TYPES[name]]}
+        self._offsets = {name: np.zeros(rows + 1, np.int64) for name in ("keys", "captions")}
+        self._blobs = {name: open(self.folder / f"{name}.bin", "wb") for name in self._offsets}  # noqa: SIM115
+        self._added = 0
+
+    def add_texts(self, key: str, caption: str) -> None:
+        """Key and caption of the next row (rows in id order)."""
+        i = self._added
+        for name, text in (("keys", key), ("captions", caption)):
+            data = text.encode("utf-8")
+            self._blobs[name].write(data)
+            self._offsets[name][i + 1] = self._offsets[name][i] + len(data)
+        self._added += 1
+
+    def finish(self, shards: list[dict], bucket_keys: list[str], fingerprint: str) -> None:
+        """Write everything and make this index the current one (``shards`` as for write_columns)."""
+        if self._added != self.rows:
+            raise ValueError(f"IndexWriter: {self._added} rows' texts added, {self.rows} announced")
+        for name, blob in self._blobs.items():
+            blob.flush()
+            os.fsync(blob.fileno())
+            blob.close()
+            with synced(self.folder / f"{name[:-1]}_offsets.npy") as f:
+                np.save(f, self._offsets[name])
+        _finish(self.root, self.folder, self.columns, shards, bucket_keys, self.cache_text, fingerprint)
 
 
 def utf8_column(values: Sequence[str]) -> tuple[bytes, np.ndarray]:

@@ -14,9 +14,10 @@ import json
 import os
 import zlib
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import safetensors.torch
 import torch
 from tqdm import tqdm
@@ -201,20 +202,27 @@ class ShardFiles:
         return shard
 
 
-def fill_checksums(root: Path, rows: list[dict], shards: dict[str, dict], progress: bool = False) -> int:
-    """Add the per-sample CRC-32s to rows that lack them (caches written before they existed), reading
-    each shard they need once and checking its sha256 on the way. Returns how many rows were filled."""
-    todo: dict[str, list[dict]] = {}
-    for row in rows:
-        if "crc32" not in row:
-            todo.setdefault(row["shard"], []).append(row)
-    for name, shard_rows in tqdm(todo.items(), disable=not progress, desc="checksum samples"):
+def shard_checksums(root: Path, names: Iterable[str], shards: Mapping[str, dict],
+                    progress: bool = False) -> dict[str, dict[str, np.ndarray]]:
+    """The CHECKSUMS of every sample of the named shards ({name: {column: (count,) uint32}}), reading each
+    shard once and checking its sha256 on the way (for caches written before per-sample checksums)."""
+    out = {}
+    for name in tqdm(sorted(names), disable=not progress, desc="checksum samples"):
         path = shard_path(root, name)
         data, problem = (read_shard(path, shards[name]["sha256"]) if name in shards
                          else (None, "not in shards.json"))
         if problem is not None:
             raise CacheError(f"latent cache shard {path}: {problem}; {REBUILD_HINT}")
         tensors = safetensors.torch.load(data)
-        for row in shard_rows:
-            row.update(sample_checksums(tensors, row["index"]))
-    return sum(map(len, todo.values()))
+        per_sample = [sample_checksums(tensors, i) for i in range(len(tensors["latents"]))]
+        out[name] = {column: np.array([c[column] for c in per_sample], np.uint32) for column in per_sample[0]}
+    return out
+
+
+def fill_checksums(root: Path, rows: list[dict], shards: dict[str, dict], progress: bool = False) -> int:
+    """Add the per-sample CRC-32s to rows that lack them (see :func:`shard_checksums`); returns how many."""
+    todo = [row for row in rows if "crc32" not in row]
+    table = shard_checksums(root, {row["shard"] for row in todo}, shards, progress)
+    for row in todo:
+        row.update({column: int(values[row["index"]]) for column, values in table[row["shard"]].items()})
+    return len(todo)

@@ -10,6 +10,7 @@ import math
 import random
 import statistics
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 
@@ -45,10 +46,21 @@ def parse_tags(caption: str) -> list[str]:
     return [tag for tag in map(normalize_tag, caption.split(",")) if tag]
 
 
+def tag_counts(tag_lists: Iterable[list[str]]) -> tuple[Counter, int]:
+    """(images carrying each tag, images): what the weights need, summed in one pass over any stream
+    of images (a tag repeated within one image counts once)."""
+    counts: Counter = Counter()
+    images = 0
+    for tags in tag_lists:
+        counts.update(set(tags))
+        images += 1
+    return counts, images
+
+
 def tag_frequencies(tag_lists: list[list[str]]) -> dict[str, float]:
     """f_t: share of images carrying tag t (a tag repeated within one image counts once)."""
-    counts = Counter(tag for tags in tag_lists for tag in set(tags))
-    return {tag: count / len(tag_lists) for tag, count in counts.items()}
+    counts, images = tag_counts(tag_lists)
+    return {tag: count / images for tag, count in counts.items()}
 
 
 def raw_tag_weight(freq: float, median_freq: float, alpha: float) -> float:
@@ -61,24 +73,34 @@ def tag_weight(freq: float, median_freq: float, cfg: TagWeightConfig) -> float:
     return min(cfg.w_max, max(cfg.w_min, raw_tag_weight(freq, median_freq, cfg.alpha)))
 
 
-def per_tag_weights(tag_lists: list[list[str]], cfg: TagWeightConfig) -> dict[str, float]:
-    """w_t for every tag of the dataset; f_median is the median over the distinct tags' frequencies."""
-    freqs = tag_frequencies(tag_lists)
-    if not freqs:
+def weights_from_counts(counts: Mapping[str, int], images: int, cfg: TagWeightConfig) -> dict[str, float]:
+    """w_t of every counted tag, f_t = count / images; f_median is the median over the distinct tags."""
+    if not counts:
         return {}
+    freqs = {tag: count / images for tag, count in counts.items()}
     median = statistics.median(freqs.values())
     return {tag: tag_weight(freq, median, cfg) for tag, freq in freqs.items()}
+
+
+def per_tag_weights(tag_lists: list[list[str]], cfg: TagWeightConfig) -> dict[str, float]:
+    """w_t for every tag of the dataset; f_median is the median over the distinct tags' frequencies."""
+    return weights_from_counts(*tag_counts(tag_lists), cfg)
+
+
+def image_weight(tags: list[str], weights_of: Mapping[str, float]) -> float:
+    """Unnormalised image weight: the geometric mean of its distinct tags' w_t (1 without tags)."""
+    return _geometric_mean([weights_of[tag] for tag in set(tags)])
 
 
 def tag_weights(tag_lists: list[list[str]], cfg: TagWeightConfig | None = None) -> list[float]:
     """Per-image loss weights with mean 1 over the dataset.
 
     An image's weight is the geometric mean of its distinct tags' w_t (1 for an image without tags),
-    then all weights are divided by their mean.
+    then all weights are divided by their mean (math.fsum: exactly rounded, so any order gives it).
     """
     cfg = cfg or TagWeightConfig()
     weights_of = per_tag_weights(tag_lists, cfg)
-    raw = [_geometric_mean([weights_of[tag] for tag in set(tags)]) for tags in tag_lists]
+    raw = [image_weight(tags, weights_of) for tags in tag_lists]
     if not raw:
         return []
     mean = math.fsum(raw) / len(raw)
