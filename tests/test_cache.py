@@ -360,10 +360,22 @@ def test_two_ranks_match_one_rank(tmp_path, parts, dataset, built):
     assert all(s.encoded > 0 for s in stats)
     report = merge_parts(two, world_size=2)
     assert report["images"] == len(SIZES) + 1 and {b["key"] for b in report["bad"]} == BAD
+    one_report = json.loads((tmp_path / "one" / "report.json").read_text())
+    for field in ("images", "buckets", "bad", "scan_problems"):  # shards: each rank packs its own
+        assert report[field] == one_report[field], field  # every rank's problems, in key order
     assert _content(_read_rows(tmp_path / "two")) == _content(_read_rows(tmp_path / "one"))
     a, b, mean = (_latents_by_key(p) for p in (tmp_path / "one", tmp_path / "two", Path(built[0].cache_dir)))
     assert_same_latents(a, b)
     assert all(not torch.allclose(a[k].float(), mean[k].float(), atol=1e-4) for k in a)  # samples, not means
+
+    # the one-rank cache rebuilt by three ranks: each reuses its share of the manifest, nothing encoded
+    with count_vae_images(parts.vae) as seen:
+        stats = [build_cache(one, parts, rank=r, world_size=3, batch_size=3, workers=2, progress=False)
+                 for r in range(3)]
+    assert seen["images"] == 0 and sum(s.reused for s in stats) == len(SIZES) + 1
+    assert all(s.reused > 0 for s in stats)
+    merge_parts(one, world_size=3)
+    assert_same_latents(_latents_by_key(tmp_path / "one"), a)
 
 
 def test_cached_text_embeddings(tmp_path, parts, dataset):

@@ -15,7 +15,9 @@ from ztsnr_ds.data.sources import (
     BadImage,
     ImageRecord,
     Problem,
+    in_share,
     load_image,
+    scan_share,
     scan_source,
     summarize_problems,
     to_rgb,
@@ -252,3 +254,56 @@ def test_non_utf8_caption_is_kept_with_replacement_and_reported(tmp_path):
     assert [r.caption for r in records] == ["1girl, caf\ufffd, smile"]
     assert [p.reason for p in problems] == ["caption not UTF-8: byte 0xe9 at offset 10, kept with U+FFFD in "
                                             "its place"]
+
+
+# ---- one rank's share -----------------------------------------------------------------------------
+
+
+def _mixed_sources(root):
+    """A folder tree (nested, hidden, missing captions) and the same images in a JSONL and a Parquet
+    manifest with bad lines, refused paths, missing files and duplicates."""
+    names = [f"d{i % 4}/sub{i % 3}/img{i:03d}.png" for i in range(40)] + ["top.png", "a.png", "a/b.png"]
+    for i, name in enumerate(names):
+        _touch_image(root / name)
+        if i % 5:
+            (root / name).with_suffix(".txt").write_text(f"tag{i % 7}, tag{i % 3}")
+    _touch_image(root / ".hidden" / "x.png")
+    lines = [json.dumps({"image": n, "caption": f"c{i}"}) for i, n in enumerate(names)]
+    lines += ["{broken", json.dumps({"image": "../out.png"}), json.dumps({"image": "gone.png"}),
+              json.dumps({"image": names[3], "caption": "again"}), json.dumps({"image": "top.png"})]
+    (root / "m.jsonl").write_text("\n".join(lines) + "\n")
+    sources = [root, root / "m.jsonl"]
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return sources
+    entries = [json.loads(line) for line in lines if line != "{broken"]
+    pq.write_table(pa.table({"image": [e["image"] for e in entries],
+                             "caption": [e.get("caption") for e in entries]}), root / "m.parquet")
+    return sources + [root / "m.parquet"]
+
+
+def test_shares_partition_the_scan(tmp_path):
+    for source in _mixed_sources(tmp_path):
+        whole = scan_share(source, 0, 1)
+        assert (whole.records, whole.problems) == scan_source(source) and len(whole.records) == 43
+        assert len(whole.problems) >= 5
+        for world_size in (2, 3):
+            shares = [scan_share(source, rank, world_size) for rank in range(world_size)]
+            assert len({s.digest for s in shares}) == 1 and shares[0].digest == whole.digest
+            for rank, share in enumerate(shares):
+                assert all(in_share(r.key, rank, world_size) for r in share.records)
+            assert all(len(s.records) > 0 for s in shares)  # every rank got some work
+            records = sorted((r for s in shares for r in s.records), key=lambda r: r.key)
+            problems = sorted(p for s in shares for p in s.problems)
+            assert records == whole.records and problems == whole.problems, (source, world_size)
+
+
+def test_share_digest_follows_the_source(tmp_path):
+    _touch_image(tmp_path / "a.png")
+    before = scan_share(tmp_path, 0, 2).digest
+    _touch_image(tmp_path / "b.png")
+    assert scan_share(tmp_path, 1, 2).digest != before
+    with pytest.raises(ValueError, match="rank 2 outside world_size 2"):
+        scan_share(tmp_path, 2, 2)

@@ -1,7 +1,8 @@
 """Building the latent cache: scan, split across ranks, probe, VAE-encode into shards, merge on rank 0.
 
 A build, on every rank:
-1. scan the source (same sorted records on every rank) and take ``records[rank::world_size]``;
+1. scan this rank's share of the source, streamed (data/sources.py scan_share: by a hash of the key, so no
+   rank holds the whole list and the split needs no communication);
 2. probe each file on threads: sha256 and upright header size -> bucket (a Parquet source's width and
    height skip the header). An image whose (key, sha256) (and caption, with cache_text) sits in a shard
    of an earlier run with the same settings fingerprint is reused once that shard passes its sha256
@@ -44,7 +45,7 @@ from ztsnr_ds.data.cache_merge import merge_parts
 from ztsnr_ds.data.cache_parts import write_part
 from ztsnr_ds.data.cache_reuse import ReuseIndex
 from ztsnr_ds.data.shards import ShardWriter
-from ztsnr_ds.data.sources import BadImage, ImageRecord, Problem, load_image, scan_source
+from ztsnr_ds.data.sources import BadImage, ImageRecord, Problem, load_image, scan_share
 from ztsnr_ds.data.tags import parse_tags
 from ztsnr_ds.models import FrozenParts
 from ztsnr_ds.text import PromptEncoder
@@ -96,18 +97,18 @@ def build_cache(
     root = Path(cfg.cache_dir)
     (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     (root / PARTS_DIR).mkdir(exist_ok=True)
-    records, problems = scan_source(cfg.source)
+    scan = scan_share(cfg.source, rank, world_size)
     fingerprint = settings_fingerprint(cfg, parts)
-    reuse = ReuseIndex(root, fingerprint, cfg.cache_text)
+    reuse = ReuseIndex(root, fingerprint, cfg.cache_text, rank, world_size)
     writer = ShardWriter(root, rank, fingerprint, int(cfg.shard_max_mb * 2**20))
     with ThreadPoolExecutor(workers) as pool:
-        reused, todo, bad = _plan(records[rank::world_size], cfg, reuse, pool, 4 * workers, progress)
+        reused, todo, bad = _plan(scan.records, cfg, reuse, pool, 4 * workers, progress)
         bad += _encode_jobs(todo, cfg, parts, writer, pool, batch_size, progress)
     summary = {
-        "rank": rank, "world_size": world_size, "fingerprint": fingerprint, "scan": _scan_digest(records),
+        "rank": rank, "world_size": world_size, "fingerprint": fingerprint, "scan": scan.digest,
         "cache_text": cfg.cache_text, "shards": {**reuse.infos(reused), **writer.infos},
         "bad": [_problem_dict(p) for p in bad], "corrupt_shards": reuse.corrupt,
-        "scan_problems": [_problem_dict(p) for p in problems] if rank == 0 else [],
+        "scan_problems": [_problem_dict(p) for p in scan.problems],
         "encoded": len(writer.rows), "reused": len(reused),
     }
     write_part(root, rank, world_size, summary, reused + writer.rows)
@@ -161,11 +162,6 @@ def _module_digest(module: torch.nn.Module) -> str:
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _scan_digest(records: list[ImageRecord]) -> str:
-    """Identifies the scanned record list, so the merge refuses parts of different scans."""
-    return hashlib.sha256("\n".join(r.key for r in records).encode()).hexdigest()[:16]
 
 
 def _item_seed(seed: int, key: str) -> int:

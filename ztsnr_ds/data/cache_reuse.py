@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ztsnr_ds.data.cache_files import (
@@ -18,11 +18,12 @@ from ztsnr_ds.data.cache_files import (
     PARTS_DIR,
     SHARDS,
     CacheError,
+    iter_jsonl,
     read_json,
-    read_jsonl,
     shard_path,
 )
 from ztsnr_ds.data.shards import shard_problem
+from ztsnr_ds.data.sources import in_share
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +35,15 @@ INFO_FIELDS = ("sha256", "bytes", "bucket", "count")
 class ReuseIndex:
     """Rows of images in a shard with this build's settings fingerprint, by (key, sha256[, caption])."""
 
-    def __init__(self, root: Path, fingerprint: str, cache_text: bool) -> None:
+    def __init__(self, root: Path, fingerprint: str, cache_text: bool, rank: int = 0,
+                 world_size: int = 1) -> None:
+        """Holds the rows of this rank's share only (data/sources.py in_share): the records stream past."""
         self.root, self.cache_text = root, cache_text
         self.shards: dict[str, dict] = {}
         self._rows: dict[tuple, dict] = {}
         self._checked: dict[str, bool] = {}
         self.corrupt: list[dict] = []
-        for name, info, rows in _previous_shards(root, fingerprint):
+        for name, info, rows in _previous_shards(root, fingerprint, lambda k: in_share(k, rank, world_size)):
             self.shards[name] = info
             for row in rows:
                 self._rows[self._key(row["key"], row["sha256"], row["caption"])] = row
@@ -69,34 +72,39 @@ class ReuseIndex:
         return {row["shard"]: self.shards[row["shard"]] for row in rows}
 
 
-def _previous_shards(root: Path, fingerprint: str) -> Iterator[tuple[str, dict, list[dict]]]:
-    """(name, info, rows) of earlier builds' shards with this fingerprint: merged, then progress lines."""
-    yield from _merged_shards(root, fingerprint)
+def _previous_shards(root: Path, fingerprint: str,
+                     mine: Callable[[str], bool]) -> Iterator[tuple[str, dict, list[dict]]]:
+    """(name, info, rows whose key is ``mine``) of earlier builds' shards with this fingerprint: merged,
+    then progress lines."""
+    yield from _merged_shards(root, fingerprint, mine)
     for path in sorted((root / PARTS_DIR).glob("progress-rank*.jsonl")):
-        for line in path.read_bytes().splitlines():
-            try:
-                entry = json.loads(line)
-                same = entry["fingerprint"] == fingerprint
-                shard = (entry["shard"], {k: entry[k] for k in INFO_FIELDS}, entry["rows"])
-            except (ValueError, KeyError, TypeError):  # blank separator, or a line torn by a crash
-                continue
-            if same:
-                yield shard
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                    same = entry["fingerprint"] == fingerprint
+                    shard = (entry["shard"], {k: entry[k] for k in INFO_FIELDS},
+                             [row for row in entry["rows"] if mine(row["key"])])
+                except (ValueError, KeyError, TypeError):  # blank separator, or a line torn by a crash
+                    continue
+                if same:
+                    yield shard
 
 
-def _merged_shards(root: Path, fingerprint: str) -> Iterator[tuple[str, dict, list[dict]]]:
+def _merged_shards(root: Path, fingerprint: str,
+                   mine: Callable[[str], bool]) -> Iterator[tuple[str, dict, list[dict]]]:
     if not ((root / MANIFEST).is_file() and (root / SHARDS).is_file()):
         return
+    by_shard: dict[str, list[dict]] = {}
     try:
         meta = read_json(root / SHARDS, "the build's shard record")
         if meta.get("fingerprint") != fingerprint:
             return
-        rows = read_jsonl(root / MANIFEST)
+        for row in iter_jsonl(root / MANIFEST):  # all read before any is used: a torn line voids the lot
+            if mine(row["key"]):
+                by_shard.setdefault(row.get("shard"), []).append(row)
     except CacheError as err:
         logger.warning("%s: nothing of the last build is reused", err)
         return
-    by_shard: dict[str, list[dict]] = {}
-    for row in rows:
-        by_shard.setdefault(row.get("shard"), []).append(row)
     for name, info in meta.get("shards", {}).items():
         yield name, info, by_shard.get(name, [])

@@ -8,6 +8,9 @@ A source is either
 - a ``.parquet`` manifest with the same ``image`` and ``caption`` columns and optional ``width`` and
   ``height`` (the upright size in pixels: the build then buckets without opening the image header).
 
+A build's rank scans only its share (:func:`scan_share`): the source streams past every rank and each
+keeps the entries whose name hashes to it, so no rank holds or checks the whole list.
+
 Nothing in a scan stops on a bad entry: every problem becomes a :class:`Problem` and the caller
 writes the report. Image decoding problems surface later, in :func:`load_image`, as
 :class:`BadImage` so the cache writer can skip the file and list it.
@@ -15,11 +18,13 @@ writes the report. Image decoding problems surface later, in :func:`load_image`,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import struct
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -71,71 +76,132 @@ class BadImage(Exception):
         self.reason = reason
 
 
-def scan_source(path: str | Path) -> tuple[list[ImageRecord], list[Problem]]:
-    """Records and problems of a folder tree or a ``.jsonl`` manifest, both sorted by key.
+@dataclass
+class Scan:
+    """One rank's share of a source. records and problems: the share's, sorted by key (problems by
+    (key, path, reason)); digest: of every entry name of the whole source, so the same on every rank
+    of one scan."""
 
-    Records with a missing caption are kept (caption "") and also listed as a MISSING_CAPTION problem.
+    records: list[ImageRecord]
+    problems: list[Problem]
+    digest: str
+
+
+def in_share(name: str, rank: int, world_size: int) -> bool:
+    """Whether ``name`` (an image key, or "manifest:line" for an entry without one) is rank's:
+    BLAKE2b(name) mod world_size == rank. A function of the name alone, so each rank streams the source
+    and keeps its own entries without anyone holding the whole list, and a key's duplicates meet on
+    one rank. The same rule splits the reuse of earlier builds (data/cache_reuse.py)."""
+    if world_size == 1:
+        return True
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % world_size == rank
+
+
+class _Share:
+    """Decides, entry by entry as the source streams past, what this rank keeps; digests every name."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.rank, self.world_size = rank, world_size
+        self._digest = hashlib.sha256()
+
+    def take(self, name: str) -> bool:
+        self._digest.update(name.encode("utf-8", "surrogatepass") + b"\0")
+        return in_share(name, self.rank, self.world_size)
+
+    def digest(self) -> str:
+        return self._digest.hexdigest()[:16]
+
+
+def scan_source(path: str | Path) -> tuple[list[ImageRecord], list[Problem]]:
+    """Records and problems of a whole folder tree or manifest, both sorted by key (see scan_share)."""
+    scan = scan_share(path, 0, 1)
+    return scan.records, scan.problems
+
+
+def scan_share(path: str | Path, rank: int, world_size: int) -> Scan:
+    """This rank's share (see in_share) of a folder tree or a ``.jsonl`` or ``.parquet`` manifest.
+
+    The source is streamed (folders one at a time, manifest lines, Parquet row batches) and entries of
+    other ranks are dropped before their file is checked or their caption read, so a rank holds and
+    touches only its share. Records with a missing caption are kept (caption "") and also listed as a
+    MISSING_CAPTION problem.
     """
-    path = Path(path)
+    path, share = Path(path), _Share(rank, world_size)
     if path.is_dir():
-        records, problems = scan_folder(path)
+        records, problems = scan_folder(path, share)
     elif path.suffix.lower() == ".jsonl" and path.is_file():
-        records, problems = read_manifest(path)
+        records, problems = read_manifest(path, share)
     elif path.suffix.lower() == ".parquet" and path.is_file():
-        records, problems = read_parquet(path)
+        records, problems = read_parquet(path, share)
     else:
         raise ValueError(f"source {str(path)!r} is neither a folder nor a .jsonl or .parquet manifest")
-    return sorted(records, key=lambda r: r.key), sorted(problems)
+    return Scan(sorted(records, key=lambda r: r.key), sorted(problems), share.digest())
 
 
-def scan_folder(root: Path) -> tuple[list[ImageRecord], list[Problem]]:
+def scan_folder(root: Path, share: _Share) -> tuple[list[ImageRecord], list[Problem]]:
     """Images under ``root`` with their same-stem ``.txt`` captions; hidden files and folders skipped."""
     records: list[ImageRecord] = []
     problems: list[Problem] = []
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not _is_hidden(p.relative_to(root)))
-    captions = {(p.parent, p.stem): p for p in files if p.suffix.lower() == ".txt"}
-    for file in files:
-        if file.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
-        key = file.relative_to(root).as_posix()
-        caption_file = captions.get((file.parent, file.stem))
-        caption = _read_caption(caption_file, key, problems) if caption_file else None
-        if caption is None:
-            caption = ""
-            problems.append(Problem(key, file, MISSING_CAPTION))
-        records.append(ImageRecord(file, caption, key))
+    for folder, names in _walk(root, share, problems):
+        captions = {Path(n).stem: n for n in names if Path(n).suffix.lower() == ".txt"}
+        for name in names:
+            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            file = folder / name
+            key = file.relative_to(root).as_posix()
+            if not share.take(key):
+                continue
+            caption_name = captions.get(Path(name).stem)
+            caption = _read_caption(folder / caption_name, key, problems) if caption_name else None
+            if caption is None:
+                caption = ""
+                problems.append(Problem(key, file, MISSING_CAPTION))
+            records.append(ImageRecord(file, caption, key))
     return records, problems
 
 
-def read_manifest(manifest: Path) -> tuple[list[ImageRecord], list[Problem]]:
+def _walk(root: Path, share: _Share, problems: list[Problem]) -> Iterator[tuple[Path, list[str]]]:
+    """(folder, sorted names of its files) for every folder under ``root``, one listing at a time; hidden
+    entries skipped, symlinked folders not followed (symlinked files are files)."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as err:
+            name = folder.relative_to(root).as_posix() + "/"
+            if share.take(name):
+                problems.append(Problem(name, folder, f"unreadable folder: {err.strerror}"))
+            continue
+        yield folder, [e.name for e in entries if e.is_file()]
+        stack.extend(folder / e.name for e in reversed(entries) if e.is_dir(follow_symlinks=False))
+
+
+def read_manifest(manifest: Path, share: _Share) -> tuple[list[ImageRecord], list[Problem]]:
     """Records of a JSONL manifest; paths must stay inside the manifest's folder.
 
     Absolute paths and paths that climb out with ``..`` are refused (checked lexically, so a
     dataset made of symlinks still works). Missing files, bad lines and duplicates are problems.
     """
-    root = manifest.parent
     records: dict[str, ImageRecord] = {}
     problems: list[Problem] = []
     with open(manifest, "rb") as f:  # bytes: one bad byte costs its line, not the scan
         for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{manifest.name}:{lineno}"
-            try:
-                record = _manifest_record(root, _parse_line(_decode_line(raw)), problems)
-            except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors too
-                problems.append(Problem(where, manifest, str(err)))
-                continue
-            _add_unique(records, record, where, problems)
+            if raw.strip():
+                _add_entry(manifest, f"{manifest.name}:{lineno}", raw, share, records, problems)
     return list(records.values()), problems
 
 
-def read_parquet(manifest: Path, batch_rows: int = 65536) -> tuple[list[ImageRecord], list[Problem]]:
+def read_parquet(manifest: Path, share: _Share, batch_rows: int = 65536) -> tuple[list[ImageRecord],
+                                                                                 list[Problem]]:
     """Records of a Parquet manifest (columns image, caption, optional width and height), read in row
     batches; the same path rules and problems as a JSONL manifest, "where" being the row number."""
     import pyarrow.parquet as pq  # only Parquet sources need it
 
-    root = manifest.parent
     records: dict[str, ImageRecord] = {}
     problems: list[Problem] = []
     try:
@@ -150,16 +216,32 @@ def read_parquet(manifest: Path, batch_rows: int = 65536) -> tuple[list[ImageRec
     for batch in table.iter_batches(batch_size=batch_rows, columns=columns):
         for entry in batch.to_pylist():
             row += 1
-            where = f"{manifest.name}:row {row}"
-            try:
-                if not isinstance(entry.get("image"), str) or not entry["image"]:
-                    raise ValueError("bad manifest row: expected a non-empty string 'image'")
-                record = _manifest_record(root, entry, problems)
-            except ValueError as err:
-                problems.append(Problem(where, manifest, str(err)))
-                continue
-            _add_unique(records, record, where, problems)
+            _add_entry(manifest, f"{manifest.name}:row {row}", entry, share, records, problems)
     return list(records.values()), problems
+
+
+def _add_entry(manifest: Path, where: str, entry: bytes | dict, share: _Share,
+               records: dict[str, ImageRecord], problems: list[Problem]) -> None:
+    """One manifest line (bytes) or Parquet row (dict): a record or a problem when it is this rank's.
+    The key is found first, so another rank's entry costs no file check."""
+    try:
+        if isinstance(entry, bytes):
+            entry = _parse_line(_decode_line(entry))
+        elif not isinstance(entry.get("image"), str) or not entry["image"]:
+            raise ValueError("bad manifest row: expected a non-empty string 'image'")
+        key = _manifest_key(entry["image"])
+    except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors too
+        if share.take(where):
+            problems.append(Problem(where, manifest, str(err)))
+        return
+    if not share.take(key):
+        return
+    try:
+        record = _manifest_record(manifest.parent, key, entry, problems)
+    except ValueError as err:
+        problems.append(Problem(where, manifest, str(err)))
+        return
+    _add_unique(records, record, where, problems)
 
 
 def _add_unique(records: dict[str, ImageRecord], record: ImageRecord, where: str,
@@ -188,14 +270,19 @@ def _parse_line(line: str) -> dict:
     return entry
 
 
-def _manifest_record(root: Path, entry: dict, problems: list[Problem]) -> ImageRecord:
-    """One manifest entry -> record; raises ValueError("category: detail") for unusable entries."""
-    raw = entry["image"]
+def _manifest_key(raw: str) -> str:
+    """The key of a manifest's image path; ValueError for a path that is absolute or climbs out."""
     if PurePosixPath(raw).is_absolute() or Path(raw).is_absolute():
         raise ValueError(f"refused path: absolute: {raw!r}")
     key = os.path.normpath(raw).replace(os.sep, "/")
     if key == ".." or key.startswith("../"):
         raise ValueError(f"refused path: escapes the manifest folder: {raw!r}")
+    return key
+
+
+def _manifest_record(root: Path, key: str, entry: dict, problems: list[Problem]) -> ImageRecord:
+    """One manifest entry -> record; raises ValueError("category: detail") for unusable entries."""
+    raw = entry["image"]
     path = root / key
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         raise ValueError(f"unsupported extension: {raw!r}")
@@ -247,10 +334,6 @@ def _read_caption(path: Path, key: str, problems: list[Problem]) -> str | None:
         problems.append(Problem(key, path, f"caption not UTF-8: byte {data[err.start]:#04x} at offset "
                                            f"{err.start}, kept with U+FFFD in its place"))
         return data.decode("utf-8", errors="replace").strip()
-
-
-def _is_hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
 
 
 def summarize_problems(problems: list[Problem]) -> dict[str, int]:
