@@ -205,9 +205,29 @@ class ValidationConfig:
     """Image width in pixels (multiple of 8)."""
     seed: int = 0
     """Seed of the first prompt's noise; prompt i uses seed + i."""
+    holdout: float = 0
+    """Cached images kept out of training for the held-out loss (ztsnr_ds/holdout.py): a count (>= 1) or
+    a fraction of the cache (0 < x < 1), picked by a seeded hash of the image key; 0: none."""
+    holdout_seed: int = 0
+    """Seed of which images are held out and of their fixed noise (not trainer.seed: runs that differ in
+    it still compare)."""
+    loss_every: int = 0
+    """Steps between held-out loss evaluations (also at step 0 of a new run and at the end); 0: at
+    validation.every."""
 
     def __post_init__(self) -> None:
         _check_positive("validation.every", self.every, allow_zero=True)
+        _check_positive("validation.holdout", self.holdout, allow_zero=True)
+        _check_positive("validation.loss_every", self.loss_every, allow_zero=True)
+        if self.holdout >= 1 and self.holdout != int(self.holdout):
+            raise ValueError(f"validation.holdout = {self.holdout:g}: a count (>= 1) must be a whole number, "
+                             "a fraction must lie in (0, 1)")
+        if self.holdout and not (self.loss_every or self.every):
+            raise ValueError(f"validation.holdout = {self.holdout:g} needs validation.loss_every > 0 (or "
+                             "validation.every > 0) to evaluate the held-out images")
+        if self.loss_every and not self.holdout:
+            raise ValueError(f"validation.loss_every = {self.loss_every} has no images to evaluate: set "
+                             "validation.holdout (a count or a fraction of the cache)")
         _check_choice("validation.schedule", self.schedule, INFERENCE_SCHEDULES)
         for key in ("height", "width"):
             if getattr(self, key) % 8:

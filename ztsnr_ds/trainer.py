@@ -34,6 +34,7 @@ from ztsnr_ds.data.tags import shuffle_caption
 from ztsnr_ds.device import to_device
 from ztsnr_ds.engine import DistInfo, any_rank, build_ds_config, initialize, is_pure_bf16, wait_group
 from ztsnr_ds.generate import SampleSpec, generate
+from ztsnr_ds.holdout import HoldoutLoss, holdout_count, holdout_ids, training_buckets
 from ztsnr_ds.metrics import BandMeter, MetricLogger, image_grid
 from ztsnr_ds.models import load_frozen, load_unet
 from ztsnr_ds.objective import VObjective, add_noise, append_dims, c_in
@@ -90,7 +91,7 @@ class Trainer:
         self.prompts = PromptEncoder.from_parts(self.parts)
         self.resume_tag = checkpoint.find_resume_tag(self.output_dir, cfg.trainer.resume)
         self.build_engine()
-        self.sampler = cfg.sampler(self.cache.buckets, cfg.trainer.micro_batch, dist.world_size, dist.rank,
+        self.sampler = cfg.sampler(self.build_holdout(), cfg.trainer.micro_batch, dist.world_size, dist.rank,
                                    base_area=cfg.noise.base_area if cfg.trainer.batch_by_area else None)
         self.step_samples = 0  # samples of all ranks in the last optimizer step
         self.step = 0
@@ -122,6 +123,15 @@ class Trainer:
                                  rank=self.dist.rank, fused=opt.fused)
         self.unet_config = dict(unet.config)
         self.engine = initialize(unet, self.optimizer, ds_config)
+
+    def build_holdout(self) -> dict:
+        """Held-out images (validation.holdout; self.holdout None without); returns the training buckets."""
+        val = self.cfg.validation
+        held = holdout_ids(self.cache.key_hash, holdout_count(val.holdout, len(self.cache)), val.holdout_seed)
+        self.holdout = HoldoutLoss(held, self.cache, self.schedule, self.objective, self.prompts,
+                                   val.holdout_seed, self.dist.rank, self.dist.world_size,
+                                   self.device) if len(held) else None
+        return training_buckets(self.cache.buckets, held, len(self.cache))
 
     def state(self) -> dict:
         return {
@@ -261,6 +271,22 @@ class Trainer:
         self.logger.image("validation", grid, self.step, caption=" | ".join(val.prompts))
         return out
 
+    def holdout_metrics(self, prefix: str = "holdout/") -> dict[str, float]:
+        """Held-out loss (ztsnr_ds/holdout.py) of the weights now in self.engine.module (ZeRO-2: full
+        weights on every rank), keys prefixed; {} without validation.holdout. Collective: every rank."""
+        if self.holdout is None:
+            return {}
+        return {prefix + key: value for key, value in self.holdout.evaluate(self.engine.module).items()}
+
+    def _log_holdout(self, metrics_file) -> None:
+        """Evaluate the held-out loss; log it, and add a record {"step", "holdout/..."} to metrics.jsonl."""
+        metrics = self.holdout_metrics()
+        self.logger.scalars(metrics, self.step)
+        if self.dist.is_main:
+            metrics_file.write(json.dumps({"step": self.step} | metrics) + "\n")
+            metrics_file.flush()
+            tqdm.write(f"step {self.step}: held-out loss {metrics['holdout/loss']:.5f}")
+
     def _validate_while_others_wait(self) -> None:
         """Rank 0 validates while the others wait in a barrier of the gloo wait group (long timeout),
         not in the next step's NCCL collective, whose timeout (30 min) would kill the job if sampling
@@ -312,7 +338,11 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.dist.is_main and self.cfg.logging.progress))
         saved_at = self.step
+        val = self.cfg.validation
+        holdout_every = (val.loss_every or val.every) if self.holdout is not None else 0
         try:
+            if holdout_every and self.step == 0:  # the starting point of a new run's held-out curve
+                self._log_holdout(metrics_file)
             while self.step < cfg.max_steps:
                 start = time.perf_counter()
                 # The schedule counts updates applied: DeepSpeed skips (and counts) inf-gradient steps.
@@ -330,10 +360,14 @@ class Trainer:
                     saved_at = self.step
                 if stop:
                     return
+                if holdout_every and self.step % holdout_every == 0:
+                    self._log_holdout(metrics_file)
                 if self.cfg.validation.every and self.step % self.cfg.validation.every == 0:
                     self._validate_while_others_wait()
             if saved_at != self.step:
                 self.save()
+            if holdout_every and self.step % holdout_every:
+                self._log_holdout(metrics_file)
             if self.cfg.validation.every and self.step % self.cfg.validation.every:
                 self._validate_while_others_wait()
         finally:
