@@ -126,6 +126,8 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
 
     With bf16 enabled DeepSpeed casts the module to bf16 itself; in pure-bf16 mode the
     client optimizer then sees one flat bf16 partition per rank, otherwise fp32 masters.
+    Without a bf16 section (ds_configs/zero2_fp32.json, a CPU convenience: CPUs without bf16 units
+    run a bf16 step several times slower) module, gradients and optimizer stay fp32.
     """
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine

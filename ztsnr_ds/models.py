@@ -210,13 +210,15 @@ def _tiny_text_config(hidden_act: str, vocab_size: int, hidden: int = TINY_TEXT_
 
 
 def write_tiny_sdxl(out: str | Path, seed: int = 0,
-                    text_hidden: tuple[int, int] = (TINY_TEXT_HIDDEN, TINY_TEXT_HIDDEN)) -> Path:
+                    text_hidden: tuple[int, int] = (TINY_TEXT_HIDDEN, TINY_TEXT_HIDDEN),
+                    unet_config: dict = TINY_UNET_CONFIG, vae: AutoencoderKL | None = None) -> Path:
     """Write a tiny SDXL-shaped diffusers folder with random weights; needs no download.
 
     CLIP-L stand-in uses quick_gelu, the bigG stand-in gelu and a projection, as in SDXL; the scheduler
     is SDXL base's (epsilon, leading), which `from_single_file(config=...)` reads. text_hidden: the two
     encoders' widths; (768, 1280) gives the full SDXL UNet its 2048-wide text and 1280 pooled inputs
-    (launch/gpu_check.py then puts that UNet in unet/).
+    (launch/gpu_check.py then puts that UNet in unet/). unet_config: the UNet's; vae: a VAE to write
+    instead of a random TINY_VAE_CONFIG one (`make demo` passes `pooling_vae.pooling_vae()`).
     """
     out = Path(out)
     torch.manual_seed(seed)
@@ -226,8 +228,8 @@ def write_tiny_sdxl(out: str | Path, seed: int = 0,
     clip_g = _tiny_text_config("gelu", len(tok), text_hidden[1])
     CLIPTextModel(clip_l).save_pretrained(out / "text_encoder")
     CLIPTextModelWithProjection(clip_g).save_pretrained(out / "text_encoder_2")
-    UNet2DConditionModel(**TINY_UNET_CONFIG).save_pretrained(out / "unet")
-    AutoencoderKL(**TINY_VAE_CONFIG).save_pretrained(out / "vae")
+    UNet2DConditionModel(**unet_config).save_pretrained(out / "unet")
+    (vae or AutoencoderKL(**TINY_VAE_CONFIG)).save_pretrained(out / "vae")
     EulerDiscreteScheduler(**SDXL_BASE_SCHEDULER).save_pretrained(out / "scheduler")
     (out / "model_index.json").write_text(json.dumps({  # no force_zeros_for_empty_prompt: exports set it
         "_class_name": "StableDiffusionXLPipeline",

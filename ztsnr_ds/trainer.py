@@ -123,6 +123,7 @@ class Trainer:
                                  rank=self.dist.rank, fused=opt.fused)
         self.unet_config = dict(unet.config)
         self.engine = initialize(unet, self.optimizer, ds_config)
+        self.dtype = self.engine.module.dtype  # UNet inputs: bf16 as DeepSpeed cast it, fp32 without bf16
 
     def build_holdout(self) -> dict:
         """Held-out images (validation.holdout; self.holdout None without); returns the training buckets."""
@@ -204,9 +205,9 @@ class Trainer:
             self.device, x0, noise, sigma, self.schedule.timestep(sigma), batch["weight"], batch["time_ids"])
         embeds, pooled = self.conditioning(batch, [rng for _, rng in streams])
         x = add_noise(x0, noise, sigma)
-        model_in = (c_in(append_dims(sigma, x.ndim)) * x).to(torch.bfloat16)
-        v_pred = self.engine(model_in, t, encoder_hidden_states=embeds.to(torch.bfloat16),
-                             added_cond_kwargs={"text_embeds": pooled.to(torch.bfloat16),
+        model_in = (c_in(append_dims(sigma, x.ndim)) * x).to(self.dtype)
+        v_pred = self.engine(model_in, t, encoder_hidden_states=embeds.to(self.dtype),
+                             added_cond_kwargs={"text_embeds": pooled.to(self.dtype),
                                                 "time_ids": time_ids}).sample
         return self.objective.loss(v_pred.float(), x0, noise, sigma, weight), sigma
 

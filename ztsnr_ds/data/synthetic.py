@@ -1,7 +1,8 @@
 """A generated, captioned image set for `make demo` and the tests (nothing to download).
 
-Coloured shapes on plain backgrounds at aspect ratios from 1:4 to 4:1, captioned with
-comma-separated tags that describe them, so a model can learn something in minutes.
+Coloured shapes on plain backgrounds at aspect ratios from 1:4 to 4:1, and every fourth image a
+near-black or near-white plain one (NAI V3's Fig. 2 case: without ZTSNR a model cannot draw those),
+captioned with comma-separated tags that describe them, so a model can learn something in minutes.
 """
 
 from __future__ import annotations
@@ -9,10 +10,14 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
 BACKGROUNDS = {"white background": (245, 245, 245), "dark background": (25, 25, 30)}
+TONES = {"black": (8, 8, 10), "white": (247, 247, 247)}  # plain images, +-PLAIN_NOISE per pixel
+PLAIN_NOISE = 6
+PLAIN_EVERY = 4  # image i is plain when i % PLAIN_EVERY == PLAIN_EVERY - 1, black and white in turn
 SIZES = ((128, 128), (192, 96), (96, 192), (256, 64), (64, 256), (160, 128), (128, 160))  # (width, height)
 
 
@@ -29,6 +34,14 @@ def draw_sample(rng: random.Random, width: int, height: int) -> tuple[Image.Imag
     return img, f"{colour} {shape}, {shape}, {colour}, {background}"
 
 
+def draw_plain(rng: random.Random, width: int, height: int, tone: str) -> tuple[Image.Image, str]:
+    """A near-plain image of one tone (uniform noise of +-PLAIN_NOISE levels) and its caption."""
+    noise_rng = np.random.default_rng(rng.getrandbits(32))
+    noise = noise_rng.integers(-PLAIN_NOISE, PLAIN_NOISE + 1, (height, width, 1))  # grey noise
+    pixels = np.clip(np.array(TONES[tone]) + noise, 0, 255).astype(np.uint8)  # (H, W, 3)
+    return Image.fromarray(pixels), f"plain {tone}, {tone}, plain"
+
+
 def write_dataset(folder: str | Path, n: int = 48, seed: int = 0) -> Path:
     """Write n PNG images with same-stem .txt captions into folder; returns folder."""
     folder = Path(folder)
@@ -36,7 +49,11 @@ def write_dataset(folder: str | Path, n: int = 48, seed: int = 0) -> Path:
     rng = random.Random(seed)
     for i in range(n):
         width, height = SIZES[i % len(SIZES)]
-        img, caption = draw_sample(rng, width, height)
+        if i % PLAIN_EVERY == PLAIN_EVERY - 1:
+            tone = list(TONES)[(i // PLAIN_EVERY) % len(TONES)]
+            img, caption = draw_plain(rng, width, height, tone)
+        else:
+            img, caption = draw_sample(rng, width, height)
         img.save(folder / f"img{i:04d}.png")
         (folder / f"img{i:04d}.txt").write_text(caption)
     return folder
