@@ -55,7 +55,7 @@ def merge_parts(cfg: CacheConfig, world_size: int) -> dict:
     depend on world_size. Streams the parts (data/cache_parts.py): pass 1 counts tags, buckets and shards;
     pass 2 merges the key-sorted parts into the index's numpy columns and the manifest lines (without
     weights: their mean is known only at the end); pass 3 appends the weights to the lines. So memory
-    grows by ~60 bytes per row (columns, offsets, weights), not by a Python dict per row. Afterwards
+    grows by ~100 bytes per row (columns, offsets, weights), not by a Python dict per row. Afterwards
     shards no row refers to and the parts/ files are deleted.
     """
     root = Path(cfg.cache_dir)
@@ -126,8 +126,8 @@ def _merge_rows(root: Path, world_size: int, shards: dict[str, dict], counts: _C
 def _write_manifest(root: Path, unweighted: Path, weights: np.ndarray) -> None:
     """Pass 3: manifest.jsonl = the unweighted lines with ``"weight": w`` appended (text, no parsing)."""
     with open(unweighted, "rb") as lines, atomic_file(root / MANIFEST) as out:
-        for line, weight in zip(lines, weights.tolist(), strict=True):
-            out.write(line[:-2] + b', "weight": ' + json.dumps(weight).encode() + b"}\n")
+        for line, weight in zip(lines, weights, strict=True):  # not .tolist(): 32 bytes a row
+            out.write(line[:-2] + b', "weight": ' + json.dumps(float(weight)).encode() + b"}\n")
 
 
 def convert_legacy(root: Path, progress: bool = True) -> int:
