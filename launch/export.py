@@ -7,7 +7,8 @@
         --base path/to/sdxl-diffusers-folder --out x.safetensors
         -> one SDXL checkpoint (SGM keys, v_pred / ztsnr markers) for ComfyUI, A1111, from_single_file
 
---checkpoint takes a run folder or its checkpoints/ folder (the tag named in `latest`) or a tag folder.
+--checkpoint takes a run folder or its checkpoints/ folder (the tag named in `latest`) or a tag folder;
+--weights ema exports the tag's EMA instead of the trained weights (runs with ema.enabled).
 Bad input prints what is wrong and how to fix it, and exits with status 2.
 """
 
@@ -23,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ztsnr_ds.export import (  # noqa: E402
     DTYPES,
+    WEIGHTS,
     ExportError,
     export_diffusers,
     export_single_file,
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", help="diffusers SDXL folder the run trained from: its VAE and text "
                                        "encoders (needed by single_file; diffusers: a whole pipeline)")
     parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    parser.add_argument("--weights", default="model", choices=WEIGHTS,
+                        help="the trained weights, or their EMA (runs with ema.enabled)")
     parser.add_argument("--title", help="modelspec.title (default: '<run name> step <N>')")
     return parser
 
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "single_file" and not args.out.endswith(".safetensors"):
         parser.error(f"--format single_file writes one file: --out {args.out} must end in .safetensors")
     try:
-        trained = load_checkpoint(args.checkpoint, DTYPES[args.dtype])
+        trained = load_checkpoint(args.checkpoint, DTYPES[args.dtype], args.weights)
         if args.format == "diffusers":
             out = export_diffusers(trained, args.out, args.title, args.base)
         else:
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 2
-    print(f"exported {trained.tag_dir} (step {trained.step}) -> {out}")
+    print(f"exported {trained.tag_dir} (step {trained.step}, {trained.weights} weights) -> {out}")
     if args.format == "single_file":
         print(f"diffusers, with the scheduler it was trained for:\n{single_file_loader(out, args.base)}")
     return 0

@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("samples"))
     p.add_argument("--save-latents", action="store_true", help="also write latents.safetensors")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--weights", choices=("model", "ema"), default="model",
+                   help="a checkpoint's trained weights, or their EMA (runs with ema.enabled)")
     s = argparse.SUPPRESS  # absent unless given: the model's own settings apply
     p.add_argument("--ztsnr", choices=ZTSNR_MODES, default=s, help="override the model's ZTSNR mode")
     p.add_argument("--sigma-max", type=float, default=s, help="override the model's sigma_max")
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         if not source.noise:
             print(f"{args.model} records no noise settings: the defaults above apply unless flags set "
                   "them; pass --ztsnr, --sigma-max, --base-area if it was trained otherwise", file=sys.stderr)
-        unet, parts = load_model(source, base, DTYPES[dtype_name])
+        unet, parts = load_model(source, base, DTYPES[dtype_name], args.weights)
     except SampleInputError as e:
         parser.error(str(e))
     for module in (unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = SampleSpec(args.prompt, args.negative, args.n, args.seed,
                       None if args.sigmas else args.steps, args.sigmas or args.schedule,
                       args.cfg, args.cfg_rescale, args.width, args.height, dropout_mode)
-    settings = {"model": str(source.path), "kind": source.kind, "base": str(base), "steps": spec.steps,
+    settings = {"model": str(source.path), "kind": source.kind, "weights": args.weights, "base": str(base),
+                "steps": spec.steps,
                 "schedule": args.schedule, "cfg": args.cfg, "cfg_rescale": args.cfg_rescale,
                 "width": args.width, "height": args.height, "n": args.n, "dtype": dtype_name,
                 "device": device.type, "noise": noise, "noise_from": origin, "dropout_mode": dropout_mode}

@@ -34,9 +34,10 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from tests.dist_worker import partition, record_ids
-from ztsnr_ds import checkpoint
+from ztsnr_ds import checkpoint, ema, integrity
 from ztsnr_ds.config import parse
 from ztsnr_ds.engine import init_distributed
+from ztsnr_ds.export import load_checkpoint
 from ztsnr_ds.models import load_unet
 from ztsnr_ds.trainer import Trainer
 
@@ -46,6 +47,7 @@ CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_
 # Set in this process by init_distributed (a world of one); the launcher sets its own per rank.
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 STEPS, RESUME_STEP = 3, 1
+EMA_DECAY = 0.5  # large steps, so an EMA that skipped or repeated an update would show
 
 
 @dataclass
@@ -105,9 +107,14 @@ def launch(commands: list[list[str]], log_dir: Path, timeout: float = 300) -> No
         pytest.fail(f"launch failed (exit codes {codes}):\n{tails}")
 
 
+EMA_ARGS = ("--ema.enabled", "true", "--ema.decay", str(EMA_DECAY), "--ema.posthoc", "true",
+            "--ema.snapshot_every", "1", "--ema.snapshot_dtype", "fp32")
+
+
 def train_args(config: Path, output_dir: Path, micro_batch: int, *extra: str) -> list[str]:
+    """Every run here also keeps an EMA and post-hoc power EMAs (observers: the training is unchanged)."""
     return ["--config", str(config), "--trainer.output_dir", str(output_dir),
-            "--trainer.micro_batch", str(micro_batch), *extra]
+            "--trainer.micro_batch", str(micro_batch), *EMA_ARGS, *extra]
 
 
 def recorded_run(output_dir: Path, record: Path, world_size: int) -> Run:
@@ -327,3 +334,70 @@ def test_resume_with_another_global_batch_keeps_epoch_and_samples_consumed(run_c
     state = trainer.sampler.state_dict()
     assert (state["epoch"], state["global_batch"], saved["samples_done"]) == (saved["epoch"], 2, 3)
     assert 0 < state["samples_done"] <= 3 < state["samples_done"] + trainer.sampler.upcoming_samples(1)
+
+
+# ----------------------------------------------------------------------------- EMA
+
+
+def full_weights(tag: Path) -> dict[str, torch.Tensor]:
+    """The trained weights of a tag, gathered by DeepSpeed's zero_to_fp32 (independent of ema.py)."""
+    gathered = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag.name)
+    return {k: v.double() for k, v in gathered.items()}
+
+
+def reference_ema(start: dict[str, torch.Tensor], steps: list[dict[str, torch.Tensor]], first_update: int,
+                  decay) -> dict[str, torch.Tensor]:
+    """The EMA in fp64: e <- d_t e + (1 - d_t) theta_t over the given weights, t = first_update, ..."""
+    out = {k: v.double() for k, v in start.items()}
+    for t, weights in enumerate(steps, start=first_update):
+        d = decay(t)
+        out = {k: d * out[k] + (1 - d) * weights[k] for k in out}
+    return out
+
+
+def assert_ema_matches(folder: Path, track: str, expected: dict[str, torch.Tensor]) -> None:
+    """Within fp32 rounding: each update rounds once, relative 2^-24, and STEPS updates at most add up."""
+    got = ema.read_named(folder, track)
+    assert got.keys() == expected.keys()
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k].double(), v, rtol=4 * STEPS * 2.0 ** -24, atol=1e-9, msg=k)
+
+
+def power_decay_of(sigma_rel: float):
+    gamma = ema.power_gamma(sigma_rel)
+    return lambda t: (1 - 1 / t) ** (gamma + 1)  # EDM2 eq. 2, written out again here
+
+
+def test_sharded_ema_equals_the_fp64_ema_of_the_gathered_weights(two_ranks, tiny_sdxl):
+    """2 ranks each average their ZeRO-2 slice; joined, they equal an fp64 EMA of every step's full weights
+    (zero_to_fp32 of each tag), for the plain EMA and both power-function EMAs, and post-hoc snapshots of
+    every step hold the power EMAs of that step."""
+    start = load_unet(tiny_sdxl, dtype=torch.bfloat16).state_dict()  # what DeepSpeed started from
+    steps = [full_weights(two_ranks.tag(s)) for s in range(1, STEPS + 1)]
+    folder = two_ranks.tag(STEPS) / ema.EMA_DIR
+    assert sorted(p.name for p in folder.iterdir()) == ["ema.json", "rank00000.safetensors",
+                                                         "rank00001.safetensors"]
+    expected = reference_ema(start, steps, 0, lambda t: EMA_DECAY)
+    assert_ema_matches(folder, "ema", expected)
+    exported = load_checkpoint(two_ranks.tag(STEPS), torch.float32, weights="ema")  # export --weights ema
+    assert exported.weights == "ema" and exported.title.endswith("(ema)")
+    assert all(torch.equal(exported.state_dict[k], v) for k, v in ema.read_named(folder).items())
+    for sigma_rel in (0.05, 0.10):
+        expected = reference_ema(start, steps, 1, power_decay_of(sigma_rel))
+        assert_ema_matches(folder, ema.track_name(sigma_rel), expected)
+        snapshot = two_ranks.output_dir / ema.SNAPSHOT_DIR / f"step{STEPS:08d}"
+        assert_ema_matches(snapshot, ema.track_name(sigma_rel), expected)
+    meta = json.loads((snapshot / ema.LAYOUT_FILE).read_text())
+    assert meta["updates"] == STEPS and meta["world_size"] == 2
+    assert meta["sha256"] == {p.name: integrity.sha256(p) for p in sorted(snapshot.glob("rank*"))}
+
+
+@pytest.mark.parametrize("moved_name, saved_name", [("two_to_one", "two_ranks"), ("one_to_two", "one_rank")])
+def test_ema_is_recut_for_another_world_size(moved_name, saved_name, request):
+    """Resumed on another number of ranks, the EMA of the saved tag (joined) goes on exactly: the EMA at the
+    end equals the fp64 EMA from the saved EMA over the new run's weights."""
+    moved, saved = request.getfixturevalue(moved_name), request.getfixturevalue(saved_name)
+    start = ema.read_named(saved.tag(RESUME_STEP) / ema.EMA_DIR)
+    steps = [full_weights(moved.tag(s)) for s in range(RESUME_STEP + 1, STEPS + 1)]
+    expected = reference_ema(start, steps, RESUME_STEP, lambda t: EMA_DECAY)
+    assert_ema_matches(moved.tag(STEPS) / ema.EMA_DIR, "ema", expected)

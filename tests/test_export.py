@@ -283,6 +283,8 @@ def test_bad_inputs_name_path_and_fix(run_dir, tmp_path, capsys):
     shutil.copy(run_dir / "checkpoints" / TAG / checkpoint.STATE_FILE, only_state)
     with pytest.raises(ExportError, match="DeepSpeed files unreadable"):
         load_checkpoint(only_state)
+    with pytest.raises(ExportError, match="holds no EMA .*ema.enabled"):
+        load_checkpoint(run_dir, weights="ema")
     trained = load_checkpoint(run_dir)
     base = tmp_path / "base"
     with pytest.raises(ExportError, match="not a diffusers SDXL folder"):

@@ -39,13 +39,19 @@ def losses(output_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records}
 
 
+EMA_BF16 = ("--ema.enabled", "true", "--ema.decay", "0.9", "--ema.dtype", "bf16")  # SR: seeded rounding
+
+
 def test_resumed_run_repeats_the_uninterrupted_one_bitwise(run_config, tmp_path):
-    straight = make_trainer(run_config, tmp_path / "a", "--trainer.max_steps", "4")
+    straight = make_trainer(run_config, tmp_path / "a", "--trainer.max_steps", "4", *EMA_BF16)
     straight.train()
-    first_half = make_trainer(run_config, tmp_path / "b", "--trainer.max_steps", "2")
+    first_half = make_trainer(run_config, tmp_path / "b", "--trainer.max_steps", "2", *EMA_BF16)
     first_half.train()
-    second_half = make_trainer(run_config, tmp_path / "b", "--trainer.max_steps", "4")
+    second_half = make_trainer(run_config, tmp_path / "b", "--trainer.max_steps", "4", *EMA_BF16)
     second_half.train()
+    assert second_half.ema.updates == straight.ema.updates == 4
+    for name, slices in straight.ema.state.items():  # the EMA (bf16, stochastically rounded) too
+        assert all(torch.equal(a, b) for a, b in zip(slices, second_half.ema.state[name])), name
     assert second_half.step == 4
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
@@ -68,14 +74,28 @@ def test_resumed_run_repeats_the_uninterrupted_one_bitwise(run_config, tmp_path)
 
 
 def test_validation_grid_is_written(run_config, tmp_path):
-    trainer = make_trainer(run_config, tmp_path, "--trainer.max_steps", "1", "--validation.every", "1")
+    """A grid of the trained weights and, with the EMA on, one of the EMA swapped into the module; the
+    module is back to the trained weights afterwards, bit for bit."""
+    trainer = make_trainer(run_config, tmp_path, "--trainer.max_steps", "1", "--validation.every", "1",
+                           "--ema.enabled", "true", "--ema.decay", "0.5")
     trainer.train()
-    grid = tmp_path / "samples" / "step00000001.png"
     from PIL import Image
 
-    with Image.open(grid) as img:  # two 64x64 prompts side by side
-        assert img.size == (128, 64)
-        assert len(set(img.getdata())) > 1
+    grids = []
+    for name in ("step00000001.png", "step00000001_ema.png"):
+        with Image.open(tmp_path / "samples" / name) as img:  # two 64x64 prompts side by side
+            assert img.size == (128, 64)
+            assert len(set(img.getdata())) > 1
+            grids.append(list(img.getdata()))
+    assert grids[0] != grids[1]  # the EMA (half the initial weights) draws other images
+    trained = [p.detach().clone() for p in trainer.engine.module.parameters()]
+    (master,) = trainer.ema.masters
+    with trainer.ema.swapped_in():
+        swapped = torch.cat([p.detach().flatten() for p in trainer.engine.module.parameters()])
+        (ema_slice,) = trainer.ema.state["ema"]
+        assert torch.equal(swapped, ema_slice[:swapped.numel()].to(swapped.dtype))
+    assert all(torch.equal(p, q) for p, q in zip(trained, trainer.engine.module.parameters()))
+    assert torch.equal(master[:swapped.numel()], torch.cat([p.flatten() for p in trained]).to(master.dtype))
 
 
 def _nan_on(trainer: Trainer, calls: set[int]) -> None:

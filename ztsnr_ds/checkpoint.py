@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -159,10 +160,12 @@ def move_aside(output_dir: Path, tags: list[Path]) -> Path:
 
 
 def save(engine, output_dir: Path, step: int, state: dict,
-         keep_last: int, is_main: bool) -> Path:
+         keep_last: int, is_main: bool, write_extra: Callable[[Path], None] | None = None) -> Path:
     """Collective save of tag step<N>: DeepSpeed files, every rank's RNG, checksums, then the state marker.
 
     `state` is this trainer's JSON-able state (STEP, SAMPLER, CONFIG, ...). Every rank calls this.
+    `write_extra(tag_dir)` writes more of this rank's files into the tag (the EMA slices), covered by the
+    same checksums and marker.
     Raises CheckpointError (on every rank) when the disk lacks room, before writing or when a write
     fails for lack of space; the partial tag is then removed.
     """
@@ -179,6 +182,8 @@ def save(engine, output_dir: Path, step: int, state: dict,
         (tag_dir / "rng").mkdir(parents=True, exist_ok=True)
         rank = torch.distributed.get_rank()
         write_atomic(tag_dir / "rng" / f"rank{rank:05d}.json", json.dumps(rng_state()))
+        if write_extra is not None:
+            write_extra(tag_dir)
         failed = None
     except (OSError, RuntimeError) as err:
         failed = err

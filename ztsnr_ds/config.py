@@ -17,6 +17,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from ztsnr_ds.data.cache import CacheConfig
 from ztsnr_ds.data.sampler import BucketBatchSampler
+from ztsnr_ds.ema import EMAConfig
 from ztsnr_ds.kernels import ATTENTION_BACKENDS, COMPILE_MODES
 from ztsnr_ds.schedule import INFERENCE_SCHEDULES
 
@@ -214,6 +215,8 @@ class ValidationConfig:
     loss_every: int = 0
     """Steps between held-out loss evaluations (also at step 0 of a new run and at the end); 0: at
     validation.every."""
+    use_ema: bool = True
+    """With ema.enabled, also sample the validation images and the held-out loss with the EMA weights."""
 
     def __post_init__(self) -> None:
         _check_positive("validation.every", self.every, allow_zero=True)
@@ -266,6 +269,8 @@ class TrainConfig:
     """AdamWSR settings."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """Loop, schedule, checkpoints."""
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    """EMA of the weights (sharded like ZeRO-2) and post-hoc EMA snapshots."""
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     """Validation images."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -15,7 +15,7 @@ import math
 import os
 import pickle
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
-from ztsnr_ds import checkpoint, safe_load
+from ztsnr_ds import checkpoint, ema, safe_load
 from ztsnr_ds.keymaps import ExportError, clip_l_to_sgm, openclip_to_sgm, unet_to_sgm, vae_to_sgm
 from ztsnr_ds.models import (
     FROZEN_PARTS,
@@ -37,6 +37,7 @@ from ztsnr_ds.models import (
 from ztsnr_ds.schedule import NoiseSchedule, diffusers_scheduler_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WEIGHTS = ("model", "ema")  # the trained weights, or their EMA (ema.enabled; ztsnr_ds/ema.py)
 NOISE_KEYS = ("ztsnr", "sigma_max", "resolution_scaling", "base_area")  # config.noise (ztsnr_ds.config)
 EMPTY_PROMPT = {  # what each captions.dropout_mode trained as the unconditional, and how a client sends it
     "empty": 'the encoded empty prompt "" (an empty negative prompt in ComfyUI and A1111)',
@@ -54,6 +55,7 @@ class TrainedUNet:
     noise: dict  # config.noise of the run: ztsnr, sigma_max, base_area, resolution_scaling
     tag_dir: Path
     dropout_mode: str = "empty"  # captions.dropout_mode: the unconditional it learned ("" or zeros)
+    weights: str = "model"  # one of WEIGHTS
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -62,7 +64,8 @@ class TrainedUNet:
 
     @property
     def title(self) -> str:
-        return f"{self.tag_dir.parent.parent.name} step {self.step}"
+        ema_note = "" if self.weights == "model" else f" ({self.weights})"
+        return f"{self.tag_dir.parent.parent.name} step {self.step}{ema_note}"
 
 
 def resolve_tag(path: str | Path) -> Path:
@@ -87,10 +90,23 @@ def resolve_tag(path: str | Path) -> Path:
                       f"{checkpoint.LATEST_FILE} file in it or in {path / 'checkpoints'}; {fix}")
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> TrainedUNet:
-    """Gather the UNet of a ZeRO checkpoint (all ranks' partitions) with its ztsnr_state.json settings."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16,
+                    weights: str = "model") -> TrainedUNet:
+    """Gather the UNet of a ZeRO checkpoint (all ranks' partitions) with its ztsnr_state.json settings.
 
+    weights "ema": the EMA the tag holds (its ema/ folder), joined from every rank's slice."""
+    if weights not in WEIGHTS:
+        raise ExportError(f"weights {weights!r} is not one of {', '.join(WEIGHTS)}")
+    settings = checkpoint_settings(path)
+    tag_dir = settings.tag_dir
+    state_dict = _ema_weights(tag_dir, dtype) if weights == "ema" else _model_weights(tag_dir, dtype)
+    check_shapes(unet_shapes(settings.unet_config), state_dict,
+                 f"{tag_dir}: the {weights} weights do not match unet_config in {checkpoint.STATE_FILE}")
+    return replace(settings, state_dict=state_dict, weights=weights)
+
+
+def checkpoint_settings(path: str | Path) -> TrainedUNet:
+    """A verified tag's settings (UNet config, step, noise, dropout mode), with no weights loaded yet."""
     tag_dir = resolve_tag(path)
     try:
         state = checkpoint.read_state(tag_dir)
@@ -107,18 +123,32 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> Tr
     except (KeyError, TypeError, AttributeError) as e:
         raise ExportError(f"{tag_dir / checkpoint.STATE_FILE} lacks {e}; export checkpoints written by "
                           "ztsnr_ds.checkpoint.save") from e
+    return TrainedUNet({}, unet_config, step, noise, tag_dir, dropout_mode)
+
+
+def _model_weights(tag_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
     try:
         with safe_load.weights_only():
             lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag_dir.name, lazy_mode=True)
             # The flat partitions load with requires_grad: detach, or each tensor's graph keeps them alive.
             # copy: each tensor gets its own storage (views of one flat buffer cannot be saved separately).
-            weights = {k: v.contiguous().detach().to(dtype, copy=True) for k, v in lazy.items()}
+            return {k: v.contiguous().detach().to(dtype, copy=True) for k, v in lazy.items()}
     except (FileNotFoundError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
         raise ExportError(f"{tag_dir}: DeepSpeed files unreadable ({type(e).__name__}: {e}); was the save "
                           "interrupted? Pass an older complete tag folder") from e
-    check_shapes(unet_shapes(unet_config), weights,
-                 f"{tag_dir}: the weights do not match unet_config in {checkpoint.STATE_FILE}")
-    return TrainedUNet(weights, unet_config, step, noise, tag_dir, dropout_mode)
+
+
+def _ema_weights(tag_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    folder = tag_dir / ema.EMA_DIR
+    if not folder.is_dir():
+        raise ExportError(f"{tag_dir} holds no EMA (the run trained without ema.enabled); export "
+                          "--weights model, or train with ema.enabled: true")
+    try:
+        return ema.read_named(folder, ema.MAIN_TRACK, dtype)
+    except ema.EMAError as e:
+        raise ExportError(str(e)) from e
 
 
 # ---------------------------------------------------------------------------------------- writing

@@ -184,16 +184,21 @@ def noise_settings(schedule: NoiseSchedule) -> dict:
     return {"ztsnr": schedule.mode, "sigma_max": schedule.sigma_max, "base_area": schedule.base_area}
 
 
-def load_model(source: ModelSource, base: Path,
-               dtype: torch.dtype) -> tuple[UNet2DConditionModel, FrozenParts]:
-    """UNet of the model and VAE / text encoders / tokenizers of the base, in `dtype`, eval, on the CPU."""
+def load_model(source: ModelSource, base: Path, dtype: torch.dtype,
+               weights: str = "model") -> tuple[UNet2DConditionModel, FrozenParts]:
+    """UNet of the model and VAE / text encoders / tokenizers of the base, in `dtype`, eval, on the CPU.
+
+    weights: "model" or "ema" (a checkpoint's EMA; other kinds of model hold one set of weights)."""
+    if weights != "model" and source.kind != "checkpoint":
+        raise SampleInputError("--weights", f"--weights {weights} needs a checkpoint; {source.path} is a "
+                               f"{source.kind} model with one set of weights (export it with --weights ema)")
     try:
         parts = load_frozen(base, dtype)
     except OSError as e:
         raise SampleInputError("--base", str(e)) from e
     try:
         if source.kind == "checkpoint":
-            trained = load_checkpoint(source.path, dtype)
+            trained = load_checkpoint(source.path, dtype, weights)
             unet = unet_from_state(trained.unet_config, trained.state_dict, dtype)
         else:
             unet = load_unet(source.path, dtype).eval()

@@ -32,6 +32,7 @@ from ztsnr_ds.config import TrainConfig, TrainerConfig
 from ztsnr_ds.data.cache import LatentCache
 from ztsnr_ds.data.tags import shuffle_caption
 from ztsnr_ds.device import to_device
+from ztsnr_ds.ema import EMA_DIR, ShardedEMA
 from ztsnr_ds.engine import DistInfo, any_rank, build_ds_config, initialize, is_pure_bf16, wait_group
 from ztsnr_ds.generate import SampleSpec, generate
 from ztsnr_ds.holdout import HoldoutLoss, holdout_count, holdout_ids, training_buckets
@@ -91,6 +92,8 @@ class Trainer:
         self.prompts = PromptEncoder.from_parts(self.parts)
         self.resume_tag = checkpoint.find_resume_tag(self.output_dir, cfg.trainer.resume)
         self.build_engine()
+        self.ema = (ShardedEMA(cfg.ema, self.engine, self.optimizer, dist.rank, dist.world_size,
+                               cfg.trainer.seed) if cfg.ema.enabled else None)
         self.sampler = cfg.sampler(self.build_holdout(), cfg.trainer.micro_batch, dist.world_size, dist.rank,
                                    base_area=cfg.noise.base_area if cfg.trainer.batch_by_area else None)
         self.step_samples = 0  # samples of all ranks in the last optimizer step
@@ -147,8 +150,9 @@ class Trainer:
 
     def save(self) -> Path:
         # The per-sample streams are a function of (seed, epoch, id): no generator state to save.
+        write_ema = (lambda tag_dir: self.ema.save(tag_dir / EMA_DIR)) if self.ema else None
         return checkpoint.save(self.engine, self.output_dir, self.step, self.state(),
-                               self.cfg.trainer.keep_last, self.dist.is_main)
+                               self.cfg.trainer.keep_last, self.dist.is_main, write_ema)
 
     def resume(self) -> None:
         """Load the tag found at start-up (self.resume_tag), if any: weights, optimizer, step, sampler."""
@@ -166,8 +170,29 @@ class Trainer:
                           stacklevel=2)
         self.sampler.load_state_dict(saved)
         self.nonfinite_total = state[checkpoint.COUNTERS]["nonfinite_total"]
+        if self.ema is not None:
+            self.resume_ema(self.resume_tag / EMA_DIR)
         if self.dist.is_main:
             print(f"resumed from {self.resume_tag} at step {self.step}")
+
+    def resume_ema(self, folder: Path) -> None:
+        """The EMA of the tag (any world size); a tag saved without EMA starts it from the loaded weights."""
+        if folder.is_dir():
+            self.ema.load(folder)
+            return
+        self.ema.reset()
+        if self.dist.is_main:
+            warnings.warn(f"{folder.parent} holds no EMA (trained without ema.enabled): the EMA starts from "
+                          "its weights now", stacklevel=2)
+
+    def after_update(self, applied: bool) -> None:
+        """EMA bookkeeping after optimizer step self.step: an update every ema.every steps (only if the
+        step was applied: DeepSpeed skips inf-gradient steps), and post-hoc snapshots."""
+        ema = self.cfg.ema
+        if applied and self.step % ema.every == 0:
+            self.ema.update()
+        if ema.posthoc and self.step % ema.snapshot_every == 0:
+            self.ema.snapshot(self.output_dir, self.step)
 
     # ----------------------------------------------------------------------------- one step
     def conditioning(self, batch: dict, rngs: list[random.Random]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,8 +278,10 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- validation
     @torch.no_grad()
-    def validate(self) -> Path | None:
-        """Rank 0 samples the fixed prompts with the ZTSNR Euler sampler and writes a PNG grid."""
+    def validate(self, weights: str = "model") -> Path | None:
+        """Rank 0 samples the fixed prompts with the ZTSNR Euler sampler and writes a PNG grid.
+
+        weights: "model", or "ema" when the EMA is swapped into the module (grid name ..._ema.png)."""
         if not self.dist.is_main:
             return None
         val = self.cfg.validation
@@ -266,10 +293,11 @@ class Trainer:
         samples = generate(unet, self.parts, self.schedule, spec, progress=False)
         unet.train()
         grid = image_grid(samples.images)
-        out = self.output_dir / "samples" / f"step{self.step:08d}.png"
+        suffix = "" if weights == "model" else f"_{weights}"
+        out = self.output_dir / "samples" / f"step{self.step:08d}{suffix}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         grid.save(out)
-        self.logger.image("validation", grid, self.step, caption=" | ".join(val.prompts))
+        self.logger.image(f"validation{suffix}", grid, self.step, caption=" | ".join(val.prompts))
         return out
 
     def holdout_metrics(self, prefix: str = "holdout/") -> dict[str, float]:
@@ -280,8 +308,12 @@ class Trainer:
         return {prefix + key: value for key, value in self.holdout.evaluate(self.engine.module).items()}
 
     def _log_holdout(self, metrics_file) -> None:
-        """Evaluate the held-out loss; log it, and add a record {"step", "holdout/..."} to metrics.jsonl."""
+        """Evaluate the held-out loss; log it, and add a record {"step", "holdout/..."} to metrics.jsonl.
+        With the EMA on (and validation.use_ema) also for the EMA weights, as "ema_holdout/..."."""
         metrics = self.holdout_metrics()
+        if self.ema is not None and self.cfg.validation.use_ema and metrics:
+            with self.ema.swapped_in():
+                metrics |= self.holdout_metrics("ema_holdout/")
         self.logger.scalars(metrics, self.step)
         if self.dist.is_main:
             metrics_file.write(json.dumps({"step": self.step} | metrics) + "\n")
@@ -291,9 +323,14 @@ class Trainer:
     def _validate_while_others_wait(self) -> None:
         """Rank 0 validates while the others wait in a barrier of the gloo wait group (long timeout),
         not in the next step's NCCL collective, whose timeout (30 min) would kill the job if sampling
-        took longer. No device work is in flight meanwhile: every step ends with a host sync."""
+        took longer. No device work is in flight meanwhile: every step ends with a host sync.
+        With the EMA on (and validation.use_ema), a second grid from the EMA, swapped in on all ranks."""
         self.validate()
         torch.distributed.barrier(group=self.wait_group)
+        if self.ema is not None and self.cfg.validation.use_ema:
+            with self.ema.swapped_in():
+                self.validate("ema")
+                torch.distributed.barrier(group=self.wait_group)
 
     # ----------------------------------------------------------------------------- the loop
     def _request_stop(self, signum, _frame) -> None:
@@ -350,8 +387,11 @@ class Trainer:
                 lr = lr_at(self.step - self.engine.skipped_steps, cfg, self.cfg.optimizer.lr)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
+                skipped = self.engine.skipped_steps
                 loss = self.train_step(batches)
                 self.step += 1
+                if self.ema is not None:
+                    self.after_update(applied=self.engine.skipped_steps == skipped)
                 self._log(metrics_file, loss, lr, time.perf_counter() - start)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=self.sampler.epoch)
