@@ -17,6 +17,7 @@ from ztsnr_ds.optim import AdamWSR
 
 MEMORY_CONFIGS = {"pure bf16 (zero2_bf16.json)": "ds_configs/zero2_bf16.json",
                   "fp32 masters (zero2_bf16_fp32master.json)": "ds_configs/zero2_bf16_fp32master.json"}
+BENCH = str(ROOT / "launch" / "bench.py")  # children run one case through the bench's own entry point
 # DESIGN.md sec. 9, bytes per parameter on one of N ranks: weights + (grads + master + moments) / N.
 DESIGN_BYTES = {"ds_configs/zero2_bf16.json": (2, 2 + 2 + 4),
                 "ds_configs/zero2_bf16_fp32master.json": (2, 2 + 4 + 8)}
@@ -93,15 +94,19 @@ def memory_case(config: str, width: int, depth: int) -> dict[str, float]:
     arg("--width", type=int, default=3072, help="MLP width"),
     arg("--depth", type=int, default=12, help="Linear layers (12 x 3072^2: 113M parameters)"),
     arg("--case", choices=list(MEMORY_CONFIGS.values()), help=argparse.SUPPRESS),
+    arg("--ema-case", action="store_true", help=argparse.SUPPRESS),
 )
 def bench_memory(args: argparse.Namespace) -> None:
     """Bytes per parameter for weights, grads and optimizer state on one rank: pure bf16 vs fp32 masters."""
+    if args.ema_case:  # child process, one of N ranks under the deepspeed launcher
+        print(EMA_MARK + json.dumps(ema_case(args.width, args.depth)), flush=True)
+        return
     if args.case:  # child process: one configuration, a clean RSS baseline
         print(json.dumps(memory_case(args.case, args.width, args.depth)))
         return
     results = {}
     for name, config in MEMORY_CONFIGS.items():
-        cmd = [sys.executable, __file__, "memory", "--case", config, "--width", str(args.width),
+        cmd = [sys.executable, BENCH, "memory", "--case", config, "--width", str(args.width),
                "--depth", str(args.depth)] + (["--threads", str(args.threads)] if args.threads else [])
         child = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[name] = json.loads(child.stdout.strip().splitlines()[-1])
@@ -118,3 +123,47 @@ def bench_memory(args: argparse.Namespace) -> None:
     print("| **all tensors** | " + " | ".join(f"**{t:.2f}**" for t in tensors) + " |")
     model = [sum(DESIGN_BYTES[c]) for c in MEMORY_CONFIGS.values()]
     print("| DESIGN.md model (N = 1) | " + " | ".join(f"{m}" for m in model) + " |")
+    ema_table(args)
+
+
+EMA_MARK = "ema bytes per parameter: "
+
+
+def ema_case(width: int, depth: int) -> dict:
+    """This rank's EMA bytes per parameter of the whole model, fp32 and bf16, under pure bf16 ZeRO-2."""
+    from ztsnr_ds.ema import EMAConfig, ShardedEMA
+    from ztsnr_ds.engine import build_ds_config, init_distributed, initialize
+
+    dist = init_distributed()
+    ds_config = build_ds_config(ROOT / "ds_configs/zero2_bf16.json", micro_batch=2, grad_accum=1,
+                                world_size=dist.world_size)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, dtype=torch.bfloat16) for _ in range(depth)])
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = AdamWSR(model.parameters(), lr=1e-4)
+    engine = initialize(model, optimizer, ds_config)
+    out = {"rank": dist.rank, "world_size": dist.world_size}
+    for dtype in ("fp32", "bf16"):
+        ema = ShardedEMA(EMAConfig(enabled=True, dtype=dtype), engine, optimizer, dist.rank, dist.world_size)
+        ema.update()
+        out[dtype] = sum(t.untyped_storage().nbytes() for ts in ema.state.values() for t in ts) / n_params
+        del ema
+    return out
+
+
+def ema_table(args: argparse.Namespace) -> None:
+    """The EMA's bytes per parameter per rank at N = 1 and 2 ranks (the deepspeed launcher, this machine)."""
+    results = {}
+    for n in (1, 2):
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_local_rank", "--num_gpus", str(n),
+               BENCH, "memory", "--ema-case", "--width", str(args.width), "--depth", str(args.depth)]
+        child = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+        rows = [json.loads(line.split(EMA_MARK, 1)[1]) for line in child.stdout.splitlines()
+                if EMA_MARK in line]
+        results[n] = sorted(rows, key=lambda r: r["rank"])
+    print("\nEMA slices per rank (ShardedEMA on the same MLP, pure bf16 ZeRO-2, N ranks via the deepspeed "
+          "launcher):\n")
+    print("| EMA bytes per parameter, per rank | " + " | ".join(f"N = {n}" for n in results) + " | model |")
+    print("|---|" + "---|" * (len(results) + 1))
+    for dtype, size in (("fp32", 4), ("bf16", 2)):
+        cells = [" / ".join(f"{r[dtype]:.3f}" for r in rows) for rows in results.values()]
+        print(f"| {dtype} | " + " | ".join(cells) + f" | {size}/N |")
