@@ -130,10 +130,11 @@ def records(output_dir: Path) -> tuple[dict[int, float], dict[int, dict]]:
 
 @pytest.fixture(scope="module")
 def runs(run_config, tmp_path_factory) -> dict:
-    """every: evaluated at every step of 3. sparse: evaluated only at the start and the end (loss_every
-    1000), 2 steps, then resumed to 3. Both hold out the same 5 images."""
+    """every: evaluated at every step of 3, with an EMA (decay 0.5) evaluated too. sparse: no EMA, evaluated
+    only at the start and the end (loss_every 1000), 2 steps, then resumed to 3. Both hold out the same 5
+    images."""
     every_dir, sparse_dir = tmp_path_factory.mktemp("every"), tmp_path_factory.mktemp("sparse")
-    every, trained = make_trainer(run_config, every_dir), []
+    every, trained = make_trainer(run_config, every_dir, "--ema.enabled", "true", "--ema.decay", "0.5"), []
     forward_loss = every.forward_loss
 
     def record(batch: dict, bucket: str, ids: list[int]):  # the ids trained on, not those evaluated
@@ -152,13 +153,14 @@ def runs(run_config, tmp_path_factory) -> dict:
 
 def test_evaluation_leaves_training_unchanged_and_resume_keeps_the_holdout(runs):
     """Training losses bitwise equal with evaluation at every step or only at the start and end, across
-    a resume; the held-out numbers of the same weights (steps 2 and 3) bitwise equal too."""
+    a resume; the held-out numbers of the same weights (steps 2 and 3) bitwise equal too. The "every" run
+    also swaps its EMA in and out for each evaluation: training goes on from the same weights."""
     every_losses, every_held = records(runs["every_dir"])
     sparse_losses, sparse_held = records(runs["sparse_dir"])
     assert sorted(every_held) == [0, 1, 2, 3] and sorted(sparse_held) == [0, 2, 3]
     assert every_losses == sparse_losses and sorted(every_losses) == [1, 2, 3]
     for step in (0, 2, 3):
-        assert every_held[step] == sparse_held[step], step
+        assert {k: v for k, v in every_held[step].items() if not k.startswith("ema_")} == sparse_held[step]
     assert np.array_equal(runs["resumed"].holdout.ids, runs["every"].holdout.ids)
     assert len(runs["every"].holdout.ids) == 5
     held = set(runs["every"].holdout.ids.tolist())
@@ -203,10 +205,19 @@ def reference_losses(trainer) -> dict[str, float]:
         f"holdout/v_mse/t{k:03d}": float(m) for k, m in zip(LEVEL_INDICES, mse.mean(0))}
 
 
+def test_ema_held_out_loss(runs):
+    """The EMA's held-out loss: at step 0 the EMA is the weights (the same numbers), later its own."""
+    _, held = records(runs["every_dir"])
+    assert held[0]["ema_holdout/loss"] == held[0]["holdout/loss"]
+    assert all(held[s]["ema_holdout/loss"] != held[s]["holdout/loss"] for s in (1, 2, 3))
+    assert {k.removeprefix("ema_") for k in held[3] if k.startswith("ema_")} == {
+        k for k in held[3] if k.startswith("holdout/")}
+
+
 def test_held_out_loss_matches_its_formula(runs):
     trainer = runs["every"]
     expected = reference_losses(trainer)
-    logged = records(runs["every_dir"])[1][3]
+    logged = {k: v for k, v in records(runs["every_dir"])[1][3].items() if not k.startswith("ema_")}
     assert sorted(logged) == sorted(["step", *expected])
     for key, value in expected.items():
         assert logged[key] == pytest.approx(value, rel=1e-5), key
@@ -257,7 +268,8 @@ def test_two_ranks_report_the_same_numbers_as_one_bitwise(runs, run_config, tmp_
     args = (2, free_port(), str(run_config), str(weights), str(out))
     torch.multiprocessing.spawn(evaluate_on_rank, args=args, nprocs=2)
     two = json.loads(out.read_text())
-    one = {k.removeprefix("holdout/"): v for k, v in records(runs["every_dir"])[1][3].items() if k != "step"}
+    one = {k.removeprefix("holdout/"): v for k, v in records(runs["every_dir"])[1][3].items()
+           if k.startswith("holdout/")}
     assert two == one
 
 
