@@ -56,6 +56,7 @@ def write_config(out: Path, name: str, ztsnr: str, steps: int) -> str:
     config["model"]["pretrained"] = str(out / "model")
     config["data"] |= {"source": str(out / "data"), "cache_dir": str(out / "cache")}
     config["noise"]["ztsnr"] = ztsnr
+    config["deepspeed_config"] = "ds_configs/zero2_fp32.json"  # CPU convenience; the YAML (tests) keeps bf16
     config["trainer"] |= {"output_dir": str(out / name), "max_steps": steps}
     path = out / f"config_{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -168,7 +169,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="Folder for everything the demo writes.")
-    parser.add_argument("--steps", type=int, default=200, help="Training steps of each run.")
+    parser.add_argument("--steps", type=int, default=600, help="Training steps of each run.")
     parser.add_argument("--n", type=int, default=4, help="Samples per prompt and run.")
     parser.add_argument("--sample-steps", type=int, default=12, help="Sampler steps.")
     args = parser.parse_args()
