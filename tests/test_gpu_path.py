@@ -100,12 +100,16 @@ def _wait_worker(rank: int, port: int, out: Path) -> None:
     from ztsnr_ds.engine import DistInfo, wait_group
     from ztsnr_ds.trainer import Trainer
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", timeout=timedelta(seconds=1))
+    # The store's rendezvous gets a minute (a loaded machine can take seconds to start the second
+    # process); the 1 s timeout is the collectives' only.
+    store = torch.distributed.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=timedelta(seconds=60))
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=2,
+                                         timeout=timedelta(seconds=1))
     group = wait_group()
 
     class Validating:  # what Trainer._validate_while_others_wait uses
         dist, wait_group = DistInfo(rank, 2, rank), group
+        ema = None  # no EMA grid
 
         def validate(self) -> None:
             if rank == 0:
