@@ -71,9 +71,16 @@ def loss_summary(metrics_file: Path, window: int = 20) -> tuple[float, float]:
     by_step = {}
     for line in metrics_file.read_text().splitlines():
         record = json.loads(line)
-        by_step[record["step"]] = record["loss"]
+        if "loss" in record:  # held-out lines carry holdout/* keys instead
+            by_step[record["step"]] = record["loss"]
     losses = [by_step[s] for s in sorted(by_step)]
     return sum(losses[:window]) / window, sum(losses[-window:]) / window
+
+
+def holdout_summary(metrics_file: Path) -> list[tuple[int, float]]:
+    """(step, held-out loss) of every held-out evaluation in metrics.jsonl, in order."""
+    records = map(json.loads, metrics_file.read_text().splitlines())
+    return [(r["step"], r["holdout/loss"]) for r in records if "holdout/loss" in r]
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -196,6 +203,9 @@ def main() -> int:
     for title, run_dir in runs.items():
         first, last = loss_summary(run_dir / "metrics.jsonl")
         print(f"\nloss ({title}): first 20 steps {first:.4f} -> last 20 {last:.4f} ({last / first:.0%})")
+        if held_out := holdout_summary(run_dir / "metrics.jsonl"):  # validation.holdout images
+            (s0, h0), (s1, h1) = held_out[0], held_out[-1]
+            print(f"held-out loss ({title}): step {s0} {h0:.4f} -> step {s1} {h1:.4f} ({h1 / h0:.0%})")
     print_colour_scores(samples)
     print_brightness(samples)
     png = side_by_side(samples, out / "ztsnr_vs_off.png")

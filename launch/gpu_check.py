@@ -257,7 +257,8 @@ def sdxl_trainer(ctx: Context, name: str, *overrides: str):
     base = ROOT / "configs" / ("demo.yaml" if ctx.dry else "sdxl_ztsnr.yaml")
     argv = ["--config", str(base), "--model.pretrained", str(s["model"]), "--data.source", str(s["cache"]),
             "--data.cache_dir", str(s["cache"]), "--trainer.output_dir", str(ctx.work / name),
-            "--trainer.micro_batch", "1", "--validation.every", "0", "--logging.tensorboard", "false",
+            "--trainer.micro_batch", "1", "--validation.every", "0", "--validation.holdout", "0",
+            "--validation.loss_every", "0", "--logging.tensorboard", "false",
             "--logging.progress", "false", "--model.gradient_checkpointing", "false",
             "--noise.base_area", str(ctx.args.side**2),
             "--deepspeed_config", str(ROOT / "ds_configs" / "zero2_bf16.json"), *overrides]

@@ -51,7 +51,7 @@ def make_run_config(tiny_sdxl, tmp_path_factory):
         config["data"] |= {"source": str(write_dataset(root / "data", n=n_images)),
                            "cache_dir": str(root / "cache")}
         config["trainer"] |= trainer
-        config["validation"] |= validation
+        config["validation"] |= {"holdout": 0, "loss_every": 0} | validation  # the demo's holdout: opt-in
         config["logging"] = {"tensorboard": False, "progress": False}
         data = config["data"] | {"buckets": BucketConfig(**config["data"]["buckets"])}
         build_cache(CacheConfig(**data), load_frozen(tiny_sdxl, dtype=torch.float32), progress=False)

@@ -17,6 +17,7 @@ from ztsnr_ds.data.sampler import BucketBatchSampler
 from ztsnr_ds.holdout import LEVEL_INDICES, holdout_count, holdout_ids, splitmix64, training_buckets
 
 MASK = 2**64 - 1
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def splitmix64_reference(x: int) -> int:
@@ -117,7 +118,7 @@ def make_trainer(run_config: Path, output_dir: Path, *overrides: str):
     from ztsnr_ds.trainer import Trainer
 
     cfg, config_dict = parse(["--config", str(run_config), "--trainer.output_dir", str(output_dir),
-                              *overrides])
+                              "--deepspeed_config", str(ROOT / "ds_configs" / "zero2_bf16.json"), *overrides])
     return Trainer(cfg, config_dict, init_distributed())
 
 
@@ -175,6 +176,7 @@ def reference_losses(trainer) -> dict[str, float]:
     from ztsnr_ds.schedule import ztsnr_sigmas
 
     cfg, cache, unet = trainer.cfg, trainer.cache, trainer.engine.module
+    dtype = next(unet.parameters()).dtype  # the run's: bf16, or fp32 with ds_configs/zero2_fp32.json
     table = ztsnr_sigmas("terminal", 20000.0)
     mse_rows, weighted_rows = [], []
     unet.eval()
@@ -189,9 +191,9 @@ def reference_losses(trainer) -> dict[str, float]:
         s = sigma[:, None, None, None]
         embeds, pooled = trainer.prompts.encode(batch["captions"])  # the caption as cached, unchanged
         with torch.no_grad():
-            out = unet(((x0 + s * eps) / (s**2 + 1).sqrt()).bfloat16(), trainer.schedule.timestep(sigma),
-                       encoder_hidden_states=embeds.expand(8, -1, -1).bfloat16(),
-                       added_cond_kwargs={"text_embeds": pooled.expand(8, -1).bfloat16(),
+            out = unet(((x0 + s * eps) / (s**2 + 1).sqrt()).to(dtype), trainer.schedule.timestep(sigma),
+                       encoder_hidden_states=embeds.expand(8, -1, -1).to(dtype),
+                       added_cond_kwargs={"text_embeds": pooled.expand(8, -1).to(dtype),
                                           "time_ids": batch["time_ids"].expand(8, -1)}).sample.float()
         v = (eps - s * x0) / (s**2 + 1).sqrt()
         mse = ((out - v) ** 2).mean(dim=(1, 2, 3))
@@ -240,12 +242,13 @@ def evaluate_on_rank(rank: int, world_size: int, port: int, config: str, weights
     torch.set_num_threads(1)  # as the in-process run (conftest): the same CPU kernels, the same sums
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world_size)
-    cfg, _ = parse(["--config", config])
+    cfg, _ = parse(["--config", config, "--trainer.output_dir", str(Path(out).parent / "run")])
     cache = LatentCache(cfg.data.cache_dir)
     seed = cfg.validation.holdout_seed
     ids = holdout_ids(cache.key_hash, holdout_count(cfg.validation.holdout, len(cache)), seed)
-    unet = load_unet(cfg.model.pretrained, dtype=torch.bfloat16)
-    unet.load_state_dict(torch.load(weights))
+    state = torch.load(weights)
+    unet = load_unet(cfg.model.pretrained, dtype=next(iter(state.values())).dtype)  # the trainer's dtype
+    unet.load_state_dict(state)
     prompts = PromptEncoder.from_parts(load_frozen(cfg.model.pretrained))
     loss = HoldoutLoss(ids, cache, NoiseSchedule("terminal", 20000.0, cfg.noise.base_area),
                        VObjective("min_snr", 5.0, 1.0, 20000.0), prompts, seed, rank, world_size,

@@ -93,6 +93,6 @@ def check_resumed_holdout(tag: Path, count: int, seed: int, rows: int) -> None:
     saved_count, saved_seed = holdout_count(saved.get("holdout", 0), rows), saved.get("holdout_seed", 0)
     if saved_count != count or (count and saved_seed != seed):
         raise ValueError(f"validation.holdout: {tag} was trained holding out {saved_count} images (holdout "
-                         f"{saved.get('holdout', 0)}, holdout_seed {saved_seed}), this run "
+                         f"{saved.get('holdout', 0):g}, holdout_seed {saved_seed}), this run "
                          f"would hold out {count} (seed {seed}); keep the checkpoint's validation.holdout "
                          "and validation.holdout_seed, or start a new run in a new trainer.output_dir")
