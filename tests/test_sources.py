@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 
@@ -254,6 +255,25 @@ def test_non_utf8_caption_is_kept_with_replacement_and_reported(tmp_path):
     assert [r.caption for r in records] == ["1girl, caf\ufffd, smile"]
     assert [p.reason for p in problems] == ["caption not UTF-8: byte 0xe9 at offset 10, kept with U+FFFD in "
                                             "its place"]
+
+
+def test_file_names_that_are_not_utf8_are_skipped_and_reported(tmp_path):
+    """A folder image named with a non-UTF-8 byte (it reaches Python as a surrogate escape) and a manifest
+    key with a lone surrogate are reported with the fix: the index stores keys as UTF-8, they cannot be."""
+    _touch_image(tmp_path / "ok.png")
+    (tmp_path / "ok.txt").write_text("fine")
+    bad = os.fsdecode(b"bad\xff.png")
+    _touch_image(tmp_path / bad)
+    records, problems = scan_source(tmp_path)
+    assert [r.key for r in records] == ["ok.png"]
+    assert [(p.key, p.reason) for p in problems] == [
+        (bad, "file name not UTF-8 (byte 0xff at 3): rename the file to UTF-8")]
+    (tmp_path / "m.jsonl").write_bytes(b'{"image": "ok.png", "caption": "a"}\n'
+                                       b'{"image": "b\\udcffd.png", "caption": "b"}\n')
+    records, problems = scan_source(tmp_path / "m.jsonl")
+    assert [r.key for r in records] == ["ok.png"]
+    assert [(p.key, p.reason) for p in problems] == [
+        ("m.jsonl:2", "file name not UTF-8 (byte 0xff at 1): rename the file to UTF-8")]
 
 
 # ---- one rank's share -----------------------------------------------------------------------------

@@ -154,6 +154,11 @@ def scan_folder(root: Path, share: _Share) -> tuple[list[ImageRecord], list[Prob
             key = file.relative_to(root).as_posix()
             if not share.take(key):
                 continue
+            try:
+                check_key(key)
+            except ValueError as err:
+                problems.append(Problem(key, file, str(err)))
+                continue
             caption_name = captions.get(Path(name).stem)
             caption = _read_caption(folder / caption_name, key, problems) if caption_name else None
             if caption is None:
@@ -277,6 +282,18 @@ def _manifest_key(raw: str) -> str:
     key = os.path.normpath(raw).replace(os.sep, "/")
     if key == ".." or key.startswith("../"):
         raise ValueError(f"refused path: escapes the manifest folder: {raw!r}")
+    return check_key(key)
+
+
+def check_key(key: str) -> str:
+    """The key, if it is valid UTF-8 text (the index stores keys as UTF-8); ValueError naming the fix.
+
+    A file name with bytes that are not UTF-8 reaches Python with surrogate escapes (PEP 383)."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"file name not UTF-8 (byte {ord(key[err.start]) & 0xFF:#04x} at {err.start}): "
+                         "rename the file to UTF-8") from None
     return key
 
 
