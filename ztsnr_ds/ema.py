@@ -136,6 +136,14 @@ class Layout:
     def numel(self, group: int) -> int:
         return sum(math.prod(shape) for _, shape in self.groups[group])
 
+    def spans(self, group: int) -> Iterator[tuple[str, list[int], int, int]]:
+        """(name, shape, start, stop) of each parameter in the group's flat vector, in order."""
+        start = 0
+        for name, shape in self.groups[group]:
+            stop = start + math.prod(shape)
+            yield name, shape, start, stop
+            start = stop
+
     def to_json(self) -> dict:
         return {"groups": [[[n, list(s)] for n, s in g] for g in self.groups], "partition": self.partition,
                 "world_size": self.world_size}
@@ -204,14 +212,8 @@ def read_named(folder: Path, track: str = MAIN_TRACK,
     layout, data = read_layout(folder)
     if track not in data.get("tracks", {}):
         raise EMAError(f"{folder} has no track {track!r} (tracks: {', '.join(data.get('tracks', {}))})")
-    state = {}
-    for g, params in enumerate(layout.groups):
-        offset = 0
-        for name, shape in params:
-            n = math.prod(shape)
-            state[name] = read_flat(folder, layout, track, g, offset, offset + n).view(shape).to(dtype)
-            offset += n
-    return state
+    return {name: read_flat(folder, layout, track, g, start, stop).view(shape).to(dtype)
+            for g in range(len(layout.groups)) for name, shape, start, stop in layout.spans(g)}
 
 
 def _write_rank_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:

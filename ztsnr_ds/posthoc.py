@@ -115,10 +115,10 @@ def find_snapshots(run_dir: Path) -> list[Snapshot]:
     return found
 
 
-def reconstruct(snapshots: list[Snapshot], sigma_rel: float, updates: int | None = None,
+def reconstruct(snapshots: list[Snapshot], sigma_rel: float,
                 sources: list[float] | None = None) -> tuple[dict[str, torch.Tensor], Solution]:
-    """fp32 weights of the power EMA with `sigma_rel` after `updates` (default: the last snapshot's),
-    combined from the snapshots' tracks (those with sigma_rel in `sources`, default all).
+    """fp32 weights of the power EMA with `sigma_rel` at the last snapshot's update count, combined from
+    the snapshots' tracks (those with sigma_rel in `sources`, default all).
 
     Works per chunk of the flat groups, whatever each snapshot's world size; parameters come out by name.
     """
@@ -132,10 +132,10 @@ def reconstruct(snapshots: list[Snapshot], sigma_rel: float, updates: int | None
     if not terms:
         raise EMAError(f"no snapshot track has sigma_rel in {sources}; tracked: "
                        f"{sorted({spec['sigma_rel'] for s in snapshots for spec in s.tracks.values()})}")
-    target = (updates or snapshots[-1].updates, power_gamma(sigma_rel))
+    target = (snapshots[-1].updates, power_gamma(sigma_rel))
     solution = solve([(s.updates, spec["gamma"]) for s, _, spec in terms], target)
     state = {}
-    for g, params in enumerate(layout.groups):
+    for g in range(len(layout.groups)):
         flat = torch.empty(layout.numel(g), dtype=torch.float32)
         for lo in range(0, flat.numel(), CHUNK):
             hi = min(lo + CHUNK, flat.numel())
@@ -143,10 +143,6 @@ def reconstruct(snapshots: list[Snapshot], sigma_rel: float, updates: int | None
             for x, (s, name, _) in zip(solution.coefficients, terms):
                 acc += float(x) * read_flat(s.folder, s.layout, name, g, lo, hi).double()
             flat[lo:hi] = acc
-        offset = 0
-        for name, shape in params:
-            n = math.prod(shape)
-            state[name] = flat[offset: offset + n].view(shape).clone()
-            offset += n
+        state |= {name: flat[start:stop].view(shape).clone() for name, shape, start, stop in layout.spans(g)}
     return state, solution
 
