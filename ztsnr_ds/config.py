@@ -7,6 +7,7 @@ validated by `parse()` before a model is loaded or a process group is joined.
 
 from __future__ import annotations
 
+import os
 import sys
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
@@ -40,7 +41,9 @@ def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
 @dataclass
 class ModelConfig:
     pretrained: str
-    """Diffusers SDXL folder: VAE, text encoders, tokenizers (and the UNet unless unet_path)."""
+    """The SDXL to start from: a diffusers folder, or a single-file SDXL .safetensors (SGM keys, as model
+    sites ship them; tokenizers built offline from open-clip-torch's CLIP vocabulary). VAE, text encoders,
+    tokenizers and, unless unet_path, the UNet come from it."""
     unet_path: str | None = None
     """UNet to train instead of <pretrained>/unet: a diffusers UNet folder, a UNet .safetensors
     (diffusers keys) or a full single-file SDXL .safetensors (SGM keys)."""
@@ -295,7 +298,7 @@ class ConfigError(ValueError):
 def check_inputs(config: TrainConfig) -> None:
     """Fail before any work if an input the run needs is missing; name the key."""
     checks = [
-        ("model.pretrained", Path(config.model.pretrained), "a diffusers SDXL folder"),
+        ("model.pretrained", Path(config.model.pretrained), "a diffusers SDXL folder or single-file SDXL"),
         ("data.cache_dir", Path(config.data.cache_dir) / "manifest.jsonl",
          "a latent cache: run `python launch/cache.py --config <this yaml>` first"),
         ("deepspeed_config", Path(config.deepspeed_config), "a DeepSpeed JSON (see ds_configs/)"),
@@ -311,6 +314,16 @@ def check_inputs(config: TrainConfig) -> None:
         preflight.check_run(config)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    report_base(config)
+
+
+def report_base(config: TrainConfig) -> None:
+    """Print (rank 0) what a single-file model.pretrained records of its training that this run changes."""
+    from ztsnr_ds.models import base_noise_notes, is_single_file  # torch and diffusers: only when needed
+
+    if is_single_file(config.model.pretrained) and os.environ.get("RANK", "0") == "0":
+        for note in base_noise_notes(config.model.pretrained, asdict(config.noise)):
+            print(f"model.pretrained: {note}", file=sys.stderr)
 
 
 def parse(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict]:
