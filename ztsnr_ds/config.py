@@ -166,6 +166,13 @@ class TrainerConfig:
     """Checkpoints kept; older ones are deleted only after a newer one is complete."""
     resume: str = "auto"
     """auto (latest complete checkpoint in output_dir if any), none, or a checkpoint tag folder."""
+    init_from: str | None = None
+    """Start this NEW run (its own output_dir) from another run's checkpoint: a run folder (its latest
+    tag), its checkpoints/ folder or a tag folder. Weights, optimizer moments and EMA are carried, the
+    step count, LR schedule and epoch start at 0, any number of ranks; the chain is recorded (lineage in
+    checkpoints and exports). Applied only while output_dir has no checkpoint of its own to resume."""
+    init_weights_only: bool = False
+    """With init_from: carry the weights only (fresh optimizer moments, EMA from those weights)."""
     overwrite: bool = False
     """Allow a run that does not continue output_dir's newest checkpoint (resume none, or an older
     tag): the tags it would not resume from are moved to output_dir/replaced/<time>/, not deleted."""
@@ -315,6 +322,21 @@ def check_inputs(config: TrainConfig) -> None:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     report_base(config)
+    from ztsnr_ds import init_from
+
+    try:
+        init_from.check(config.trainer.init_from, config.trainer.output_dir)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def run_lineage(config: TrainConfig) -> dict:
+    """{"lineage": [...]} of a run started with trainer.init_from (ztsnr_ds/init_from.py), else {}."""
+    from ztsnr_ds import init_from
+
+    t = config.trainer
+    lineage = init_from.run_lineage(t.output_dir, t.resume, t.init_from, t.init_weights_only)
+    return {init_from.LINEAGE: lineage} if lineage else {}
 
 
 def report_base(config: TrainConfig) -> None:
@@ -336,7 +358,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict]:
     except (ArgumentError, ValueError, TypeError) as err:
         raise ConfigError(str(err)) from err
     check_inputs(config)
-    return config, to_dict(config, namespace)
+    return config, to_dict(config, namespace) | run_lineage(config)
 
 
 def parse_or_exit(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict]:

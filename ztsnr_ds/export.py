@@ -15,7 +15,7 @@ import math
 import os
 import pickle
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -61,6 +61,7 @@ class TrainedUNet:
     tag_dir: Path
     dropout_mode: str = "empty"  # captions.dropout_mode: the unconditional it learned ("" or zeros)
     weights: str = "model"  # one of WEIGHTS
+    lineage: list = field(default_factory=list)  # runs it started from (trainer.init_from: init_from.py)
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -128,7 +129,8 @@ def checkpoint_settings(path: str | Path) -> TrainedUNet:
     except (KeyError, TypeError, AttributeError) as e:
         raise ExportError(f"{tag_dir / checkpoint.STATE_FILE} lacks {e}; export checkpoints written by "
                           "ztsnr_ds.checkpoint.save") from e
-    return TrainedUNet({}, unet_config, step, noise, tag_dir, dropout_mode)
+    lineage = state[checkpoint.CONFIG].get("lineage", [])
+    return TrainedUNet({}, unet_config, step, noise, tag_dir, dropout_mode, lineage=lineage)
 
 
 def _model_weights(tag_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -207,6 +209,7 @@ def export_metadata(trained: TrainedUNet, title: str | None = None) -> dict[str,
         "ztsnr_ds.sigma_max": str(float(s.sigma_max)),
         "ztsnr_ds.base_area": str(s.base_area),
         "ztsnr_ds.dropout_mode": trained.dropout_mode,
+        "ztsnr_ds.lineage": json.dumps(trained.lineage),
         "ztsnr_ds.scheduler_config": json.dumps(diffusers_scheduler_config(s)),
         META_UNET_CONFIG: json.dumps(trained.unet_config),
     }
