@@ -5,7 +5,10 @@ SGM weights (what ComfyUI's `model_lora_keys_unet` maps: `lora_unet_` + the SGM 
 from __future__ import annotations
 
 import json
+import os
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +109,33 @@ def test_cli_writes_kohya_keys_that_patch_base_into_tuned(tiny_sdxl, tuned_file,
     assert meta["ss_v_parameterization"] == "True"
     assert meta["ztsnr_ds.ztsnr"] == "terminal" and meta["ztsnr_ds.step"] == "7"
     assert meta["ss_zero_terminal_snr"] == "True"
+
+
+def test_comfyui_loads_every_key_and_patches_base_into_tuned(tiny_sdxl, tuned_file, tmp_path):
+    """ComfyUI's own LoRA key maps, loader and patch rule (tests/comfyui_lora.py) on our file."""
+    comfy_dir = os.environ.get("COMFYUI_DIR")
+    if not comfy_dir:
+        pytest.skip("set COMFYUI_DIR (a ComfyUI checkout) and COMFYUI_PYTHON (its venv's python) to run")
+    main = runpy.run_path(str(ROOT / "launch" / "extract_lora.py"))["main"]
+    lora_path, base_file = tmp_path / "x_lora.safetensors", tmp_path / "base.safetensors"
+    assert main(["--base", str(tiny_sdxl), "--tuned", str(tuned_file), "--rank", "2", "--dtype", "fp32",
+                 "--out", str(lora_path)]) == 0
+    base_unet = load_unet(tiny_sdxl, torch.float32)
+    config = json.loads((tiny_sdxl / "unet" / "config.json").read_text())
+    tag = tmp_path / "run" / "checkpoints" / "step00000000"
+    export_single_file(TrainedUNet(base_unet.state_dict(), config, 0, NOISE, tag), tiny_sdxl, base_file,
+                       torch.float32)
+    out = tmp_path / "patched.safetensors"
+    probe = ROOT / "tests" / "comfyui_lora.py"
+    subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), str(probe), comfy_dir, str(base_file),
+                    str(lora_path), str(out)], check=True, timeout=300,
+                   env={**os.environ, "PYTHONPATH": ""})
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["not_loaded"]) == []
+    patched, tuned = load_file(out), load_file(tuned_file)
+    layers = {k.split(".")[0] for k in load_file(lora_path)}
+    assert len(patched) == len(layers)
+    for key, weight in patched.items():
+        want = tuned[UNET_PREFIX + key.removeprefix("diffusion_model.")].float()
+        torch.testing.assert_close(weight, want, rtol=1e-5, atol=1e-6)
