@@ -176,3 +176,14 @@ def test_tokenizers_equal_comfyui(real_tokenizers, tmp_path):
         for key, tokenizer in zip(("l", "g"), real_tokenizers):
             ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
             assert comfy[prompt][key] == ids, (prompt, key)
+
+
+def test_config_refuses_a_unet_only_file(tiny_file, tmp_path):
+    """model.pretrained must be a full single file: a UNet-only one fails at config time, naming the key."""
+    from ztsnr_ds.config import ConfigError, check_base_file
+
+    save_file({k: v for k, v in load_file(tiny_file).items() if k.startswith("model.")},
+              tmp_path / "unet.safetensors")
+    config = types.SimpleNamespace(model=types.SimpleNamespace(pretrained=str(tmp_path / "unet.safetensors")))
+    with pytest.raises(ConfigError, match="model.pretrained: .* holds no CLIP-L"):
+        check_base_file(config)  # config.check_inputs runs it before any model loads

@@ -315,13 +315,13 @@ def check_inputs(config: TrainConfig) -> None:
     for key, path, what in checks:
         if not path.exists():
             raise ConfigError(f"{key}: {path} does not exist; expected {what}")
+    check_base_file(config)
     from ztsnr_ds import preflight  # imports the cache and checkpoint modules
 
     try:
         preflight.check_run(config)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    report_base(config)
     from ztsnr_ds import init_from
 
     try:
@@ -339,11 +339,19 @@ def run_lineage(config: TrainConfig) -> dict:
     return {init_from.LINEAGE: lineage} if lineage else {}
 
 
-def report_base(config: TrainConfig) -> None:
-    """Print (rank 0) what a single-file model.pretrained records of its training that this run changes."""
-    from ztsnr_ds.models import base_noise_notes, is_single_file  # torch and diffusers: only when needed
+def check_base_file(config: TrainConfig) -> None:
+    """A single-file model.pretrained must hold all SDXL parts; print (rank 0) what it records of its
+    training that this run changes."""
+    from ztsnr_ds.keymaps import ExportError
+    from ztsnr_ds.models import base_noise_notes, check_single_file, is_single_file  # torch: when needed
 
-    if is_single_file(config.model.pretrained) and os.environ.get("RANK", "0") == "0":
+    if not is_single_file(config.model.pretrained):
+        return
+    try:
+        check_single_file(config.model.pretrained)
+    except ExportError as err:
+        raise ConfigError(f"model.pretrained: {err}") from err
+    if os.environ.get("RANK", "0") == "0":
         for note in base_noise_notes(config.model.pretrained, asdict(config.noise)):
             print(f"model.pretrained: {note}", file=sys.stderr)
 

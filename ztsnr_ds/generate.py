@@ -186,7 +186,7 @@ def load_model(source: ModelSource, base: Path, dtype: torch.dtype,
                                f"{source.kind} model with one set of weights (export it with --weights ema)")
     try:
         parts = load_frozen(base, dtype)
-    except OSError as e:
+    except (OSError, ExportError) as e:
         raise SampleInputError("--base", str(e)) from e
     try:
         if source.kind == "checkpoint":

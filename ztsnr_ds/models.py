@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ztsnr_ds.keymaps import (
@@ -296,6 +296,21 @@ def _fit(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, par
     return model.to(dtype).requires_grad_(False).eval()
 
 
+def check_single_file(path: str | Path, keys: list[str] | None = None) -> None:
+    """ExportError unless the file (its header, or `keys`) holds all four SDXL parts in SGM keys."""
+    try:
+        if keys is None:
+            with safe_open(str(path), "pt") as f:
+                keys = list(f.keys())
+    except (OSError, SafetensorError) as err:
+        raise ExportError(f"{path} is not a readable .safetensors file ({err})") from err
+    parts = ((UNET_PREFIX, "UNet"), (CLIP_L_PREFIX, "CLIP-L"), (OPENCLIP_PREFIX, "bigG"), (VAE_PREFIX, "VAE"))
+    for prefix, part in parts:
+        if not any(k.startswith(prefix) for k in keys):
+            raise ExportError(f"{path} holds no {part} ({prefix}*): not a full single-file SDXL; pass a "
+                              "diffusers SDXL folder or a full single-file SDXL as model.pretrained / --base")
+
+
 def load_frozen_file(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> FrozenParts:
     """VAE and both text encoders of a single-file SDXL (SGM keys), tokenizers built offline (`tokenizers`).
 
@@ -304,13 +319,10 @@ def load_frozen_file(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> F
     """
     path = Path(path)
     with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
-        prefixes = (CLIP_L_PREFIX, OPENCLIP_PREFIX, VAE_PREFIX)
-        state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
-    for prefix, part in ((CLIP_L_PREFIX, "CLIP-L"), (OPENCLIP_PREFIX, "bigG"), (VAE_PREFIX, "VAE")):
-        if not any(k.startswith(prefix) for k in state):
-            raise ExportError(f"{path} holds no {part} ({prefix}*): a UNet-only file; pass a diffusers SDXL "
-                              "folder or a full single-file SDXL as model.pretrained / --base")
+        metadata, keys = f.metadata() or {}, list(f.keys())
+        check_single_file(path, keys)
+        frozen = (CLIP_L_PREFIX, OPENCLIP_PREFIX, VAE_PREFIX)  # the UNet is load_unet's
+        state = {k: f.get_tensor(k) for k in keys if k.startswith(frozen)}
     configs = {p: json.loads(metadata.get(part_config_key(p)) or SDXL_PART_CONFIGS[p].read_text())
                for p in FILE_PARTS}
     with init_empty_weights():

@@ -20,6 +20,8 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from ztsnr_ds.keymaps import ExportError
+
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_MERGES = 49152 - 256 - 2  # OpenAI CLIP: merges[1 : 49152 - 256 - 2 + 1] (the first line is a header)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -29,7 +31,7 @@ TINY_VOCAB_SIZE = 514
 MAX_LENGTH = 77
 
 
-class TokenizerError(Exception):
+class TokenizerError(ExportError):
     """No vocabulary to build a tokenizer from; the message names the fix."""
 
 
