@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export failed: {e}", file=sys.stderr)
         return 2
     print(f"exported {trained.tag_dir} (step {trained.step}, {trained.weights} weights) -> {out}")
-    if args.format == "single_file":
+    if args.format == "single_file" and Path(args.base).is_dir():  # diffusers reads configs from a folder
         print(f"diffusers, with the scheduler it was trained for:\n{single_file_loader(out, args.base)}")
     return 0
 
