@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ztsnr_ds.export import TrainedUNet, export_single_file
-from ztsnr_ds.keymaps import ExportError
+from ztsnr_ds.keymaps import OPENCLIP_PREFIX, ExportError, sgm_to_clip_l, sgm_to_openclip, sgm_to_vae
 from ztsnr_ds.models import base_noise_notes, load_frozen, load_unet, part_config_key
 from ztsnr_ds.tokenizers import EOS, bpe_vocab_path, sdxl_tokenizers
 
@@ -96,6 +96,21 @@ def test_single_file_parts_equal_the_folder(tiny_file, tiny_sdxl):
         ref = want.text_encoder_2(ids, output_hidden_states=True)
     assert torch.equal(out.text_embeds, ref.text_embeds)
     assert torch.equal(out.hidden_states[-2], ref.hidden_states[-2])
+
+
+def test_key_maps_equal_diffusers_single_file_conversions(tiny_file):
+    """Our SGM -> diffusers maps give diffusers' from_single_file conversions, key for key, bit for bit."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    state, parts = load_file(tiny_file), load_frozen(tiny_file, torch.float32)
+    vae_config = dict(parts.vae.config)
+    pairs = ((sgm_to_clip_l(state), sfu.convert_ldm_clip_checkpoint(state)),
+             (sgm_to_openclip(state), sfu.convert_open_clip_checkpoint(parts.text_encoder_2, state,
+                                                                       prefix=OPENCLIP_PREFIX)),
+             (sgm_to_vae(state, vae_config), sfu.convert_ldm_vae_checkpoint(state, vae_config)))
+    for ours, theirs in pairs:
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_stock_file_without_our_metadata_uses_shipped_configs(tiny_file, tmp_path):
