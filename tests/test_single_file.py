@@ -202,3 +202,33 @@ def test_config_refuses_a_unet_only_file(tiny_file, tmp_path):
     config = types.SimpleNamespace(model=types.SimpleNamespace(pretrained=str(tmp_path / "unet.safetensors")))
     with pytest.raises(ConfigError, match="model.pretrained: .* holds no CLIP-L"):
         check_base_file(config)  # config.check_inputs runs it before any model loads
+
+
+def test_shipped_sdxl_configs_fit_the_sgm_layout_at_full_size():
+    """Stock SDXL shapes (meta tensors, no memory): CLIP-L, bigG (32 fused in_proj layers, projection) and
+    the VAE from configs/sdxl_* go to SGM keys and back to exactly the shapes those configs build; the
+    buffers SGM files carry besides (position_ids, logit_scale) are ignored."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ztsnr_ds.keymaps import clip_l_to_sgm, openclip_to_sgm, vae_to_sgm
+    from ztsnr_ds.models import SDXL_PART_CONFIGS
+
+    configs = {p: json.loads(path.read_text()) for p, path in SDXL_PART_CONFIGS.items()}
+    with init_empty_weights():
+        clip_l = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
+        big_g = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"]))
+        vae = AutoencoderKL.from_config(configs["vae"])
+    sgm = clip_l_to_sgm(clip_l.state_dict()) | openclip_to_sgm(big_g.state_dict())
+    sgm |= vae_to_sgm(vae.state_dict(), vae.config)
+    sgm |= {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids": torch.zeros(1, 77),
+            "conditioner.embedders.1.model.logit_scale": torch.zeros(())}
+    assert sgm["conditioner.embedders.1.model.text_projection"].shape == (1280, 1280)
+    in_proj = sgm["conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight"]
+    assert in_proj.shape == (3840, 1280)
+    for model, back in ((clip_l, sgm_to_clip_l(sgm)), (big_g, sgm_to_openclip(sgm)),
+                        (vae, sgm_to_vae(sgm, vae.config))):
+        want = {k: v.shape for k, v in model.state_dict().items()}
+        strip = not any(k.startswith("text_model.") for k in want)  # transformers >= 5.6 CLIPTextModel
+        assert {k.removeprefix("text_model.") if strip else k: v.shape for k, v in back.items()} == want
