@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "of the delta's energy")
     p.add_argument("--out", required=True, type=Path, help="the LoRA .safetensors")
     p.add_argument("--dtype", default="fp16", choices=tuple(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the SVDs run (default: cuda if available)")
     return p
 
 
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                          "pass the base the fine-tune started from")
         layers = lora.lora_layers(tuned, prefix, text=prefix != lora.UNET)
         found, report = lora.extract(base[prefix], tuned, layers, args.rank, args.threshold,
-                                     DTYPES[args.dtype])
+                                     DTYPES[args.dtype], args.device)
         tensors |= found
         reports += report
         dropped.append(lora.dropped_energy(base[prefix], tuned, layers))

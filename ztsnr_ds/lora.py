@@ -76,13 +76,13 @@ def truncated_svd(delta: Tensor, rank: int, threshold: float | None = None) -> t
 
 def extract(base: dict[str, Tensor], tuned: dict[str, Tensor], layers: dict[str, str], rank: int,
             threshold: float | None = None, dtype: torch.dtype = torch.float16,
-            ) -> tuple[dict[str, Tensor], list[LayerReport]]:
-    """LoRA tensors (kohya keys) of every layer in `layers` whose weight differs, and a report per layer.
-
-    Layers whose delta is exactly zero get no keys (and no report line)."""
+            device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], list[LayerReport]]:
+    """LoRA tensors (kohya keys, on the CPU) of every layer in `layers` whose weight differs, and a report
+    per layer. Layers whose delta is exactly zero get no keys (and no report line). The SVDs run on
+    `device` (a GPU: SDXL's ~800 layers take minutes on a CPU)."""
     tensors, reports = {}, []
     for name, key in layers.items():
-        delta = tuned[key].float() - base[key].float()
+        delta = tuned[key].to(device, torch.float32) - base[key].to(device, torch.float32)
         norm = float(torch.linalg.vector_norm(delta))
         if norm == 0:
             continue
@@ -91,8 +91,8 @@ def extract(base: dict[str, Tensor], tuned: dict[str, Tensor], layers: dict[str,
         if delta.ndim == 4:  # conv: up is a 1x1 conv after a down conv of the layer's kernel
             up = up[:, :, None, None]  # (out, k, 1, 1)
             down = down.reshape(k, *delta.shape[1:])  # (k, in, kh, kw)
-        tensors |= {f"{name}.lora_up.weight": up.to(dtype).contiguous(),
-                    f"{name}.lora_down.weight": down.to(dtype).contiguous(),
+        tensors |= {f"{name}.lora_up.weight": up.to("cpu", dtype).contiguous(),
+                    f"{name}.lora_down.weight": down.to("cpu", dtype).contiguous(),
                     f"{name}.alpha": torch.tensor(float(k), dtype=dtype)}
         reports.append(LayerReport(name, k, kept, norm))
     return tensors, reports
