@@ -108,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         base |= text_states(args.base) if texts else {}
     except (ExportError, SampleInputError, OSError) as e:
         parser.error(f"--base / --tuned: {e}")
+    if texts.keys() - base.keys():
+        print(f"--base {args.base} holds no text encoders: only the UNet is compared", file=sys.stderr)
     tensors, reports, dropped = {}, [], []
-    for prefix, tuned in {lora.UNET: unet, **texts}.items():
+    for prefix, tuned in {lora.UNET: unet, **{p: s for p, s in texts.items() if p in base}}.items():
         if tuned.keys() != base[prefix].keys() or any(tuned[k].shape != base[prefix][k].shape for k in tuned):
             parser.error(f"--tuned {args.tuned} and --base {args.base} differ in architecture ({prefix}); "
                          "pass the base the fine-tune started from")
