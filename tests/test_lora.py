@@ -139,3 +139,39 @@ def test_comfyui_loads_every_key_and_patches_base_into_tuned(tiny_sdxl, tuned_fi
     for key, weight in patched.items():
         want = tuned[UNET_PREFIX + key.removeprefix("diffusion_model.")].float()
         torch.testing.assert_close(weight, want, rtol=1e-5, atol=1e-6)
+
+
+def test_text_encoders_that_differ_get_kohya_te_keys(tiny_sdxl, tuned_file, tmp_path):
+    """A tuned file whose CLIP-L and bigG differ from the base: `lora_te1_` / `lora_te2_` + the transformers
+    path (ComfyUI's LORA_CLIP_MAP names, e.g. ..._self_attn_q_proj), patching each encoder into the tuned
+    one."""
+    from safetensors.torch import save_file
+
+    from ztsnr_ds.models import load_frozen
+
+    g = torch.Generator().manual_seed(2)
+    state = load_file(tuned_file)
+    l_key = "conditioner.embedders.0.transformer.text_model.encoder.layers.1.mlp.fc1.weight"
+    g_key = "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight"  # rows q, k, v
+    state[l_key] = state[l_key] + low_rank(tuple(state[l_key].shape), 1, g)
+    state[g_key] = state[g_key] + low_rank(tuple(state[g_key].shape), 2, g)
+    with safe_open(str(tuned_file), "pt") as f:
+        save_file(state, tmp_path / "te.safetensors", f.metadata())
+    main = runpy.run_path(str(ROOT / "launch" / "extract_lora.py"))["main"]
+    out = tmp_path / "te_lora.safetensors"
+    assert main(["--base", str(tiny_sdxl), "--tuned", str(tmp_path / "te.safetensors"), "--rank", "2",
+                 "--dtype", "fp32", "--out", str(out)]) == 0
+    lora_sd = load_file(out)
+    # bigG's fused in_proj: one LoRA layer per unfused projection, as ComfyUI maps them
+    layers = {"lora_te1_text_model_encoder_layers_1_mlp_fc1": ("text_encoder", "layers.1.mlp.fc1")} | {
+        f"lora_te2_text_model_encoder_layers_2_self_attn_{p}_proj": ("text_encoder_2",
+                                                                     f"layers.2.self_attn.{p}_proj")
+        for p in "qkv"}
+    assert {k.split(".")[0] for k in lora_sd if k.startswith("lora_te")} == layers.keys()
+    base = load_frozen(tiny_sdxl, torch.float32)
+    tuned = load_frozen(tmp_path / "te.safetensors", torch.float32)
+    for name, (encoder, module) in layers.items():
+        have = {k.removeprefix("text_model."): v for k, v in getattr(base, encoder).state_dict().items()}
+        want = {k.removeprefix("text_model."): v for k, v in getattr(tuned, encoder).state_dict().items()}
+        key = f"encoder.{module}.weight"
+        torch.testing.assert_close(patched(have, lora_sd, name, key), want[key], rtol=1e-5, atol=1e-5)
