@@ -173,6 +173,12 @@ def test_cache_train_export_sample_from_one_file(tiny_file, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"base {single}" in err and "ztsnr rescale (model)" in err  # its own base, its noise settings
     assert load_unet(single, torch.float32).state_dict().keys() == trained.state_dict.keys()
+    extract = runpy.run_path(str(ROOT / "launch" / "extract_lora.py"))["main"]  # a LoRA of the run
+    assert extract(["--base", str(tiny_file), "--tuned", str(tmp_path / "run"), "--rank", "4",
+                    "--out", str(tmp_path / "run_lora.safetensors")]) == 0
+    with safe_open(str(tmp_path / "run_lora.safetensors"), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["ztsnr_ds.ztsnr"] == "rescale" and meta["ss_network_dim"] == "4" and keys
 
 
 def test_tokenizers_equal_comfyui(real_tokenizers, tmp_path):
