@@ -68,7 +68,7 @@ def source(run_config, tmp_path_factory) -> tuple[Path, Trainer]:
     return out, trainer
 
 
-def test_new_run_starts_from_saved_optimizer_and_ema_bitwise(run_config, source, tmp_path):
+def test_new_run_starts_from_saved_optimizer_and_ema_bitwise(run_config, source, tmp_path, capsys):
     src_dir, src = source
     run = make_trainer(run_config, tmp_path / "b", "--trainer.init_from", str(src_dir),
                        "--trainer.max_steps", "1")
@@ -86,10 +86,12 @@ def test_new_run_starts_from_saved_optimizer_and_ema_bitwise(run_config, source,
     lineage = [{"run": str(src_dir), "tag": "step00000002", "step": 2, "weights": "all"}]
     assert checkpoint.read_state(tag)["config"]["lineage"] == lineage
     assert json.loads(export_metadata(checkpoint_settings(tag))["ztsnr_ds.lineage"]) == lineage
-    # a restart of the new run resumes its own tag and keeps the lineage
+    # a restart of the new run resumes its own tag (and says so) and keeps the lineage
+    capsys.readouterr()
     _, config_dict = parse(["--config", str(run_config), "--trainer.output_dir", str(tmp_path / "b"),
                             "--trainer.init_from", str(src_dir), "--trainer.max_steps", "2"])
     assert config_dict["lineage"] == lineage
+    assert "not applied, the run resumes its own checkpoint" in capsys.readouterr().err
 
 
 def test_weights_only_starts_fresh_moments_and_ema(run_config, source, tmp_path):

@@ -325,9 +325,11 @@ def check_inputs(config: TrainConfig) -> None:
     from ztsnr_ds import init_from
 
     try:
-        init_from.check(config.trainer.init_from, config.trainer.output_dir)
+        note = init_from.check(config.trainer.init_from, config.trainer.output_dir, config.trainer.resume)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    if note and os.environ.get("RANK", "0") == "0":
+        print(note, file=sys.stderr)
 
 
 def run_lineage(config: TrainConfig) -> dict:

@@ -34,13 +34,19 @@ def source_tag(init_from: str | None) -> Path | None:
         raise ValueError(f"trainer.init_from: {err}") from err
 
 
-def check(init_from: str | None, output_dir: str) -> None:
-    """init_from must name a complete tag outside trainer.output_dir (a new run; ValueError names the key)."""
+def check(init_from: str | None, output_dir: str, resume: str) -> str | None:
+    """init_from must name a complete tag outside trainer.output_dir (a new run; ValueError names the key).
+    Returns a note when the run resumes a checkpoint of its own instead (a restart: init_from is done)."""
     tag = source_tag(init_from)
-    if tag is not None and tag.resolve().is_relative_to(Path(output_dir).resolve()):
+    if tag is None:
+        return None
+    if tag.resolve().is_relative_to(Path(output_dir).resolve()):
         raise ValueError(f"trainer.init_from = {init_from} lies in trainer.output_dir {output_dir}: "
                          "init_from starts a new run; set a new trainer.output_dir (or drop init_from to "
                          "resume that run)")
+    own = checkpoint.find_resume_tag(Path(output_dir), resume)
+    return None if own is None else (f"trainer.init_from: not applied, the run resumes its own checkpoint "
+                                     f"{own} (it started from {tag} before)")
 
 
 def run_lineage(output_dir: str, resume: str, init_from: str | None, weights_only: bool) -> list[dict]:
