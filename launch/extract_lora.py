@@ -8,15 +8,18 @@
 checkpoint), a tag folder, an export folder or a single file; text encoders are compared too when --tuned
 holds them (a single file or a whole-pipeline folder), and a LoRA layer is written only for weights that
 differ. --threshold t: per layer the smallest rank <= --rank that keeps a share t of the delta's energy.
-Prints the kept energy (ztsnr_ds/lora.py). The file's metadata: kohya's ss_* keys and the run's ztsnr_ds.*
+Prints the kept energy (ztsnr_ds/lora.py) and writes it per layer to OUT.energy.json. The file's metadata:
+kohya's ss_* keys and the run's ztsnr_ds.*
 noise settings (v-prediction, ZTSNR mode, sigma_max, base area). Bad input exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -124,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     if not tensors:
         parser.error(f"--tuned {args.tuned} equals --base {args.base}: nothing to extract")
     save_safetensors(tensors, args.out, lora_metadata(args, carried, {r.rank for r in reports}))
+    energy = args.out.with_suffix(".energy.json")  # per layer: rank kept, energy kept, ||delta||
+    energy.write_text(json.dumps([asdict(r) for r in reports], indent=1))
     print(lora.summary(reports, max(dropped)))
-    print(f"wrote {len(tensors) // 3} LoRA layers -> {args.out}")
+    print(f"wrote {len(tensors) // 3} LoRA layers -> {args.out}; per-layer kept energy -> {energy}")
     return 0
 
 

@@ -87,6 +87,8 @@ def test_cli_writes_kohya_keys_that_patch_base_into_tuned(tiny_sdxl, tuned_file,
                  "--out", str(out)]) == 0
     assert "kept energy: overall 1.0000" in capsys.readouterr().out
     lora_sd = load_file(out)
+    energy = json.loads(out.with_suffix(".energy.json").read_text())
+    assert len(energy) == len(lora_sd) // 3 and all(r["rank"] == 2 and r["energy"] > 1 - 1e-5 for r in energy)
     with safe_open(str(tuned_path), "pt") as f:  # SGM names of the file's UNet weights
         sgm = {k.removeprefix(UNET_PREFIX) for k in f.keys() if k.startswith(UNET_PREFIX)}
     names = {k.split(".")[0] for k in lora_sd}
