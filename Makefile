@@ -16,6 +16,9 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -r requirements.txt
+	# The CLIP BPE vocabulary for single-file SDXL (ztsnr_ds/tokenizers.py reads its file by path);
+	# --no-deps: open-clip-torch depends on torchvision, which would pull another (CUDA) torch.
+	$(PY) -m pip install --quiet --no-deps open-clip-torch==3.3.0
 	touch $@
 
 venv: $(VENV)/.installed

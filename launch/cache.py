@@ -1,9 +1,10 @@
 """Build or update the latent cache: ``python launch/cache.py --config cfg.yaml``.
 
-The YAML needs ``model: {pretrained: <diffusers SDXL folder>}`` (VAE, and the text encoders when
-``data.cache_text``) and a ``data:`` section holding the fields of ``ztsnr_ds.data.cache.CacheConfig``;
-an unknown ``data`` key is an error. Other top-level sections and other ``model`` keys are ignored, so the
-training YAML can be passed as is. Relative paths are relative to the working directory.
+The YAML needs ``model: {pretrained: <diffusers SDXL folder or single-file SDXL>}`` (VAE, and the text
+encoders when ``data.cache_text``) and a ``data:`` section holding the fields of
+``ztsnr_ds.data.cache.CacheConfig``; an unknown ``data`` key is an error. Other top-level sections and
+other ``model`` keys are ignored, so the training YAML can be passed as is.
+Relative paths are relative to the working directory.
 
 Several processes split the images and rank 0 merges:
     deepspeed --num_gpus 8 launch/cache.py --config cfg.yaml
@@ -62,7 +63,7 @@ def read_sections(path: str | Path) -> tuple[CacheConfig, str]:
     model = raw.get("model") or {}
     parser = ArgumentParser(prog=f"{Path(__file__).name} (sections of {path})")
     parser.add_class_arguments(CacheConfig, "data")
-    parser.add_argument("--model.pretrained", type=str, required=True, help="diffusers SDXL folder")
+    parser.add_argument("--model.pretrained", type=str, required=True, help="SDXL folder or single file")
     sections = {"data": raw.get("data") or {}, "model": {"pretrained": model.get("pretrained")}}
     namespace = parser.parse_object(sections)
     init = parser.instantiate(namespace)

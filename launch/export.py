@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="run dir, its checkpoints/ dir, or a tag folder")
     parser.add_argument("--format", required=True, choices=("diffusers", "single_file"))
     parser.add_argument("--out", required=True, help="output folder (diffusers) or .safetensors file")
-    parser.add_argument("--base", help="diffusers SDXL folder the run trained from: its VAE and text "
+    parser.add_argument("--base", help="SDXL folder or single file the run trained from: its VAE and text "
                                        "encoders (needed by single_file; diffusers: a whole pipeline)")
     parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
     parser.add_argument("--weights", default="model", choices=WEIGHTS,
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.format == "single_file" and not args.base:
-        parser.error("--format single_file needs --base, the diffusers SDXL folder the run trained from")
+        parser.error("--format single_file needs --base, the SDXL folder or single file the run trained from")
     if args.format == "single_file" and not args.out.endswith(".safetensors"):
         parser.error(f"--format single_file writes one file: --out {args.out} must end in .safetensors")
     try:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export failed: {e}", file=sys.stderr)
         return 2
     print(f"exported {trained.tag_dir} (step {trained.step}, {trained.weights} weights) -> {out}")
-    if args.format == "single_file":
+    if args.format == "single_file" and Path(args.base).is_dir():  # diffusers reads configs from a folder
         print(f"diffusers, with the scheduler it was trained for:\n{single_file_loader(out, args.base)}")
     return 0
 

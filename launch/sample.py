@@ -78,8 +78,9 @@ def _base_area(text: str) -> int | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint, diffusers folder or .safetensors")
-    p.add_argument("--base", help="diffusers SDXL folder for VAE, text encoders and tokenizers (default: "
-                                  "model.pretrained of a checkpoint; required for UNet-only models)")
+    p.add_argument("--base", help="SDXL folder or single file: VAE, text encoders, tokenizers (default: "
+                                  "model.pretrained of a checkpoint, a full single file itself; required for "
+                                  "UNet-only models)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", type=Path, help="text file, one prompt per line (blank lines skipped)")
     p.add_argument("--negative", default="", help="negative prompt (unconditional CFG branch); empty: the "

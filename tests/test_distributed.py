@@ -324,6 +324,17 @@ def test_one_rank_checkpoint_resumes_on_two_nodes(one_rank, one_to_two, tiny_sdx
     assert_moved_run_continues(one_to_two, one_rank, one_rank, tiny_sdxl, world_size=2)
 
 
+def test_init_from_a_two_rank_run_on_one_rank(run_config, one_rank, two_ranks, tmp_path):
+    """trainer.init_from across world sizes (2 -> 1, universal form): a new run whose optimizer partition
+    is the saved one bit for bit (AdamW's t with its moments), at step 0 with its own output_dir."""
+    trainer, _ = in_process_run(run_config, tmp_path / "staged", 4, "--trainer.init_from",
+                                str(two_ranks.tag(RESUME_STEP)))
+    trainer.resume()  # no tag of its own: init_from.start
+    n_params = sum(t.numel() for t in one_rank.modules[0].values())
+    assert_resumed_bitwise([partition(trainer.optimizer)], two_ranks.tag(RESUME_STEP), n_params)
+    assert trainer.step == 0 and trainer.engine.skipped_steps == 0 and trainer.sampler.epoch == 0
+
+
 def test_resume_with_another_global_batch_keeps_epoch_and_samples_consumed(run_config, two_ranks, tmp_path):
     """Saved with G = 4 (2 x 2), resumed with G = 2 (1 x 2): the sampler keeps the epoch and restarts
     the G = 2 plan of it at its last step boundary at or before the samples consumed, and warns."""

@@ -171,7 +171,6 @@ def test_bad_arguments_exit_2_naming_the_flag(sample_main, run_dir, exports, tin
         (["--model", str(tmp_path / "empty"), "--prompt", "x"], "--model"),
         (["--model", str(tmp_path / "nothing"), "--prompt", "x"], "--model"),
         (["--model", str(tmp_path / "junk.safetensors"), "--prompt", "x"], "--model"),
-        (["--model", str(exports[0]), "--prompt", "x"], "--base"),
         (["--model", str(exports[1]), "--prompt", "x"], "--base"),
         (["--base", str(tmp_path / "empty"), *model], "--base"),
     ]

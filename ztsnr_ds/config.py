@@ -7,6 +7,7 @@ validated by `parse()` before a model is loaded or a process group is joined.
 
 from __future__ import annotations
 
+import os
 import sys
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
@@ -40,7 +41,9 @@ def _check_positive(key: str, value: float, allow_zero: bool = False) -> None:
 @dataclass
 class ModelConfig:
     pretrained: str
-    """Diffusers SDXL folder: VAE, text encoders, tokenizers (and the UNet unless unet_path)."""
+    """The SDXL to start from: a diffusers folder, or a single-file SDXL .safetensors (SGM keys, as model
+    sites ship them; tokenizers built offline from open-clip-torch's CLIP vocabulary). VAE, text encoders,
+    tokenizers and, unless unet_path, the UNet come from it."""
     unet_path: str | None = None
     """UNet to train instead of <pretrained>/unet: a diffusers UNet folder, a UNet .safetensors
     (diffusers keys) or a full single-file SDXL .safetensors (SGM keys)."""
@@ -163,6 +166,13 @@ class TrainerConfig:
     """Checkpoints kept; older ones are deleted only after a newer one is complete."""
     resume: str = "auto"
     """auto (latest complete checkpoint in output_dir if any), none, or a checkpoint tag folder."""
+    init_from: str | None = None
+    """Start this NEW run (its own output_dir) from another run's checkpoint: a run folder (its latest
+    tag), its checkpoints/ folder or a tag folder. Weights, optimizer moments and EMA are carried, the
+    step count, LR schedule and epoch start at 0, any number of ranks; the chain is recorded (lineage in
+    checkpoints and exports). Applied only while output_dir has no checkpoint of its own to resume."""
+    init_weights_only: bool = False
+    """With init_from: carry the weights only (fresh optimizer moments, EMA from those weights)."""
     overwrite: bool = False
     """Allow a run that does not continue output_dir's newest checkpoint (resume none, or an older
     tag): the tags it would not resume from are moved to output_dir/replaced/<time>/, not deleted."""
@@ -295,7 +305,7 @@ class ConfigError(ValueError):
 def check_inputs(config: TrainConfig) -> None:
     """Fail before any work if an input the run needs is missing; name the key."""
     checks = [
-        ("model.pretrained", Path(config.model.pretrained), "a diffusers SDXL folder"),
+        ("model.pretrained", Path(config.model.pretrained), "a diffusers SDXL folder or single-file SDXL"),
         ("data.cache_dir", Path(config.data.cache_dir) / "manifest.jsonl",
          "a latent cache: run `python launch/cache.py --config <this yaml>` first"),
         ("deepspeed_config", Path(config.deepspeed_config), "a DeepSpeed JSON (see ds_configs/)"),
@@ -305,12 +315,47 @@ def check_inputs(config: TrainConfig) -> None:
     for key, path, what in checks:
         if not path.exists():
             raise ConfigError(f"{key}: {path} does not exist; expected {what}")
+    check_base_file(config)
     from ztsnr_ds import preflight  # imports the cache and checkpoint modules
 
     try:
         preflight.check_run(config)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    from ztsnr_ds import init_from
+
+    try:
+        note = init_from.check(config.trainer.init_from, config.trainer.output_dir, config.trainer.resume)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if note and os.environ.get("RANK", "0") == "0":
+        print(note, file=sys.stderr)
+
+
+def run_lineage(config: TrainConfig) -> dict:
+    """{"lineage": [...]} of a run started with trainer.init_from (ztsnr_ds/init_from.py), else {}."""
+    from ztsnr_ds import init_from
+
+    t = config.trainer
+    lineage = init_from.run_lineage(t.output_dir, t.resume, t.init_from, t.init_weights_only)
+    return {init_from.LINEAGE: lineage} if lineage else {}
+
+
+def check_base_file(config: TrainConfig) -> None:
+    """A single-file model.pretrained must hold all SDXL parts; print (rank 0) what it records of its
+    training that this run changes."""
+    from ztsnr_ds.keymaps import ExportError
+    from ztsnr_ds.models import base_noise_notes, check_single_file, is_single_file  # torch: when needed
+
+    if not is_single_file(config.model.pretrained):
+        return
+    try:
+        check_single_file(config.model.pretrained)
+    except ExportError as err:
+        raise ConfigError(f"model.pretrained: {err}") from err
+    if os.environ.get("RANK", "0") == "0":
+        for note in base_noise_notes(config.model.pretrained, asdict(config.noise)):
+            print(f"model.pretrained: {note}", file=sys.stderr)
 
 
 def parse(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict]:
@@ -323,7 +368,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict]:
     except (ArgumentError, ValueError, TypeError) as err:
         raise ConfigError(str(err)) from err
     check_inputs(config)
-    return config, to_dict(config, namespace)
+    return config, to_dict(config, namespace) | run_lineage(config)
 
 
 def parse_or_exit(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict]:

@@ -15,7 +15,7 @@ import math
 import os
 import pickle
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,10 +28,15 @@ from ztsnr_ds.keymaps import ExportError, clip_l_to_sgm, openclip_to_sgm, unet_t
 from ztsnr_ds.models import (
     FROZEN_PARTS,
     META_UNET_CONFIG,
+    SDXL_MODEL_INDEX,
     UNET_WEIGHTS,
     FrozenParts,
     check_shapes,
+    file_unet_shapes,
+    is_single_file,
     load_frozen,
+    parts_metadata,
+    save_frozen,
     unet_shapes,
 )
 from ztsnr_ds.schedule import NoiseSchedule, diffusers_scheduler_config
@@ -56,6 +61,7 @@ class TrainedUNet:
     tag_dir: Path
     dropout_mode: str = "empty"  # captions.dropout_mode: the unconditional it learned ("" or zeros)
     weights: str = "model"  # one of WEIGHTS
+    lineage: list = field(default_factory=list)  # runs it started from (trainer.init_from: init_from.py)
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -123,7 +129,8 @@ def checkpoint_settings(path: str | Path) -> TrainedUNet:
     except (KeyError, TypeError, AttributeError) as e:
         raise ExportError(f"{tag_dir / checkpoint.STATE_FILE} lacks {e}; export checkpoints written by "
                           "ztsnr_ds.checkpoint.save") from e
-    return TrainedUNet({}, unet_config, step, noise, tag_dir, dropout_mode)
+    lineage = state[checkpoint.CONFIG].get("lineage", [])
+    return TrainedUNet({}, unet_config, step, noise, tag_dir, dropout_mode, lineage=lineage)
 
 
 def _model_weights(tag_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -202,6 +209,7 @@ def export_metadata(trained: TrainedUNet, title: str | None = None) -> dict[str,
         "ztsnr_ds.sigma_max": str(float(s.sigma_max)),
         "ztsnr_ds.base_area": str(s.base_area),
         "ztsnr_ds.dropout_mode": trained.dropout_mode,
+        "ztsnr_ds.lineage": json.dumps(trained.lineage),
         "ztsnr_ds.scheduler_config": json.dumps(diffusers_scheduler_config(s)),
         META_UNET_CONFIG: json.dumps(trained.unet_config),
     }
@@ -224,10 +232,14 @@ def export_diffusers(trained: TrainedUNet, out: str | Path, title: str | None = 
         scheduler = diffusers_scheduler_config(trained.schedule)
         checkpoint.write_atomic(tmp / "scheduler" / "scheduler_config.json", json.dumps(scheduler, indent=2))
         checkpoint.write_atomic(tmp / "README.md", sampling_readme(trained, title))
-        if base is not None:
+        if base is not None and is_single_file(base):  # its parts as diffusers folders
+            save_frozen(load_frozen(base, next(iter(trained.state_dict.values())).dtype), tmp)
+            index = pipeline_index(SDXL_MODEL_INDEX, trained)
+        elif base is not None:
             for part in FROZEN_PARTS:  # copyfile: new files get 0666 less the umask, not the base's modes
                 shutil.copytree(base / part, tmp / part, copy_function=shutil.copyfile)
             index = pipeline_index(json.loads((base / "model_index.json").read_text()), trained)
+        if base is not None:
             checkpoint.write_atomic(tmp / "model_index.json", json.dumps(index, indent=2))
         if out.exists():  # an earlier export: swapped out only now that the new one is whole
             os.replace(out, old := out.with_name(f"{out.name}.old{os.getpid()}"))
@@ -247,9 +259,14 @@ def pipeline_index(base_index: dict, trained: TrainedUNet) -> dict:
 
 
 def check_base(base: str | Path, trained: TrainedUNet) -> Path:
-    """The SDXL folder the run trained from, checked: its UNet matches in shape, it has every frozen part."""
+    """The SDXL folder or single file the run trained from, checked: its UNet matches in shape, it has every
+    frozen part."""
     base = Path(base)
-    fix = "pass --base the diffusers SDXL folder the run was trained from (model.pretrained)"
+    fix = "pass --base the SDXL folder or single file the run was trained from (model.pretrained)"
+    if is_single_file(base):
+        check_shapes(file_unet_shapes(base, trained.unet_config), trained.state_dict,
+                     f"--base {base}: its UNet disagrees with the checkpoint {trained.tag_dir}; {fix}")
+        return base
     unet_json = base / "unet" / "config.json"
     if not unet_json.is_file():
         raise ExportError(f"--base {base} is not a diffusers SDXL folder (no {unet_json}); {fix}")
@@ -305,7 +322,7 @@ def export_single_file(trained: TrainedUNet, base: str | Path, out: str | Path,
     """One SDXL .safetensors: trained UNet + the base's VAE and text encoders, SGM keys, metadata."""
     parts = load_base(base, trained, dtype)
     state = single_file_state(trained, parts, dtype)
-    return save_safetensors(state, Path(out), export_metadata(trained, title))
+    return save_safetensors(state, Path(out), export_metadata(trained, title) | parts_metadata(parts))
 
 
 def sampling_readme(trained: TrainedUNet, title: str | None = None) -> str:

@@ -9,9 +9,9 @@ unconditional an empty negative prompt stands for) are read from:
 - diffusers (a UNet folder, an `export_diffusers` folder, a full SDXL folder, or a UNet .safetensors
   with diffusers keys): the ztsnr_ds.* metadata `export_diffusers` writes into the UNet safetensors.
   A full SDXL folder (with model_index.json) is its own base. Stock UNets record nothing: defaults;
-- single_file (an SDXL .safetensors with SGM keys): its ztsnr_ds.* metadata. Tokenizers are not in a
-  single file and nothing may be downloaded, so the base is required; VAE and text encoders come from
-  the base too (a ztsnr_ds single-file export holds copies of exactly those).
+- single_file (an SDXL .safetensors with SGM keys): its ztsnr_ds.* metadata. A full single file is its
+  own base (VAE and text encoders from the file, tokenizers built offline: `models.load_frozen_file`);
+  a UNet-only one needs --base.
 
 Seeds: image i (0-based) of prompt p (0-based) uses seed + p * n + i, drawn on the CPU, so an image is
 reproduced on any device by the same seed with n = 1 (images are sampled one at a time).
@@ -31,9 +31,17 @@ from torch import Tensor
 
 from ztsnr_ds import checkpoint
 from ztsnr_ds.export import ExportError, load_checkpoint, resolve_tag, save_safetensors
-from ztsnr_ds.keymaps import UNET_PREFIX
+from ztsnr_ds.keymaps import CLIP_L_PREFIX, UNET_PREFIX
 from ztsnr_ds.metrics import image_grid
-from ztsnr_ds.models import UNET_WEIGHTS, FrozenParts, load_frozen, load_unet, unet_from_state
+from ztsnr_ds.models import (
+    UNET_WEIGHTS,
+    FrozenParts,
+    is_single_file,
+    load_frozen,
+    load_unet,
+    noise_from_metadata,
+    unet_from_state,
+)
 from ztsnr_ds.sampling import SDXLDenoiser, sample_euler
 from ztsnr_ds.schedule import NoiseSchedule
 from ztsnr_ds.text import PromptEncoder
@@ -64,19 +72,6 @@ class ModelSource:
 
 
 # ---------------------------------------------------------------------------------------- the model
-def noise_from_metadata(metadata: dict[str, str]) -> dict:
-    """NOISE_SETTINGS from the ztsnr_ds.* safetensors metadata of `export.export_metadata`."""
-    noise = {}
-    if "ztsnr_ds.ztsnr" in metadata:
-        noise["ztsnr"] = metadata["ztsnr_ds.ztsnr"]
-    if "ztsnr_ds.sigma_max" in metadata:
-        noise["sigma_max"] = float(metadata["ztsnr_ds.sigma_max"])
-    if "ztsnr_ds.base_area" in metadata:
-        area = metadata["ztsnr_ds.base_area"]
-        noise["base_area"] = None if area == "None" else int(area)
-    return noise
-
-
 def dropout_mode_from_metadata(metadata: dict[str, str]) -> str | None:
     """captions.dropout_mode from the ztsnr_ds.* metadata of `export.export_metadata` (None if absent)."""
     return metadata.get("ztsnr_ds.dropout_mode")
@@ -119,8 +114,9 @@ def _inspect_folder(path: Path) -> ModelSource:
 def _inspect_file(path: Path) -> ModelSource:
     metadata, keys = _read_header(path)
     sgm = any(k.startswith(UNET_PREFIX) for k in keys)
+    whole = sgm and any(k.startswith(CLIP_L_PREFIX) for k in keys)  # a full SDXL is its own base
     return ModelSource("single_file" if sgm else "diffusers", path, noise_from_metadata(metadata),
-                       dropout_mode=dropout_mode_from_metadata(metadata))
+                       path if whole else None, dropout_mode_from_metadata(metadata))
 
 
 def inspect_model(path: str | Path) -> ModelSource:
@@ -140,22 +136,18 @@ def inspect_model(path: str | Path) -> ModelSource:
 
 
 def resolve_base(base: str | Path | None, source: ModelSource) -> Path:
-    """The diffusers SDXL folder for VAE, text encoders and tokenizers: --base, else what the model names."""
+    """The diffusers SDXL folder or single file for VAE, text encoders and tokenizers: --base, else what
+    the model names."""
     if base is not None:
         found, origin = Path(base), "--base"
     elif source.base is not None:
         found, origin = source.base, f"the base the {source.kind} names"
-    elif source.kind == "single_file":
-        raise SampleInputError("--base", f"--model {source.path} is a single-file SDXL: its tokenizers are "
-                               "not in the file and cannot be downloaded offline; pass --base, the diffusers "
-                               "SDXL folder it was trained from (VAE, text encoders and tokenizers are read "
-                               "from there)")
     else:
         raise SampleInputError("--base", f"--model {source.path} holds a UNet only; pass --base, the "
                                "diffusers SDXL folder with its VAE, text encoders and tokenizers")
-    if not found.is_dir():
-        raise SampleInputError("--base", f"{found} ({origin}) is not a folder; pass --base, a diffusers "
-                               "SDXL folder")
+    if not (found.is_dir() or is_single_file(found)):
+        raise SampleInputError("--base", f"{found} ({origin}) is not a folder or .safetensors file; pass "
+                               "--base, a diffusers SDXL folder or a single-file SDXL")
     return found
 
 
@@ -194,7 +186,7 @@ def load_model(source: ModelSource, base: Path, dtype: torch.dtype,
                                f"{source.kind} model with one set of weights (export it with --weights ema)")
     try:
         parts = load_frozen(base, dtype)
-    except OSError as e:
+    except (OSError, ExportError) as e:
         raise SampleInputError("--base", str(e)) from e
     try:
         if source.kind == "checkpoint":

@@ -195,3 +195,45 @@ def openclip_to_sgm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = rename_keys(fused, openclip_module_map(len(stems)))
     out["text_projection"] = out["text_projection"].T.contiguous()  # (P, D) -> (D, P)
     return {OPENCLIP_PREFIX + k: v for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------- SGM -> diffusers
+# Read back by models.load_frozen_file; checked against diffusers' convert_open_clip_checkpoint /
+# convert_ldm_vae_checkpoint and ComfyUI's clip_text_transformers_convert: q, k, v are the thirds of
+# in_proj (rows), text_projection is transposed, LDM's 1x1-convolution attention becomes linear.
+SGM_IGNORED = ("position_ids", "logit_scale", "attn_mask")  # buffers and CLIP's image-text temperature
+
+
+def _under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The keys under `prefix`, prefix removed; buffers that are no weights (SGM_IGNORED) dropped."""
+    return {k.removeprefix(prefix): v for k, v in state.items()
+            if k.startswith(prefix) and k.rsplit(".", 1)[-1] not in SGM_IGNORED}
+
+
+def sgm_to_clip_l(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """conditioner.embedders.0.transformer.* -> CLIPTextModel keys (`text_model.*`);
+    inverts clip_l_to_sgm."""
+    return _under(state, CLIP_L_PREFIX)
+
+
+def sgm_to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """conditioner.embedders.1.model.* (OpenCLIP) -> CLIPTextModelWithProjection keys; inverse of
+    openclip_to_sgm. in_proj (3D, D) rows are q, k, v; text_projection (D, P) -> nn.Linear's (P, D)."""
+    model = _under(state, OPENCLIP_PREFIX)
+    if "text_projection" not in model:
+        raise ExportError(f"no {OPENCLIP_PREFIX}text_projection: bigG needs its projection for the pooled "
+                          "embedding (is this an SDXL checkpoint?)")
+    model["text_projection"] = model["text_projection"].T.contiguous()  # (D, P) -> (P, D)
+    layers = len({k.split(".")[2] for k in model if k.startswith("transformer.resblocks.")})
+    out = rename_keys(model, {v: k for k, v in openclip_module_map(layers).items()})
+    for stem in [k.removesuffix(".in_proj_weight") for k in out if k.endswith(".in_proj_weight")]:
+        for kind in ("weight", "bias"):
+            q, k, v = out.pop(f"{stem}.in_proj_{kind}").clone().chunk(3)  # (3D, ...) -> 3 x (D, ...)
+            out |= {f"{stem}.q_proj.{kind}": q, f"{stem}.k_proj.{kind}": k, f"{stem}.v_proj.{kind}": v}
+    return out
+
+
+def sgm_to_vae(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """first_stage_model.* -> AutoencoderKL keys; inverse of vae_to_sgm (1x1 conv attention -> linear)."""
+    vae = rename_keys(_under(state, VAE_PREFIX), {v: k for k, v in vae_module_map(config).items()})
+    return {k: v[:, :, 0, 0] if ".attentions." in k and v.ndim == 4 else v for k, v in vae.items()}

@@ -15,12 +15,26 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-from safetensors import safe_open
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from safetensors import SafetensorError, safe_open
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from ztsnr_ds.keymaps import UNET_PREFIX, ExportError, sgm_to_unet
+from ztsnr_ds.keymaps import (
+    CLIP_L_PREFIX,
+    OPENCLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    ExportError,
+    sgm_to_clip_l,
+    sgm_to_openclip,
+    sgm_to_unet,
+    sgm_to_vae,
+)
+from ztsnr_ds.tokenizers import sdxl_tokenizers
 
-SDXL_UNET_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sdxl_unet" / "config.json"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SDXL_UNET_CONFIG = CONFIGS / "sdxl_unet" / "config.json"
+FILE_PARTS = ("text_encoder", "text_encoder_2", "vae")  # what a single file holds besides the UNet
+SDXL_PART_CONFIGS = {part: CONFIGS / f"sdxl_{part}" / "config.json" for part in FILE_PARTS}  # stock SDXL
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 META_UNET_CONFIG = "ztsnr_ds.unet_config"  # safetensors metadata key of an export's UNet config (JSON)
 FROZEN_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")  # diffusers subfolders
@@ -50,6 +64,17 @@ SDXL_BASE_SCHEDULER: dict = dict(  # scheduler_config.json of stable-diffusion-x
     prediction_type="epsilon", steps_offset=1, timestep_spacing="leading", interpolation_type="linear",
     use_karras_sigmas=False,
 )
+SDXL_MODEL_INDEX: dict = {  # no force_zeros_for_empty_prompt: exports set it
+    "_class_name": "StableDiffusionXLPipeline",
+    "_diffusers_version": "0.42.1",
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
 TINY_TEXT_HIDDEN = 32  # each encoder; concatenated 2 * 32 = 64 = cross_attention_dim
 TINY_VAE_CONFIG: dict = dict(
     in_channels=3,
@@ -165,8 +190,11 @@ def unet_from_state(config: dict, state: dict[str, torch.Tensor],
 
 
 def load_frozen(folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> FrozenParts:
-    """Load VAE, both text encoders and tokenizers from a diffusers SDXL folder; frozen, eval."""
+    """Load VAE, both text encoders and tokenizers from a diffusers SDXL folder (or a single-file SDXL:
+    `load_frozen_file`); frozen, eval."""
     folder = Path(folder)
+    if is_single_file(folder):
+        return load_frozen_file(folder, dtype)
     missing = [s for s in FROZEN_PARTS if not (folder / s).is_dir()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a diffusers SDXL folder: missing {', '.join(missing)}/")
@@ -231,15 +259,128 @@ def write_tiny_sdxl(out: str | Path, seed: int = 0,
     UNet2DConditionModel(**unet_config).save_pretrained(out / "unet")
     (vae or AutoencoderKL(**TINY_VAE_CONFIG)).save_pretrained(out / "vae")
     EulerDiscreteScheduler(**SDXL_BASE_SCHEDULER).save_pretrained(out / "scheduler")
-    (out / "model_index.json").write_text(json.dumps({  # no force_zeros_for_empty_prompt: exports set it
-        "_class_name": "StableDiffusionXLPipeline",
-        "_diffusers_version": "0.42.1",
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }, indent=2))
+    (out / "model_index.json").write_text(json.dumps(SDXL_MODEL_INDEX, indent=2))
     return out
+
+
+# ---------------------------------------------------------------------------------------- single file
+def is_single_file(path: str | Path) -> bool:
+    """A .safetensors file (model.pretrained, --base, --model may name one instead of a folder)."""
+    return Path(path).suffix == ".safetensors" and Path(path).is_file()
+
+
+def part_config_key(part: str) -> str:
+    """Safetensors metadata key of a part's config (JSON), written by `parts_metadata`."""
+    return f"ztsnr_ds.{part}_config"
+
+
+def parts_metadata(parts: FrozenParts) -> dict[str, str]:
+    """The configs of VAE and text encoders, for a single file's metadata: `load_frozen_file` reads them
+    back (files without them are stock SDXL: configs/sdxl_*)."""
+    modules = {"text_encoder": parts.text_encoder, "text_encoder_2": parts.text_encoder_2, "vae": parts.vae}
+    return {part_config_key(p): m.to_json_string() if p == "vae" else m.config.to_json_string(use_diff=False)
+            for p, m in modules.items()}
+
+
+def _fit(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, part: str,
+         dtype: torch.dtype) -> torch.nn.Module:
+    """Load `state` into an empty `model` (keys and shapes checked); transformers >= 5.6 names
+    CLIPTextModel's keys without `text_model.`."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if not any(k.startswith("text_model.") for k in expected):
+        state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    check_shapes(expected, state, f"{path}: its {part} does not fit the {part} config (the file's "
+                 f"{part_config_key(part)} metadata, else {SDXL_PART_CONFIGS[part]}); pass a diffusers "
+                 "folder")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(dtype).requires_grad_(False).eval()
+
+
+def check_single_file(path: str | Path, keys: list[str] | None = None) -> None:
+    """ExportError unless the file (its header, or `keys`) holds all four SDXL parts in SGM keys."""
+    try:
+        if keys is None:
+            with safe_open(str(path), "pt") as f:
+                keys = list(f.keys())
+    except (OSError, SafetensorError) as err:
+        raise ExportError(f"{path} is not a readable .safetensors file ({err})") from err
+    parts = ((UNET_PREFIX, "UNet"), (CLIP_L_PREFIX, "CLIP-L"), (OPENCLIP_PREFIX, "bigG"), (VAE_PREFIX, "VAE"))
+    for prefix, part in parts:
+        if not any(k.startswith(prefix) for k in keys):
+            raise ExportError(f"{path} holds no {part} ({prefix}*): not a full single-file SDXL; pass a "
+                              "diffusers SDXL folder or a full single-file SDXL as model.pretrained / --base")
+
+
+def load_frozen_file(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> FrozenParts:
+    """VAE and both text encoders of a single-file SDXL (SGM keys), tokenizers built offline (`tokenizers`).
+
+    Configs: the file's ztsnr_ds.*_config metadata (our exports), else stock SDXL (configs/sdxl_*).
+    Only the non-UNet tensors are read.
+    """
+    path = Path(path)
+    with safe_open(str(path), "pt") as f:
+        metadata, keys = f.metadata() or {}, list(f.keys())
+        check_single_file(path, keys)
+        frozen = (CLIP_L_PREFIX, OPENCLIP_PREFIX, VAE_PREFIX)  # the UNet is load_unet's
+        state = {k: f.get_tensor(k) for k in keys if k.startswith(frozen)}
+    configs = {p: json.loads(metadata.get(part_config_key(p)) or SDXL_PART_CONFIGS[p].read_text())
+               for p in FILE_PARTS}
+    with init_empty_weights():
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(configs["text_encoder_2"]))
+        vae = AutoencoderKL.from_config(configs["vae"])
+    text_encoder = _fit(text_encoder, sgm_to_clip_l(state), path, "text_encoder", dtype)
+    text_encoder_2 = _fit(text_encoder_2, sgm_to_openclip(state), path, "text_encoder_2", dtype)
+    vae = _fit(vae, sgm_to_vae(state, vae.config), path, "vae", dtype)
+    tokenizer, tokenizer_2 = sdxl_tokenizers(text_encoder.config.vocab_size)
+    return FrozenParts(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2)
+
+
+def save_frozen(parts: FrozenParts, folder: Path) -> None:
+    """The parts as diffusers subfolders (FROZEN_PARTS) of `folder`: a single-file base made a folder."""
+    for name in FROZEN_PARTS:
+        getattr(parts, name).save_pretrained(folder / name)
+
+
+def file_unet_shapes(path: str | Path, config: dict) -> dict[str, torch.Size]:
+    """Diffusers-named shapes of a single file's UNet (its header only), renamed for `config`."""
+    with safe_open(str(path), "pt") as f:
+        shapes = {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(UNET_PREFIX)}
+    return sgm_to_unet(shapes, config)
+
+
+def noise_from_metadata(metadata: dict[str, str]) -> dict:
+    """ztsnr, sigma_max, base_area (None: no resolution scaling) from the ztsnr_ds.* metadata of
+    `export.export_metadata`."""
+    noise = {}
+    if "ztsnr_ds.ztsnr" in metadata:
+        noise["ztsnr"] = metadata["ztsnr_ds.ztsnr"]
+    if "ztsnr_ds.sigma_max" in metadata:
+        noise["sigma_max"] = float(metadata["ztsnr_ds.sigma_max"])
+    if "ztsnr_ds.base_area" in metadata:
+        area = metadata["ztsnr_ds.base_area"]
+        noise["base_area"] = None if area == "None" else int(area)
+    return noise
+
+
+def base_noise_notes(path: str | Path, noise: dict) -> list[str]:
+    """What a single-file base says about its training against this run's config.noise (ztsnr, sigma_max,
+    resolution_scaling, base_area): the `v_pred` / `ztsnr` markers of any SDXL file, and the ztsnr_ds.*
+    settings of our own exports, each difference named with the key that continues the file as trained."""
+    with safe_open(str(path), "pt") as f:
+        metadata, keys = f.metadata() or {}, set(f.keys())
+    notes = []
+    if "v_pred" not in keys:
+        notes.append(f"{path} has no v_pred marker: an epsilon-prediction base; this run trains "
+                     "v-prediction from it (as NAI V3 did from SDXL), which needs more steps than continuing")
+    recorded = noise_from_metadata(metadata)
+    if not recorded and "ztsnr" in keys:
+        recorded = {"ztsnr": "rescale"}  # the clients read the marker as Lin et al.'s rescaled table
+    ours = dict(noise, base_area=noise["base_area"] if noise.get("resolution_scaling", True) else None)
+    for key, value in recorded.items():
+        if ours.get(key) != value:
+            notes.append(f"{path} was trained with noise.{key} = {value}, this run uses {ours.get(key)}: set "
+                         f"noise.{key}: {value}" + (" (noise.resolution_scaling: false)" if value is None
+                                                    and key == "base_area" else "")
+                         + " to continue it as trained")
+    return notes

@@ -27,7 +27,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from tqdm import tqdm
 
-from ztsnr_ds import checkpoint, kernels
+from ztsnr_ds import checkpoint, init_from, kernels
 from ztsnr_ds.config import TrainConfig, TrainerConfig
 from ztsnr_ds.data.cache import LatentCache
 from ztsnr_ds.data.tags import shuffle_caption
@@ -109,9 +109,9 @@ class Trainer:
         cfg = self.cfg
         ds_config = build_ds_config(cfg.deepspeed_config, cfg.trainer.micro_batch, cfg.trainer.grad_accum,
                                     self.dist.world_size)
-        if checkpoint.needs_universal(self.resume_tag, self.dist.world_size):
-            # Saved by another number of ranks: DeepSpeed reloads ZeRO partitions only in universal form.
-            ds_config["checkpoint"] = {"load_universal": True}
+        if checkpoint.needs_universal(self.resume_tag or init_from.source_tag(cfg.trainer.init_from),
+                                      self.dist.world_size):
+            ds_config["checkpoint"] = {"load_universal": True}  # another world size: ZeRO needs universal
         # Pure bf16 never holds fp32 weights, so load bf16; the fp32-master mode keeps full precision.
         dtype = torch.bfloat16 if is_pure_bf16(ds_config) else torch.float32
         unet = load_unet(cfg.model.unet_path or cfg.model.pretrained, dtype=dtype)
@@ -157,7 +157,7 @@ class Trainer:
     def resume(self) -> None:
         """Load the tag found at start-up (self.resume_tag), if any: weights, optimizer, step, sampler."""
         if self.resume_tag is None:
-            return
+            return init_from.start(self)  # trainer.init_from: a new run from another run's state
         state = checkpoint.load(self.engine, self.resume_tag, self.dist.is_main)
         self.step = state[checkpoint.STEP]
         saved = state[checkpoint.SAMPLER]
