@@ -49,16 +49,16 @@ class LPIPS(torch.nn.Module):
                  widths: tuple[int, ...] = VGG16_WIDTHS, seed: int = 0) -> None:
         super().__init__()
         layers, self.taps, channels = [], [], 3
-        for stage, (width, convs) in enumerate(zip(widths, VGG16_CONVS)):
-            if stage:
-                layers.append(torch.nn.MaxPool2d(2, 2))
-            for _ in range(convs):
-                layers += [torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.ReLU()]
-                channels = width
-            self.taps.append(len(layers) - 1)  # the stage's last ReLU: relu1_2, relu2_2, relu3_3, ...
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the global stream alone
             torch.manual_seed(seed)
-            self.features = torch.nn.Sequential(*layers)  # torchvision vgg16.features indices
+            for stage, (width, convs) in enumerate(zip(widths, VGG16_CONVS)):
+                if stage:
+                    layers.append(torch.nn.MaxPool2d(2, 2))
+                for _ in range(convs):
+                    layers += [torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.ReLU()]
+                    channels = width
+                self.taps.append(len(layers) - 1)  # the stage's last ReLU: relu1_2, relu2_2, relu3_3, ...
+        self.features = torch.nn.Sequential(*layers)  # torchvision vgg16.features indices
         self.lin = torch.nn.ParameterList([torch.nn.Parameter(torch.ones(w)) for w in widths])
         self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1))

@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL
 
 TRAINED_PREFIXES = ("decoder.", "post_quant_conv.")  # the AutoencoderKL keys a decoder run owns
+KIND = "vae_decoder"  # ztsnr_state.json "kind" of a decoder run's checkpoint tags
 
 
 class DecoderError(ValueError):

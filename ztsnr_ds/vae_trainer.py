@@ -38,14 +38,11 @@ from ztsnr_ds.perceptual import LPIPS, RANDOM
 from ztsnr_ds.trainer import READY_LINE, StopTraining, lr_at
 from ztsnr_ds.vae_config import VAETrainConfig
 from ztsnr_ds.vae_data import CropStream, centre_crop, held_out, holdout_candidates, to_tensor
-from ztsnr_ds.vae_decoder import Decoder, encode_mean, load_vae
+from ztsnr_ds.vae_decoder import KIND, Decoder, encode_mean, load_vae
 
-KIND = "vae_decoder"  # ztsnr_state.json "kind" of a decoder run's tags
 VAE_CONFIG = "vae_config"  # ztsnr_state.json key: the AutoencoderKL config
 DATA_REPORT = "data_report.json"
 TERMS = ("loss", "l1", "lpips")
-
-__all__ = ["KIND", "READY_LINE", "VAE_CONFIG", "StopTraining", "VAETrainer"]
 
 
 class VAETrainer:
