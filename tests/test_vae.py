@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -70,19 +71,35 @@ def records(output_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(vae_yaml, tmp_path_factory) -> dict:
-    """A straight 4-step run and the same run stopped after 2 steps and resumed."""
+    """A straight 4-step run, and the same run stopped by SIGTERM in step 2 (it saves, then returns) and
+    resumed. A save_every of 4 makes the SIGTERM save the only one before step 4."""
     root = tmp_path_factory.mktemp("vae_runs")
     straight = make(vae_yaml, root / "a")
     straight.train()
-    make(vae_yaml, root / "b", "--trainer.max_steps", "2").train()
+    stopped = make(vae_yaml, root / "b", "--trainer.save_every", "4")
+    train_step = stopped.train_step
+
+    def step_then_signal() -> dict:
+        if stopped.step == 1:  # the handler train() installed sets a flag; the step finishes first
+            signal.raise_signal(signal.SIGTERM)
+        return train_step()
+
+    stopped.train_step = step_then_signal
+    stopped.train()
+    tags = [t.name for t in checkpoint.complete_tags(root / "b" / "checkpoints")]
     resumed = make(vae_yaml, root / "b")
     resumed.train()
-    return {"straight": straight, "resumed": resumed, "a": root / "a", "b": root / "b"}
+    return {"straight": straight, "resumed": resumed, "a": root / "a", "b": root / "b", "stopped": stopped,
+            "sigterm_tags": tags}
 
 
 def test_resume_is_bitwise_and_the_encoder_never_changes(runs, tiny_sdxl):
     straight, resumed = runs["straight"], runs["resumed"]
-    assert records(runs["a"]) == records(runs["b"])  # every term and held-out metric, full float precision
+    assert runs["stopped"].step == 2 and runs["sigterm_tags"] == ["step00000002"]
+    # Every term and held-out metric, full float precision; the stopped run saved and left before its
+    # step-2 validation, which the resumed run does not repeat.
+    assert [r for r in records(runs["a"]) if r != records(runs["a"])[3]] == records(runs["b"])
+    assert records(runs["a"])[3]["step"] == 2 and "holdout/l1" in records(runs["a"])[3]
     for p, q in zip(straight.engine.module.parameters(), resumed.engine.module.parameters()):
         assert torch.equal(p, q)
     assert all(torch.equal(a, b) for a, b in zip(straight.ema.state["ema"], resumed.ema.state["ema"]))
