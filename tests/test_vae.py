@@ -112,7 +112,7 @@ def test_resume_is_bitwise_and_the_encoder_never_changes(runs, tiny_sdxl):
     assert any(not torch.equal(p, base[n]) for n, p in straight.engine.module.named_parameters())
     held = [r for r in records(runs["a"]) if "holdout/psnr" in r]
     assert [r["step"] for r in held] == [0, 2, 4] and {"ema_holdout/ssim", "holdout/lpips"} <= set(held[0])
-    assert {"l1", "lpips", "loss", "grad_norm"} <= set(records(runs["a"])[1])
+    assert {"l1", "mse", "lpips", "loss", "grad_norm"} <= set(records(runs["a"])[1])
     with Image.open(runs["a"] / "samples" / "step00000004.png") as grid:  # 2 pairs of 32 px + a header line
         assert grid.size == (64, 64 + 14)
 

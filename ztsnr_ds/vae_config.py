@@ -63,12 +63,14 @@ class VAELossConfig:
     """Weight of the mean absolute pixel error (images in [-1, 1])."""
     lpips: float = 1.0
     """Weight of the LPIPS perceptual distance (SD's autoencoder: L1 + 1.0 x LPIPS)."""
+    mse: float = 0.0
+    """Weight of the mean squared pixel error (Stability's sd-vae-ft-mse: MSE + 0.1 x LPIPS, smoother)."""
 
     def __post_init__(self) -> None:
-        _check_positive("loss.l1", self.l1, allow_zero=True)
-        _check_positive("loss.lpips", self.lpips, allow_zero=True)
-        if not self.l1 and not self.lpips:
-            raise ValueError("loss.l1 and loss.lpips are both 0: nothing to train on; set one above 0")
+        for key in ("l1", "lpips", "mse"):
+            _check_positive(f"loss.{key}", getattr(self, key), allow_zero=True)
+        if not (self.l1 or self.lpips or self.mse):
+            raise ValueError("loss.l1, loss.lpips and loss.mse are all 0: nothing to train on; set one > 0")
 
 
 @dataclass

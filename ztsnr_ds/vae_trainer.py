@@ -1,8 +1,8 @@
 """The VAE decoder fine-tune (NAI V3): a thin second loop beside trainer.py, sharing its components.
 
     crops of the source images (vae_data) -> frozen encoder, posterior mean z -> engine(z) = decoder
-    (post_quant_conv + decoder) -> l1 * |x_hat - x| + lpips * LPIPS(x_hat, x), per sample -> mean
-    -> engine.backward -> engine.step
+    (post_quant_conv + decoder) -> l1 |x_hat - x| + mse (x_hat - x)^2 + lpips LPIPS(x_hat, x), per sample
+    -> mean -> engine.backward -> engine.step
 
 Why a second loop and not a pluggable trainer.py: the UNet step (buckets from a latent cache, sigmas,
 text conditioning, a bucket sampler with a saved position) shares almost nothing with this one (images
@@ -42,7 +42,7 @@ from ztsnr_ds.vae_decoder import KIND, Decoder, encode_mean, load_vae
 
 VAE_CONFIG = "vae_config"  # ztsnr_state.json key: the AutoencoderKL config
 DATA_REPORT = "data_report.json"
-TERMS = ("loss", "l1", "lpips")
+TERMS = ("loss", "l1", "mse", "lpips")
 
 
 class VAETrainer:
@@ -176,9 +176,10 @@ class VAETrainer:
         if z is None:
             z = encode_mean(self.vae, x)  # (B, 4, S/8, S/8), no gradient into the encoder
         rec = self.engine(z.to(self.dtype)).float()  # (B, 3, S, S)
-        out = {"l1": (rec - x).abs().flatten(1).mean(1)}
-        out["lpips"] = self.lpips(rec, x).float() if self.cfg.loss.lpips else torch.zeros_like(out["l1"])
-        out["loss"] = self.cfg.loss.l1 * out["l1"] + self.cfg.loss.lpips * out["lpips"]
+        weights = self.cfg.loss
+        out = {"l1": (rec - x).abs().flatten(1).mean(1), "mse": (rec - x).square().flatten(1).mean(1)}
+        out["lpips"] = self.lpips(rec, x).float() if weights.lpips else torch.zeros_like(out["l1"])
+        out["loss"] = weights.l1 * out["l1"] + weights.mse * out["mse"] + weights.lpips * out["lpips"]
         return out | {"rec": rec.detach()}
 
     def train_step(self) -> dict[str, float]:
