@@ -34,7 +34,7 @@ from ztsnr_ds.engine import DistInfo, any_rank, build_ds_config, initialize, is_
 from ztsnr_ds.image_metrics import psnr, ssim
 from ztsnr_ds.metrics import MetricLogger, image_grid
 from ztsnr_ds.optim import AdamWSR
-from ztsnr_ds.perceptual import LPIPS, RANDOM
+from ztsnr_ds.perceptual import LPIPS
 from ztsnr_ds.trainer import READY_LINE, StopTraining, lr_at
 from ztsnr_ds.vae_config import VAETrainConfig
 from ztsnr_ds.vae_data import CropStream, centre_crop, held_out, holdout_candidates, to_tensor
@@ -54,7 +54,9 @@ class VAETrainer:
         self.resume_tag = checkpoint.find_resume_tag(self.output_dir, cfg.trainer.resume)
         self.build_engine()
         per = cfg.perceptual
-        self.lpips = LPIPS(per.backbone or RANDOM, per.linear, tuple(per.widths)).to(self.device, self.dtype)
+        # No backbone named (loss.lpips 0): no LPIPS at all, rather than a random one's numbers in the logs.
+        self.lpips = (LPIPS(per.backbone, per.linear, tuple(per.widths)).to(self.device, self.dtype)
+                      if per.backbone else None)
         self.ema = (ShardedEMA(cfg.ema, self.engine, self.optimizer, dist.rank, dist.world_size,
                                cfg.trainer.seed) if cfg.ema.enabled else None)
         self.build_data()
@@ -217,14 +219,15 @@ class VAETrainer:
         """Rank 0: PSNR, SSIM, LPIPS, L1 of the held-out crops decoded now, and their labelled PNG grid."""
         module = self.engine.module
         module.eval()
-        recs, scores = [], {"psnr": [], "ssim": [], "lpips": [], "l1": []}
+        recs, scores = [], {"psnr": [], "ssim": [], "l1": []} | ({"lpips": []} if self.lpips else {})
         size = self.cfg.trainer.micro_batch
         for images, z in zip(self.val_images.split(size), self.val_latents.split(size)):
             terms = self.terms(images, z)
             x = images.to(self.device)
             scores["psnr"].append(psnr(terms["rec"], x))
             scores["ssim"].append(ssim(terms["rec"], x))
-            scores["lpips"].append(self.lpips(terms["rec"], x).float())
+            if self.lpips is not None:
+                scores["lpips"].append(self.lpips(terms["rec"], x).float())
             scores["l1"].append(terms["l1"])
             recs.append(terms["rec"].cpu())
         module.train()
@@ -251,8 +254,9 @@ class VAETrainer:
             self.logger.scalars(metrics, self.step)
             metrics_file.write(json.dumps({"step": self.step} | metrics) + "\n")
             metrics_file.flush()
+            lpips = f", LPIPS {metrics['holdout/lpips']:.4f}" if "holdout/lpips" in metrics else ""
             tqdm.write(f"step {self.step}: held-out PSNR {metrics['holdout/psnr']:.2f} dB, SSIM "
-                       f"{metrics['holdout/ssim']:.4f}, LPIPS {metrics['holdout/lpips']:.4f}")
+                       f"{metrics['holdout/ssim']:.4f}{lpips}")
 
     # ----------------------------------------------------------------------------- the loop
     def _request_stop(self, signum, _frame) -> None:
