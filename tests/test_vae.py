@@ -26,6 +26,7 @@ from ztsnr_ds.data.synthetic import write_dataset
 from ztsnr_ds.image_metrics import gaussian_window, psnr, ssim
 from ztsnr_ds.keymaps import VAE_PREFIX
 from ztsnr_ds.models import TINY_UNET_CONFIG
+from ztsnr_ds.patch_gan import hinge_d, hinge_g
 from ztsnr_ds.perceptual import LPIPS
 from ztsnr_ds.vae_config import parse
 from ztsnr_ds.vae_data import CropStream
@@ -40,7 +41,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:perceptual.backbone = random")
 
 @pytest.fixture(scope="module")
 def vae_yaml(tiny_sdxl, tmp_path_factory) -> Path:
-    """configs/vae_demo.yaml on the tiny model and 10 generated images; 4 steps, a save every 2."""
+    """configs/vae_demo.yaml on the tiny model and 10 generated images; 4 steps, a save every 2, EMA and
+    patch-GAN on."""
     root = tmp_path_factory.mktemp("vae")
     config = yaml.safe_load((ROOT / "configs" / "vae_demo.yaml").read_text())
     config["model"]["pretrained"] = str(tiny_sdxl)
@@ -51,6 +53,7 @@ def vae_yaml(tiny_sdxl, tmp_path_factory) -> Path:
                           "warmup_steps": 1, "output_dir": str(root / "unused")}
     config["optimizer"]["fused"] = False  # no 20 s compile of the fused step for 4 tiny steps
     config["ema"] = {"enabled": True, "decay": 0.9}
+    config["gan"] = {"weight": 0.1, "start_step": 1, "width": 8, "layers": 2}  # D trains from the 2nd step
     config["validation"] |= {"every": 2, "holdout": 2, "crop": 32}
     config["logging"] = {"tensorboard": False, "progress": False}
     path = root / "vae.yaml"
@@ -103,6 +106,11 @@ def test_resume_is_bitwise_and_the_encoder_never_changes(runs, tiny_sdxl):
     for p, q in zip(straight.engine.module.parameters(), resumed.engine.module.parameters()):
         assert torch.equal(p, q)
     assert all(torch.equal(a, b) for a, b in zip(straight.ema.state["ema"], resumed.ema.state["ema"]))
+    gan_a, gan_b = straight.gan.state(), resumed.gan.state()  # discriminator weights and AdamW moments
+    assert gan_a.keys() == gan_b.keys() and all(torch.equal(gan_a[k], gan_b[k]) for k in gan_a)
+    assert any(k.startswith("opt/") for k in gan_a)
+    log = records(runs["a"])
+    assert "disc" not in log[1] and log[2]["disc"] > 0 and log[2]["gan"] != 0  # from step 1 (0-based) on
     base = AutoencoderKL.from_pretrained(tiny_sdxl / "vae", local_files_only=True).state_dict()
     trained = {name for name, _ in straight.engine.module.named_parameters()}
     assert trained == {k for k in base if k.startswith(TRAINED_PREFIXES)}  # the optimizer's, and no more
@@ -120,7 +128,7 @@ def test_resume_is_bitwise_and_the_encoder_never_changes(runs, tiny_sdxl):
 def test_decoder_loss_falls_on_the_demo_images(vae_yaml, tmp_path):
     run = make(vae_yaml, tmp_path, "--trainer.max_steps", "16", "--trainer.save_every", "16", "--ema.enabled",
                "false", "--validation.every", "16", "--optimizer.lr", "0.003", "--loss.lpips", "0",
-               "--trainer.lr_schedule", "constant")
+               "--trainer.lr_schedule", "constant", "--gan.weight", "0")
     fixed = run.crops.batch(10**6, 0, 8)  # 8 crops of the training images, a step the run never draws
     with torch.no_grad():
         before = run.terms(fixed)["l1"].mean().item()
@@ -263,3 +271,10 @@ def test_lpips_reads_torchvision_keys_and_matches_its_definition(tmp_path):
 def test_config_errors_name_the_key(vae_yaml, args, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         parse(["--config", str(vae_yaml), *args])
+
+
+def test_hinge_losses_match_their_formulas():
+    real, fake = torch.full((2, 1, 3, 3), 2.0), torch.full((2, 1, 3, 3), -0.5)
+    torch.testing.assert_close(hinge_d(real, fake), torch.full((2,), 0.5 * (0.0 + 0.5)))  # relu(-1), relu(.5)
+    torch.testing.assert_close(hinge_d(fake, real), torch.full((2,), 0.5 * (1.5 + 3.0)))
+    torch.testing.assert_close(hinge_g(fake), torch.full((2,), 0.5))

@@ -15,6 +15,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from ztsnr_ds.config import ConfigError, LoggingConfig, OptimizerConfig, TrainerConfig, _check_positive
 from ztsnr_ds.data.sources import DEFAULT_MAX_PIXELS
 from ztsnr_ds.ema import EMAConfig
+from ztsnr_ds.patch_gan import GANConfig
 from ztsnr_ds.perceptual import RANDOM, VGG16_WIDTHS, check_files
 
 LATENT_FACTOR = 8  # pixels per latent side (SDXL's VAE): crops are multiples of it
@@ -126,6 +127,8 @@ class VAETrainConfig:
     """Loss terms and their weights."""
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
     """LPIPS network weights."""
+    gan: GANConfig = field(default_factory=GANConfig)
+    """Optional patch-GAN term (off by default; ztsnr_ds/patch_gan.py)."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """AdamWSR settings (as the UNet run)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

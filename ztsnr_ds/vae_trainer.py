@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from deepspeed.accelerator import get_accelerator
 from PIL import ImageDraw
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ztsnr_ds import checkpoint
@@ -34,6 +35,7 @@ from ztsnr_ds.engine import DistInfo, any_rank, build_ds_config, initialize, is_
 from ztsnr_ds.image_metrics import psnr, ssim
 from ztsnr_ds.metrics import MetricLogger, image_grid
 from ztsnr_ds.optim import AdamWSR
+from ztsnr_ds.patch_gan import GAN_FILE, PatchGAN
 from ztsnr_ds.perceptual import LPIPS
 from ztsnr_ds.trainer import READY_LINE, StopTraining, lr_at
 from ztsnr_ds.vae_config import VAETrainConfig
@@ -42,7 +44,7 @@ from ztsnr_ds.vae_decoder import KIND, Decoder, encode_mean, load_vae
 
 VAE_CONFIG = "vae_config"  # ztsnr_state.json key: the AutoencoderKL config
 DATA_REPORT = "data_report.json"
-TERMS = ("loss", "l1", "mse", "lpips")
+TERMS = ("loss", "l1", "mse", "lpips", "gan")
 
 
 class VAETrainer:
@@ -59,6 +61,7 @@ class VAETrainer:
                       if per.backbone else None)
         self.ema = (ShardedEMA(cfg.ema, self.engine, self.optimizer, dist.rank, dist.world_size,
                                cfg.trainer.seed) if cfg.ema.enabled else None)
+        self.gan = PatchGAN(cfg.gan, self.device, cfg.trainer.seed) if cfg.gan.weight else None
         self.build_data()
         self.step = 0
         self.nonfinite_total = 0
@@ -126,10 +129,16 @@ class VAETrainer:
         }
 
     def save(self) -> Path:
-        write_ema = (lambda tag_dir: self.ema.save(tag_dir / EMA_DIR)) if self.ema else None
         self.write_data_report()
         return checkpoint.save(self.engine, self.output_dir, self.step, self.state(),
-                               self.cfg.trainer.keep_last, self.dist.is_main, write_ema)
+                               self.cfg.trainer.keep_last, self.dist.is_main, self.write_extra)
+
+    def write_extra(self, tag_dir: Path) -> None:
+        """This rank's EMA slices; the discriminator (replicated) from rank 0."""
+        if self.ema is not None:
+            self.ema.save(tag_dir / EMA_DIR)
+        if self.gan is not None and self.dist.is_main:
+            save_file(self.gan.state(), str(tag_dir / GAN_FILE))
 
     def resume(self) -> None:
         """Weights, optimizer, RNG, step and EMA of the tag found at start-up; the crops need no state."""
@@ -148,6 +157,10 @@ class VAETrainer:
             else:
                 self.ema.reset()
                 warnings.warn(f"{self.resume_tag} holds no EMA: it starts from its weights now", stacklevel=2)
+        if self.gan is not None and (self.resume_tag / GAN_FILE).is_file():
+            self.gan.load(load_file(str(self.resume_tag / GAN_FILE)))
+        elif self.gan is not None:
+            warnings.warn(f"{self.resume_tag} holds no discriminator: it starts untrained", stacklevel=2)
         if self.dist.is_main:
             print(f"resumed from {self.resume_tag} at step {self.step}")
 
@@ -172,8 +185,10 @@ class VAETrainer:
                        f"entries unusable so far; listed in {path} (fix or remove them)")
 
     # ----------------------------------------------------------------------------- one step
-    def terms(self, images: torch.Tensor, z: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Per-sample loss terms (B,) of decoding the frozen encoder's posterior mean of `images`."""
+    def terms(self, images: torch.Tensor, z: torch.Tensor | None = None,
+              gan: bool = False) -> dict[str, torch.Tensor]:
+        """Per-sample loss terms (B,) of decoding the frozen encoder's posterior mean of `images`; with
+        `gan` also the generator's hinge term. "x" and "rec" (detached): the images and their decoding."""
         x = images.to(self.device, non_blocking=True)
         if z is None:
             z = encode_mean(self.vae, x)  # (B, 4, S/8, S/8), no gradient into the encoder
@@ -181,8 +196,10 @@ class VAETrainer:
         weights = self.cfg.loss
         out = {"l1": (rec - x).abs().flatten(1).mean(1), "mse": (rec - x).square().flatten(1).mean(1)}
         out["lpips"] = self.lpips(rec, x).float() if weights.lpips else torch.zeros_like(out["l1"])
-        out["loss"] = weights.l1 * out["l1"] + weights.mse * out["mse"] + weights.lpips * out["lpips"]
-        return out | {"rec": rec.detach()}
+        out["gan"] = self.gan.generator_term(rec) if gan else torch.zeros_like(out["l1"])
+        out["loss"] = (weights.l1 * out["l1"] + weights.mse * out["mse"] + weights.lpips * out["lpips"]
+                       + self.cfg.gan.weight * out["gan"])
+        return out | {"x": x, "rec": rec.detach()}
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum finite micro-batches; returns the global mean of each term.
@@ -193,8 +210,10 @@ class VAETrainer:
         """
         accum, size = self.cfg.trainer.grad_accum, self.cfg.trainer.micro_batch
         sums, good, micro, consecutive = torch.zeros(len(TERMS), dtype=torch.float64), 0, 0, 0
+        gan = self.gan is not None and self.gan.active(self.step)
+        disc = torch.zeros((), device=self.device)
         while good < accum:
-            terms = self.terms(self.crops.batch(self.step, micro, size))
+            terms = self.terms(self.crops.batch(self.step, micro, size), gan=gan)
             micro += 1
             loss = terms["loss"].mean()
             flags = torch.stack([*(terms[t].detach().sum() for t in TERMS), (~torch.isfinite(loss)).float()])
@@ -210,8 +229,15 @@ class VAETrainer:
             consecutive, good = 0, good + 1
             self.engine.backward(loss)
             self.engine.step()
+            if gan:  # the discriminator's step on the same crops, after the decoder's
+                disc += self.gan.update(terms["x"], terms["rec"]).sum()
             sums += torch.tensor(values, dtype=torch.float64)
-        return {t: v / (accum * size * self.dist.world_size) for t, v in zip(TERMS, sums.tolist())}
+        samples = accum * size * self.dist.world_size
+        out = {t: v / samples for t, v in zip(TERMS, sums.tolist())}
+        if gan:
+            torch.distributed.all_reduce(disc)
+            out["disc"] = disc.item() / samples  # host sync, once per step with the GAN on
+        return out
 
     # ----------------------------------------------------------------------------- validation
     @torch.no_grad()
@@ -223,7 +249,7 @@ class VAETrainer:
         size = self.cfg.trainer.micro_batch
         for images, z in zip(self.val_images.split(size), self.val_latents.split(size)):
             terms = self.terms(images, z)
-            x = images.to(self.device)
+            x = terms["x"]
             scores["psnr"].append(psnr(terms["rec"], x))
             scores["ssim"].append(ssim(terms["rec"], x))
             if self.lpips is not None:
