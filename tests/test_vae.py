@@ -51,7 +51,7 @@ def vae_yaml(tiny_sdxl, tmp_path_factory) -> Path:
     config["perceptual"]["widths"] = TINY_VGG
     config["trainer"] |= {"micro_batch": 2, "max_steps": 4, "save_every": 2, "log_every": 1,
                           "warmup_steps": 1, "output_dir": str(root / "unused")}
-    config["optimizer"]["fused"] = False  # no 20 s compile of the fused step for 4 tiny steps
+    config["optimizer"] |= {"fused": False, "lr": 0.001}  # no 20 s compile of a fused step; a random VAE
     config["ema"] = {"enabled": True, "decay": 0.9}
     config["gan"] = {"weight": 0.1, "start_step": 1, "width": 8, "layers": 2}  # D trains from the 2nd step
     config["validation"] |= {"every": 2, "holdout": 2, "crop": 32}
