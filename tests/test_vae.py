@@ -278,3 +278,16 @@ def test_hinge_losses_match_their_formulas():
     torch.testing.assert_close(hinge_d(real, fake), torch.full((2,), 0.5 * (0.0 + 0.5)))  # relu(-1), relu(.5)
     torch.testing.assert_close(hinge_d(fake, real), torch.full((2,), 0.5 * (1.5 + 3.0)))
     torch.testing.assert_close(hinge_g(fake), torch.full((2,), 0.5))
+
+
+def test_vae_flags_refuse_what_is_not_a_decoder_run(runs, unet_run, tiny_sdxl, tmp_path, capsys):
+    export = runpy.run_path(str(ROOT / "launch" / "export.py"))["main"]
+    assert export(["--vae", str(unet_run), "--format", "diffusers", "--out", str(tmp_path / "x")]) == 2
+    assert "not a VAE decoder run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a single file needs the UNet checkpoint
+        export(["--vae", str(runs["a"]), "--format", "single_file", "--out", str(tmp_path / "x.safetensors")])
+    assert exit_info.value.code == 2 and "--checkpoint" in capsys.readouterr().err
+    sample = runpy.run_path(str(ROOT / "launch" / "sample.py"))["main"]
+    with pytest.raises(SystemExit) as exit_info:
+        sample(["--model", str(tiny_sdxl), "--prompt", "x", "--vae", str(unet_run), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "error: --vae:" in capsys.readouterr().err
