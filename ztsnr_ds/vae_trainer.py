@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from deepspeed.accelerator import get_accelerator
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -356,15 +356,13 @@ class VAETrainer:
             self.logger.close()
 
 
-def pairs_grid(inputs: torch.Tensor, outputs: torch.Tensor, title: str, psnrs: list[float]):
+def pairs_grid(inputs: torch.Tensor, outputs: torch.Tensor, title: str, psnrs: list[float]) -> Image.Image:
     """Inputs beside their reconstructions, one pair a row, with a header line and each row's PSNR.
 
     Shape: (N, 3, S, S) x2 in [-1, 1] -> PIL image 2S wide."""
     pairs = torch.stack([inputs, outputs.float()], 1).flatten(0, 1)  # (2N, 3, S, S): input, output, ...
     body = image_grid(pairs, columns=2)
-    header = 14
-    from PIL import Image
-
+    header = 14  # pixels: one line of PIL's default font
     canvas = Image.new("RGB", (body.width, body.height + header), (255, 255, 255))
     canvas.paste(body, (0, header))
     draw = ImageDraw.Draw(canvas)
