@@ -11,6 +11,8 @@ or the ztsnr_ds.* safetensors metadata); flags override them, defaults fill what
 Writes NNNN-seedS.png per image (prompt, negative, seed, sigmas and settings in PNG text chunks),
 grid.png (one row per prompt) and, with --save-latents, latents.safetensors (denoised latents x0, before
 the division by the VAE scaling factor). Image i of prompt p uses seed --seed + p * n + i.
+--vae decodes with a fine-tuned decoder: a VAE decoder run (launch/train_vae.py; --vae-weights ema for
+its EMA) or an AutoencoderKL folder (an export's vae/).
 Bad input names the flag and exits with status 2.
 """
 
@@ -41,7 +43,9 @@ from ztsnr_ds.generate import (  # noqa: E402
     resolve_schedule,
     write_samples,
 )
+from ztsnr_ds.keymaps import ExportError  # noqa: E402
 from ztsnr_ds.schedule import INFERENCE_SCHEDULES, ZTSNR_MODES, explicit_sigmas  # noqa: E402
+from ztsnr_ds.vae_export import load_sampling_vae  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -100,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--weights", choices=("model", "ema"), default="model",
                    help="a checkpoint's trained weights, or their EMA (runs with ema.enabled)")
+    p.add_argument("--vae", help="decode with this fine-tuned VAE: a launch/train_vae.py run or a VAE folder")
+    p.add_argument("--vae-weights", choices=("model", "ema"), default="model",
+                   help="a VAE decoder run's trained weights, or their EMA")
     s = argparse.SUPPRESS  # absent unless given: the model's own settings apply
     p.add_argument("--ztsnr", choices=ZTSNR_MODES, default=s, help="override the model's ZTSNR mode")
     p.add_argument("--sigma-max", type=float, default=s, help="override the model's sigma_max")
@@ -146,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.model} records no noise settings: the defaults above apply unless flags set "
                   "them; pass --ztsnr, --sigma-max, --base-area if it was trained otherwise", file=sys.stderr)
         unet, parts = load_model(source, base, DTYPES[dtype_name], args.weights)
+        if args.vae:
+            parts.vae = load_sampling_vae(args.vae, DTYPES[dtype_name], args.vae_weights, base)
     except SampleInputError as e:
         parser.error(str(e))
+    except ExportError as e:
+        parser.error(f"--vae: {e}")
     for module in (unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
         module.to(device)
     dropout_mode = getattr(args, "dropout_mode", source.dropout_mode) or "empty"
@@ -158,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 "steps": spec.steps,
                 "schedule": args.schedule, "cfg": args.cfg, "cfg_rescale": args.cfg_rescale,
                 "width": args.width, "height": args.height, "n": args.n, "dtype": dtype_name,
-                "device": device.type, "noise": noise, "noise_from": origin, "dropout_mode": dropout_mode}
+                "device": device.type, "noise": noise, "noise_from": origin, "dropout_mode": dropout_mode,
+                "vae": args.vae and f"{args.vae} ({args.vae_weights})"}
     paths = write_samples(generate(unet, parts, schedule, spec), spec, args.out, settings, args.save_latents)
     print(f"wrote {len(paths)} files to {args.out}: {json.dumps([p.name for p in paths])}")
     return 0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 
 from ztsnr_ds import checkpoint, ema, safe_load
@@ -318,9 +318,14 @@ def single_file_loader(path: str | Path, base: str | Path) -> str:
 
 
 def export_single_file(trained: TrainedUNet, base: str | Path, out: str | Path,
-                       dtype: torch.dtype = torch.bfloat16, title: str | None = None) -> Path:
-    """One SDXL .safetensors: trained UNet + the base's VAE and text encoders, SGM keys, metadata."""
+                       dtype: torch.dtype = torch.bfloat16, title: str | None = None,
+                       vae: AutoencoderKL | None = None) -> Path:
+    """One SDXL .safetensors: trained UNet + the base's VAE and text encoders, SGM keys, metadata.
+
+    vae: instead of the base's (a fine-tuned decoder, ztsnr_ds/vae_export.py)."""
     parts = load_base(base, trained, dtype)
+    if vae is not None:
+        parts = replace(parts, vae=vae.to(dtype))
     state = single_file_state(trained, parts, dtype)
     return save_safetensors(state, Path(out), export_metadata(trained, title) | parts_metadata(parts))
 
