@@ -22,6 +22,7 @@ from ztsnr_ds.data.cache import CacheConfig, LatentCache
 from ztsnr_ds.data.cache_build import build_cache
 from ztsnr_ds.data.cache_files import HEADER_RESERVE, CacheError
 from ztsnr_ds.data.cache_merge import merge_parts
+from ztsnr_ds.data.source_mix import SourceConfig
 from ztsnr_ds.data.tags import parse_tags, tag_weights
 from ztsnr_ds.models import TINY_TEXT_HIDDEN, load_frozen
 from ztsnr_ds.text import PromptEncoder
@@ -60,6 +61,7 @@ ROW_FIELDS = {
     "shard",
     "index",
     "crc32",
+    "source",
 }
 
 
@@ -273,6 +275,30 @@ def test_rerun_reuses_and_reencodes_only_changes(copied, parts):
     assert rows["img02.png"]["tags"] == ["brand new tag"]
     meta = json.loads((Path(copied.cache_dir) / "shards.json").read_text())
     assert sorted(p.stem for p in (Path(copied.cache_dir) / "shards").iterdir()) == sorted(meta["shards"])
+
+
+def test_added_source_encodes_only_its_images(copied, parts):
+    """data.source's folder listed with name "" keeps its keys (all reused); a second source's keys get
+    its name as prefix, only its images are encoded, and the index's source column names each row's."""
+    before = _latents_by_key(Path(copied.cache_dir))
+    extra = Path(copied.source).parent / "extra"
+    extra.mkdir()
+    for name in ("img00", "img03"):  # the same file names as in the first source
+        shutil.copy(Path(copied.source) / f"{name}.png", extra / f"{name}.png")
+        (extra / f"{name}.txt").write_text("extra, tag")
+    mixed = CacheConfig(cache_dir=copied.cache_dir, buckets=BUCKETS, crop="random",
+                        shard_max_mb=SHARD_BYTES / 2**20,
+                        sources=[SourceConfig(copied.source, name=""), SourceConfig(str(extra), repeats=2.5)])
+    with count_vae_images(parts.vae) as seen:
+        stats = build_cache(mixed, parts, batch_size=3, workers=2, progress=False)
+    assert seen["images"] == stats.encoded == 2 and stats.reused == len(before)
+    cache = LatentCache(copied.cache_dir)
+    keys = [cache.index.key(i) for i in range(len(cache))]
+    assert {k for k in keys if k.startswith("extra/")} == {"extra/img00.png", "extra/img03.png"}
+    assert cache.index.sources == ["", "extra"]
+    assert cache.index.columns["source"].tolist() == [int(k.startswith("extra/")) for k in keys]
+    assert_same_latents({k: v for k, v in _latents_by_key(Path(copied.cache_dir)).items() if k in before},
+                        before)
 
 
 def _sample_offset(path: Path, index: int) -> tuple[int, int]:

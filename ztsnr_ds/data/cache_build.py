@@ -45,7 +45,8 @@ from ztsnr_ds.data.cache_merge import merge_parts
 from ztsnr_ds.data.cache_parts import write_part
 from ztsnr_ds.data.cache_reuse import ReuseIndex
 from ztsnr_ds.data.shards import ShardWriter
-from ztsnr_ds.data.sources import BadImage, ImageRecord, Problem, load_image, scan_share
+from ztsnr_ds.data.source_mix import scan_sources
+from ztsnr_ds.data.sources import BadImage, ImageRecord, Problem, load_image
 from ztsnr_ds.data.tags import parse_tags
 from ztsnr_ds.models import FrozenParts
 from ztsnr_ds.text import PromptEncoder
@@ -89,7 +90,8 @@ def build_cache(
     workers: int = 4,
     progress: bool = True,
 ) -> BuildStats:
-    """Cache this rank's share of ``cfg.source``; rank 0 merges when it can see every rank finish.
+    """Cache this rank's share of the sources (``cfg.source_list()``); rank 0 merges when it can see
+    every rank finish.
 
     ``batch_size`` images per VAE call, ``workers`` threads for hashing and decoding. Merges here when
     world_size == 1 or torch.distributed is initialised (barrier first); otherwise see merge_parts.
@@ -97,7 +99,7 @@ def build_cache(
     root = Path(cfg.cache_dir)
     (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     (root / PARTS_DIR).mkdir(exist_ok=True)
-    scan = scan_share(cfg.source, rank, world_size)
+    scan = scan_sources(cfg.source_list(), rank, world_size)
     fingerprint = settings_fingerprint(cfg, parts)
     reuse = ReuseIndex(root, fingerprint, cfg.cache_text, rank, world_size)
     writer = ShardWriter(root, rank, fingerprint, int(cfg.shard_max_mb * 2**20))
@@ -274,7 +276,8 @@ def manifest_row(job: Job, time_ids: tuple[int, ...] | list[int]) -> dict:
     record = job.record
     return {"key": record.key, "path": str(record.path), "sha256": job.sha256,
             "bucket": bucket_key(job.bucket), "orig_hw": list(time_ids[:2]), "crop_tl": list(time_ids[2:4]),
-            "time_ids": list(time_ids), "caption": record.caption, "tags": parse_tags(record.caption)}
+            "time_ids": list(time_ids), "caption": record.caption, "tags": parse_tags(record.caption),
+            "source": record.source}
 
 
 def _problem_dict(problem: Problem) -> dict:

@@ -50,13 +50,14 @@ class ImageRecord:
 
     path: file to load. caption: raw caption text ("" when missing). key: path relative to the
     dataset root in POSIX form; unique within a source, stable across machines (used as cache id).
-    size: (width, height) upright, when the source declares it.
+    size: (width, height) upright, when the source declares it. source: name of its data.sources entry.
     """
 
     path: Path
     caption: str
     key: str
     size: tuple[int, int] | None = None
+    source: str = ""
 
 
 @dataclass(frozen=True, order=True)
@@ -101,15 +102,15 @@ def in_share(name: str, rank: int, world_size: int) -> bool:
 class _Share:
     """Decides, entry by entry as the source streams past, what this rank keeps; digests every name."""
 
-    def __init__(self, rank: int, world_size: int) -> None:
+    def __init__(self, rank: int, world_size: int, prefix: str = "") -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.prefix = rank, world_size, prefix
         self._digest = hashlib.sha256()
 
     def take(self, name: str) -> bool:
         self._digest.update(name.encode("utf-8", "surrogatepass") + b"\0")
-        return in_share(name, self.rank, self.world_size)
+        return in_share(self.prefix + name, self.rank, self.world_size)
 
     def digest(self) -> str:
         return self._digest.hexdigest()[:16]
@@ -121,15 +122,16 @@ def scan_source(path: str | Path) -> tuple[list[ImageRecord], list[Problem]]:
     return scan.records, scan.problems
 
 
-def scan_share(path: str | Path, rank: int, world_size: int) -> Scan:
+def scan_share(path: str | Path, rank: int, world_size: int, prefix: str = "") -> Scan:
     """This rank's share (see in_share) of a folder tree or a ``.jsonl`` or ``.parquet`` manifest.
 
     The source is streamed (folders one at a time, manifest lines, Parquet row batches) and entries of
     other ranks are dropped before their file is checked or their caption read, so a rank holds and
     touches only its share. Records with a missing caption are kept (caption "") and also listed as a
-    MISSING_CAPTION problem.
+    MISSING_CAPTION problem. ``prefix``: what the cache puts before this source's keys (the share is
+    decided on the cached key, as the reuse of earlier builds splits it; data/source_mix.py).
     """
-    path, share = Path(path), _Share(rank, world_size)
+    path, share = Path(path), _Share(rank, world_size, prefix)
     if path.is_dir():
         records, problems = scan_folder(path, share)
     elif path.suffix.lower() == ".jsonl" and path.is_file():
