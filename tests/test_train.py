@@ -147,9 +147,13 @@ def test_incomplete_checkpoint_is_ignored(run_config, tmp_path):
     (["--model.pretrained", "/nonexistent/sdxl"], "model.pretrained"),
     (["--model.attention", "flash3"], "model.attention"),
     (["--model.compile", "max"], "model.compile"),
+    (["--trainer.resume_data", "later"], "trainer.resume_data"),
+    (["--data.source", "null", "--data.sources", '[{"path": "a", "repeats": -1}]'],
+     "data.sources[0].repeats"),
+    (["--data.sources", '[{"path": "a"}]'], "data.sources"),
 ])
 def test_config_errors_name_the_key(run_config, args, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):
         parse(["--config", str(run_config), *args])
 
 

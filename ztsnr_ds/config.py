@@ -16,7 +16,7 @@ from pathlib import Path
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from ztsnr_ds.data.cache import CacheConfig
-from ztsnr_ds.data.sampler import BucketBatchSampler
+from ztsnr_ds.data.sampler import RESUME_DATA, BucketBatchSampler
 from ztsnr_ds.ema import EMAConfig
 from ztsnr_ds.kernels import ATTENTION_BACKENDS, COMPILE_MODES
 from ztsnr_ds.schedule import INFERENCE_SCHEDULES
@@ -163,6 +163,10 @@ class TrainerConfig:
     """Checkpoints kept; older ones are deleted only after a newer one is complete."""
     resume: str = "auto"
     """auto (latest complete checkpoint in output_dir if any), none, or a checkpoint tag folder."""
+    resume_data: str = "exact"
+    """What a resume trains next: exact (the checkpoint's sampler plan, mid-epoch; refused when the cache's
+    buckets or data.sources repeats changed) or replan (weights, optimizer, EMA and step from the
+    checkpoint, a fresh sampler plan of the data as it is now from the next epoch: a grown cache)."""
     overwrite: bool = False
     """Allow a run that does not continue output_dir's newest checkpoint (resume none, or an older
     tag): the tags it would not resume from are moved to output_dir/replaced/<time>/, not deleted."""
@@ -179,6 +183,7 @@ class TrainerConfig:
             _check_positive(f"trainer.{key}", getattr(self, key))
         _check_positive("trainer.warmup_steps", self.warmup_steps, allow_zero=True)
         _check_choice("trainer.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("trainer.resume_data", self.resume_data, RESUME_DATA)
         if self.keep_last < 1:
             raise ValueError(f"trainer.keep_last = {self.keep_last} must be >= 1")
 

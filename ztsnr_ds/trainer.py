@@ -37,6 +37,7 @@ from ztsnr_ds.engine import DistInfo, any_rank, build_ds_config, initialize, is_
 from ztsnr_ds.generate import SampleSpec, generate
 from ztsnr_ds.holdout import HoldoutLoss, holdout_count, holdout_ids, training_buckets
 from ztsnr_ds.metrics import BandMeter, MetricLogger, image_grid
+from ztsnr_ds.mixing import sampler_options
 from ztsnr_ds.models import load_frozen, load_unet
 from ztsnr_ds.objective import VObjective, add_noise, append_dims, c_in
 from ztsnr_ds.optim import AdamWSR
@@ -62,7 +63,7 @@ def sample_streams(seed: int, epoch: int, sample_id: int) -> tuple[torch.Generat
 
     Seeded from (seed, epoch, id) only, not from the rank or the position in a batch, so 1 rank
     with micro-batch 4 and 2 ranks with micro-batch 2 draw the same numbers for the same global
-    batch. The sampler uses an id at most once per epoch, so every use gets fresh draws.
+    batch. A repeated image's uses in one epoch have distinct use ids (data/repeats.py): fresh draws.
     """
     digest = hashlib.sha256(f"{seed}:{epoch}:{sample_id}".encode()).digest()
     return (torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")),
@@ -95,7 +96,7 @@ class Trainer:
         self.ema = (ShardedEMA(cfg.ema, self.engine, self.optimizer, dist.rank, dist.world_size,
                                cfg.trainer.seed) if cfg.ema.enabled else None)
         self.sampler = cfg.sampler(self.build_holdout(), cfg.trainer.micro_batch, dist.world_size, dist.rank,
-                                   base_area=cfg.noise.base_area if cfg.trainer.batch_by_area else None)
+                                   **sampler_options(cfg, self.cache.index))
         self.step_samples = 0  # samples of all ranks in the last optimizer step
         self.step = 0
         self.nonfinite_total = 0

@@ -97,14 +97,16 @@ class LatentCache:
         return parse_bucket_key(bucket)
 
     def batch(self, ids: list[int] | np.ndarray) -> dict:
-        """Cached tensors of ``ids`` (all from one bucket).
+        """Cached tensors of ``ids`` (all from one bucket): row ids, or the sampler's use ids (row + copy *
+        rows for a repeated image, data/repeats.py), read as their row.
 
         Shape: latents (B, 4, h/8, w/8) bf16 (already * scaling_factor), time_ids (B, 6) float32,
         weight (B,) float32, captions list[str]; with cached text also embeds (B, 77, D), pooled (B, P) bf16.
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) and not (0 <= ids.min() and ids.max() < len(self)):
+        if len(ids) and ids.min() < 0:
             raise CacheError(f"ids {ids.tolist()} outside the cache's 0..{len(self) - 1}; {REBUILD_HINT}")
+        ids = ids % max(len(self), 1)
         col = self.index.columns
         if len(np.unique(col["bucket"][ids])) != 1:
             raise ValueError(f"a batch must come from one bucket, got ids {ids.tolist()} from several")

@@ -1,0 +1,115 @@
+"""Source repeats per epoch: which cached images an epoch trains on, and how often (kohya ``num_repeats``,
+OneTrainer's fractional ``repeats``).
+
+A source s of n_s training images with repeats r_s = f_s + p_s (f_s = floor(r_s), 0 <= p_s < 1) gives
+every image f_s uses per epoch and k_s = floor(p_s * n_s + 1/2) of them one more, a subset drawn afresh
+each epoch from a generator seeded by (seed, epoch): uses_s = f_s * n_s + k_s exactly, every epoch.
+
+The c-th use (c = 0, 1, ...) of row i in an epoch has the use id u = i + c * R (R = rows of the cache), so
+u mod R is the row and u itself seeds the use's random streams (trainer.sample_streams): every use of a
+repeated image draws its own noise, sigma and caption edits, and with all repeats 1 every u = i, the plan
+of a run without repeats. Vectorised numpy: a few passes over the epoch's ids, a loop over the sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SourceRepeats:
+    """The cache's source of every row and each source's repeats.
+
+    Shape: source (R,) int (the index's source column), repeats (S,) float64, names S strings.
+    """
+
+    source: np.ndarray
+    repeats: np.ndarray
+    names: list[str]
+
+    @property
+    def rows(self) -> int:
+        return len(self.source)
+
+    def digest(self) -> str:
+        """Of the names and repeats: a resume under other repeats would plan other epochs."""
+        text = ";".join(f"{name}={float(r)!r}" for name, r in zip(self.names, self.repeats, strict=True))
+        return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def source_repeats(index_sources: Sequence[str], source_column: np.ndarray,
+                   configured: Sequence[tuple[str, float]]) -> SourceRepeats:
+    """Repeats of the cache's sources from ``data.sources`` (name, repeats) pairs. ValueError naming
+    data.sources when the config and the cache list different sources."""
+    wanted = dict(configured)
+    missing = [name for name in wanted if name not in index_sources]
+    unlisted = [name for name in index_sources if name not in wanted]
+    if missing or unlisted:
+        fix = [f"build {missing} into the cache (launch/cache.py)"] if missing else []
+        fix += [f"list {unlisted} in data.sources (repeats: 0 to leave it out)"] if unlisted else []
+        raise ValueError(f"data.sources lists {sorted(wanted)}, the cache holds {list(index_sources)}: "
+                         + "; ".join(fix))
+    repeats = np.array([wanted[name] for name in index_sources], dtype=np.float64)
+    return SourceRepeats(np.asarray(source_column), repeats, list(index_sources))
+
+
+def uses_per_source(images: np.ndarray, repeats: np.ndarray) -> np.ndarray:
+    """uses_s = floor(r_s) * n_s + floor(frac(r_s) * n_s + 1/2). Shape: (S,), (S,) -> (S,) int64."""
+    whole = np.floor(repeats)
+    return (whole * images + np.floor((repeats - whole) * images + 0.5)).astype(np.int64)
+
+
+def images_per_source(buckets: Sequence[np.ndarray], mix: SourceRepeats) -> np.ndarray:
+    """Training images of each source over ``buckets`` (row ids). Shape: (S,) int64."""
+    rows = np.concatenate(buckets) if buckets else np.zeros(0, np.int64)
+    return np.bincount(mix.source[rows], minlength=len(mix.names)).astype(np.int64)
+
+
+def epoch_uses(buckets: Sequence[np.ndarray], mix: SourceRepeats,
+               rng: np.random.Generator) -> list[np.ndarray]:
+    """Each bucket's use ids of one epoch (module docstring): row i of source s appears floor(r_s) times,
+    plus once more if drawn into the source's k_s extras (drawn by ``rng`` over the whole source, so the
+    counts per source are exact whatever the buckets). Shape: B x (n_b,) -> B x (uses_b,) int64."""
+    lengths = np.array([len(ids) for ids in buckets], dtype=np.int64)
+    rows = np.concatenate(buckets).astype(np.int64, copy=False)  # (N,)
+    source = mix.source[rows]  # (N,)
+    whole = np.floor(mix.repeats).astype(np.int64)
+    copies = whole[source]  # (N,)
+    images = np.bincount(source, minlength=len(mix.names))  # (S,)
+    extras = uses_per_source(images, mix.repeats) - whole * images  # k_s
+    for s in np.flatnonzero(extras):  # a loop over the sources, not the rows
+        members = np.flatnonzero(source == s)
+        copies[members[rng.choice(len(members), int(extras[s]), replace=False, shuffle=False)]] += 1
+    uses = np.repeat(rows, copies)
+    first = np.cumsum(copies) - copies  # position of each row's first use
+    uses += (np.arange(len(uses)) - np.repeat(first, copies)) * mix.rows  # u = i + c * R
+    bounds = np.r_[0, np.cumsum(copies)][np.r_[0, np.cumsum(lengths)]]
+    return np.split(uses, bounds[1:-1])
+
+
+def source_summary(buckets: Sequence[np.ndarray], mix: SourceRepeats, world_size: int) -> dict[str, dict]:
+    """JSON-able facts per source (the same every epoch): training images, repeats, uses per epoch and
+    distinct images used per epoch. ValueError when an epoch has fewer uses than ranks."""
+    images = images_per_source(buckets, mix)
+    uses = uses_per_source(images, mix.repeats)
+    if uses.sum() < world_size:
+        raise ValueError(f"data.sources repeats give {int(uses.sum())} samples per epoch, fewer than the "
+                         f"{world_size} ranks: raise repeats or use fewer ranks")
+    distinct = np.where(mix.repeats >= 1, images, uses)
+    facts = zip(mix.names, images, mix.repeats, uses, distinct, strict=True)
+    return {name: {"images": int(n), "repeats": float(r), "uses_per_epoch": int(u),
+                   "distinct_per_epoch": int(d)} for name, n, r, u, d in facts}
+
+
+def source_table(sources: dict[str, dict]) -> list[str]:
+    """Lines of the start-up table: one per source, then the epoch's total."""
+    lines = [f"{'source':>16} {'images':>9} {'repeats':>8} {'per epoch':>10}  share"]
+    total = sum(s["uses_per_epoch"] for s in sources.values()) or 1
+    for name, s in sources.items():
+        lines.append(f"{name or '(unnamed)':>16} {s['images']:>9} {s['repeats']:>8g} "
+                     f"{s['uses_per_epoch']:>10}  {s['uses_per_epoch'] / total:6.1%}")
+    return lines
