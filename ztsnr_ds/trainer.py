@@ -351,7 +351,7 @@ class Trainer:
 
     def _log(self, metrics_file, loss: float, lr: float, seconds: float) -> None:
         record = {"step": self.step, "loss": loss, "lr": lr, "epoch": self.sampler.epoch,
-                  "samples_per_step": self.step_samples}
+                  "samples_per_step": self.step_samples, **self.sampler.samples_seen()}
         if self.step % self.cfg.trainer.log_every == 0:
             grad_norm = self.engine.get_global_grad_norm()
             record |= {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),

@@ -113,3 +113,12 @@ def source_table(sources: dict[str, dict]) -> list[str]:
         lines.append(f"{name or '(unnamed)':>16} {s['images']:>9} {s['repeats']:>8g} "
                      f"{s['uses_per_epoch']:>10}  {s['uses_per_epoch'] / total:6.1%}")
     return lines
+
+
+def seen_by_step(uses: np.ndarray, step_starts: np.ndarray, mix: SourceRepeats) -> np.ndarray:
+    """Samples of each source in an epoch plan before each step: row k counts the use ids
+    uses[:step_starts[k]] by source. Shape: (N,), (K + 1,) -> (K + 1, S) int64."""
+    step = np.repeat(np.arange(len(step_starts) - 1), np.diff(step_starts))  # (N,) step of each use
+    n = len(mix.names)
+    counts = np.bincount(step * n + mix.source[uses % mix.rows], minlength=(len(step_starts) - 1) * n)
+    return np.vstack([np.zeros((1, n), np.int64), counts.reshape(-1, n).cumsum(0)])

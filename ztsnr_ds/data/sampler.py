@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ztsnr_ds.data.buckets import parse_bucket_key
-from ztsnr_ds.data.repeats import SourceRepeats, epoch_uses, source_summary, source_table
+from ztsnr_ds.data.repeats import SourceRepeats, epoch_uses, seen_by_step, source_summary, source_table
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class BucketBatchSampler:
         self.global_batch = micro_batch * world_size
         self.seed, self.shuffle, self.base_area = seed, shuffle, base_area
         self.micro_batches = bucket_micro_batches(self.keys, micro_batch, base_area)
-        self.repeats, self.resume_data = repeats, resume_data
+        self.repeats, self.resume_data, self._seen = repeats, resume_data, {}
         self.sources = source_summary(self._buckets, repeats, world_size) if repeats is not None else None
         self._digest = _fingerprint(self.keys, self._buckets) + (repeats.digest() if self._repeating else "")
         first = self.plan(0)
@@ -263,8 +263,22 @@ class BucketBatchSampler:
         """This rank's plan of `epoch`, kept for the current and the next epoch only."""
         if epoch not in self._plans:
             self._plans = {e: p for e, p in self._plans.items() if e >= self.epoch}
-            self._plans[epoch] = self.plan(epoch).rank_plan(self.rank)
+            plan = self.plan(epoch)
+            self._plans[epoch] = plan.rank_plan(self.rank)
+            if self.repeats is not None:  # (steps + 1, sources) samples of each source before step k
+                self._seen = {e: v for e, v in self._seen.items() if e in self._plans}
+                self._seen[epoch] = seen_by_step(plan.ids, plan.offsets[::self.world_size], self.repeats)
         return self._plans[epoch]
+
+    def samples_seen(self) -> dict[str, int]:
+        """{"seen/<source>": samples of that source all ranks trained on so far} (epochs before this one
+        counted at today's uses per epoch); {} without sources. Read from the plan: no collective."""
+        if self.sources is None:
+            return {}
+        now = self._seen[self.epoch][self.position] if self.epoch in self._seen else 0
+        before = np.array([s["uses_per_epoch"] for s in self.sources.values()]) * self.epoch
+        seen = zip(self.sources, before + now, strict=True)
+        return {f"seen/{name or 'default'}": int(n) for name, n in seen}
 
     def __len__(self) -> int:
         """Steps (micro-steps of every rank) in the current epoch; tail joins make it vary by a few."""
