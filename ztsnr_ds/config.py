@@ -123,6 +123,14 @@ class CaptionConfig:
     """Tags kept in place at the front when shuffling (e.g. the rating or subject tag)."""
     dropout: float = 0.05
     """Probability of training on the unconditional (makes classifier-free guidance work)."""
+    tag_dropout: float = 0.0
+    """Probability of dropping each tag of a caption per use (live text encoding only), except the first
+    keep_first tags and keep_tags (data/caption_control.py)."""
+    keep_tags: list[str] = field(default_factory=list)
+    """Tags tag_dropout never drops (e.g. 1girl, quality tags); compared normalised (Blue_Sky = blue sky)."""
+    caption_weights: list[float] = field(default_factory=list)
+    """Captions with several lines (a multi-line .txt, a list column) train on one line per use: line i
+    with weight caption_weights[i] (lines past the list take its last weight; empty: all equal)."""
     dropout_mode: str = "empty"
     """The unconditional, for dropout and for an empty negative prompt: empty (the encoded "", which
     ComfyUI and A1111 send for an empty negative) or zeros (zero embeddings and pooled vector, SDXL base's
@@ -133,6 +141,12 @@ class CaptionConfig:
             raise ValueError(f"captions.dropout = {self.dropout} must lie in [0, 1]")
         _check_choice("captions.dropout_mode", self.dropout_mode, DROPOUT_MODES)
         _check_positive("captions.keep_first", self.keep_first, allow_zero=True)
+        if not 0.0 <= self.tag_dropout <= 1.0:
+            raise ValueError(f"captions.tag_dropout = {self.tag_dropout} must lie in [0, 1]")
+        weights = self.caption_weights
+        if any(w < 0 for w in weights) or (weights and not sum(weights)):
+            raise ValueError(f"captions.caption_weights = {self.caption_weights}: weights must be >= 0, "
+                             "not all 0")
 
 
 @dataclass

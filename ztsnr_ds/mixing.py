@@ -4,8 +4,10 @@ One place, read by the pre-flight checks (before any model loads) and by the tra
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
+from ztsnr_ds.data.caption_control import CaptionControl, CaptionRule
 from ztsnr_ds.data.index import CacheIndex
 from ztsnr_ds.data.repeats import source_repeats
 
@@ -17,3 +19,31 @@ def sampler_options(config, index: CacheIndex) -> dict[str, Any]:
     return {"base_area": config.noise.base_area if config.trainer.batch_by_area else None,
             "repeats": source_repeats(index.sources, index.columns["source"], sources),
             "resume_data": config.trainer.resume_data}
+
+
+PER_SOURCE_CAPTIONS = ("shuffle_tags", "keep_first", "tag_dropout", "keep_tags", "caption_weights")
+"""The captions keys a data.sources entry may override."""
+
+
+def caption_control(config, index_sources: list[str]) -> CaptionControl:
+    """Caption edits per cached source: the captions section with each data.sources entry's overrides.
+    ValueError naming the key for a bad override, and for edits that vary per use with data.cache_text
+    (one embedding per image is cached: it cannot change per use)."""
+    rules = {}
+    for i, source in enumerate(config.data.source_list()):
+        key = f"data.sources[{i}].captions"
+        if bad := sorted(set(source.captions) - set(PER_SOURCE_CAPTIONS)):
+            raise ValueError(f"{key}.{bad[0]} cannot be set per source; a source may set "
+                             f"{', '.join(PER_SOURCE_CAPTIONS)}")
+        try:
+            rules[source.name] = CaptionRule.of(replace(config.captions, **source.captions))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{key}: {err}") from None
+        if config.data.cache_text and rules[source.name].varies:
+            where = f"{key} or captions" if source.captions else "captions"
+            raise ValueError(f"data.cache_text = true caches one text embedding per image, so {where}"
+                             ".tag_dropout and .caption_weights (one of several captions per use) cannot "
+                             "vary per use: set data.cache_text: false (live encoding) or drop those "
+                             "settings")
+    default = CaptionRule.of(config.captions)
+    return CaptionControl([rules.get(name, default) for name in index_sources])

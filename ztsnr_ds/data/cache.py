@@ -101,7 +101,8 @@ class LatentCache:
         rows for a repeated image, data/repeats.py), read as their row.
 
         Shape: latents (B, 4, h/8, w/8) bf16 (already * scaling_factor), time_ids (B, 6) float32,
-        weight (B,) float32, captions list[str]; with cached text also embeds (B, 77, D), pooled (B, P) bf16.
+        weight (B,) float32, captions list[str], source (B,) int64 (position in index.sources); with cached
+        text also embeds (B, 77, D), pooled (B, P) bf16.
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(ids) and ids.min() < 0:
@@ -115,6 +116,7 @@ class LatentCache:
             "time_ids": torch.from_numpy(col["time_ids"][ids].astype(np.float32)),
             "weight": torch.from_numpy(col["weight"][ids].astype(np.float32)),
             "captions": [self.index.caption(i) for i in ids],
+            "source": torch.from_numpy(col["source"][ids].astype(np.int64)),
         }
         if self.cache_text:
             text = [self._sample(i, "crc32_text") for i in ids]

@@ -1,0 +1,82 @@
+"""Caption edits of one use of a cached caption, drawn from that use's Python stream (trainer.sample_streams,
+seeded by (seed, epoch, use id)), so a resume and any world size repeat them.
+
+For each use, in this order (draws only where a setting asks for one, so the defaults draw exactly what
+the plain tag shuffle did):
+1. several captions: a caption with several lines (a multi-line .txt, a list column) trains on one line
+   per use, line i with probability w_i / sum(w) (``caption_weights``; lines past the list take its last
+   weight; no list: all equal). Kohya/OneTrainer/SimpleTuner pick one caption per step the same way.
+2. tag dropout: every tag but the first ``keep_first`` and those in ``keep_tags`` is dropped with
+   probability ``tag_dropout`` (kohya ``caption_tag_dropout_rate``, OneTrainer ``tag_dropout``).
+3. tag shuffle: the tags after the first ``keep_first`` are shuffled (data/tags.py shuffle_caption).
+Whole-caption dropout (``captions.dropout``) is drawn before all of these, by the trainer.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ztsnr_ds.data.tags import normalize_tag, parse_tags
+
+
+@dataclass(frozen=True)
+class CaptionRule:
+    """The caption settings of one source (the ``captions`` section with the source's overrides)."""
+
+    shuffle_tags: bool = True
+    keep_first: int = 1
+    tag_dropout: float = 0.0
+    keep_tags: frozenset[str] = frozenset()
+    caption_weights: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, section: object) -> CaptionRule:
+        """From a CaptionConfig-like object (keep_tags normalised as the tags are)."""
+        return cls(section.shuffle_tags, section.keep_first, section.tag_dropout,
+                   frozenset(map(normalize_tag, section.keep_tags)), tuple(section.caption_weights))
+
+    @property
+    def varies(self) -> bool:
+        """Whether a use's caption can differ from the cached one beyond the tag order."""
+        return self.tag_dropout > 0 or bool(self.caption_weights)
+
+
+def pick_line(caption: str, weights: Sequence[float], rng: random.Random) -> str:
+    """One line of a multi-line caption (empty lines ignored); line i weighs weights[min(i, len - 1)], or 1
+    without weights. A one-line caption draws nothing."""
+    lines = [line.strip() for line in caption.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return lines[0] if lines else ""
+    w = [weights[min(i, len(weights) - 1)] for i in range(len(lines))] if weights else None
+    return rng.choices(lines, weights=w)[0]
+
+
+def edit_caption(caption: str, rule: CaptionRule, rng: random.Random) -> str:
+    """The caption of one use (module docstring). With one line, no tag dropout and no shuffle it is the
+    caption as cached; otherwise its tags come out normalised, joined by ", "."""
+    if "\n" in caption:
+        caption = pick_line(caption, rule.caption_weights, rng)
+    if not (rule.shuffle_tags or rule.tag_dropout):
+        return caption
+    tags = parse_tags(caption)
+    head, tail = tags[:rule.keep_first], tags[rule.keep_first:]
+    if rule.tag_dropout:
+        tail = [t for t in tail if t in rule.keep_tags or rng.random() >= rule.tag_dropout]
+    if rule.shuffle_tags:
+        rng.shuffle(tail)
+    return ", ".join(head + tail)
+
+
+class CaptionControl:
+    """Per-source caption edits of a micro-batch: rules[s] for the cache's source s."""
+
+    def __init__(self, rules: Sequence[CaptionRule]) -> None:
+        self.rules = list(rules)
+
+    def edit(self, captions: Sequence[str], sources: Sequence[int], dropped: Sequence[bool],
+             rngs: Sequence[random.Random]) -> list[str]:
+        """"" for a dropped caption, else edit_caption with its source's rule and its use's stream."""
+        return ["" if d else edit_caption(c, self.rules[s], rng)
+                for c, s, d, rng in zip(captions, sources, dropped, rngs, strict=True)]
