@@ -23,7 +23,7 @@ from ztsnr_ds.data.cache_build import build_cache
 from ztsnr_ds.data.cache_files import HEADER_RESERVE, CacheError
 from ztsnr_ds.data.cache_merge import merge_parts
 from ztsnr_ds.data.source_mix import SourceConfig
-from ztsnr_ds.data.tags import parse_tags, tag_weights
+from ztsnr_ds.data.tags import FIELD_SEP, parse_tags, tag_weights
 from ztsnr_ds.models import TINY_TEXT_HIDDEN, load_frozen
 from ztsnr_ds.text import PromptEncoder
 
@@ -566,3 +566,32 @@ def test_parquet_source_builds_the_same_cache_as_jsonl(tmp_path, parts, dataset)
     assert _read_rows(tmp_path / "parquet") == _read_rows(tmp_path / "jsonl")
     parquet, jsonl = _latents_by_key(tmp_path / "parquet"), _latents_by_key(tmp_path / "jsonl")
     assert parquet.keys() == jsonl.keys() and all(torch.equal(parquet[k], jsonl[k]) for k in jsonl)
+
+
+def test_template_and_list_caption_sources(tmp_path, parts, dataset):
+    """A Parquet source with a caption template caches its fields (empty ones kept as empty fields); a
+    JSONL source with a list of captions caches them one a line; tags read both as comma lists."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    meta = tmp_path / "meta.parquet"
+    keys = ["img00.png", "img01.png"]
+    pq.write_table(pa.table({"image": keys, "rating": ["safe", "general"],
+                             "artist": ["foo", None], "general": [["1girl", "hat"], []]}), meta)
+    shutil.copy(meta, dataset / "meta.parquet")
+    (dataset / "multi.jsonl").write_text(json.dumps({"image": "img02.png", "caption": ["a, b", "a photo"]}))
+    sources = [SourceConfig(str(dataset / "meta.parquet"), template="{rating}, by {artist}, {general}",
+                            fields={"general": {"shuffle": True}}),
+               SourceConfig(str(dataset / "multi.jsonl"))]
+    cfg = CacheConfig(cache_dir=str(tmp_path / "cache"), buckets=BUCKETS, sources=sources)
+    try:
+        build_cache(cfg, parts, batch_size=3, workers=2, progress=False)
+    finally:
+        (dataset / "meta.parquet").unlink()
+        (dataset / "multi.jsonl").unlink()
+    rows = {r["key"]: r for r in _read_rows(tmp_path / "cache")}
+    sep = FIELD_SEP
+    assert rows["meta/img00.png"]["caption"] == f"safe{sep}by foo{sep}1girl, hat"
+    assert rows["meta/img01.png"]["caption"] == f"general{sep}{sep}"
+    assert rows["meta/img00.png"]["tags"] == ["safe", "by foo", "1girl", "hat"]
+    assert rows["multi/img02.png"]["caption"] == "a, b\na photo"

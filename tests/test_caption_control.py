@@ -6,8 +6,11 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
+
 from ztsnr_ds.data.caption_control import CaptionControl, CaptionRule, edit_caption
-from ztsnr_ds.data.tags import parse_tags, shuffle_caption
+from ztsnr_ds.data.caption_template import CaptionTemplate
+from ztsnr_ds.data.tags import FIELD_SEP, parse_tags, shuffle_caption
 
 CAPTION = "masterpiece, 1girl, Blue_Sky, solo, smile, hat, cat, outdoors, red eyes, tree"
 
@@ -49,3 +52,35 @@ def test_control_applies_each_source_rule_and_dropout():
     rngs = [random.Random(i) for i in range(3)]
     edited = control.edit([CAPTION, CAPTION, CAPTION], [0, 1, 0], [False, False, True], rngs)
     assert edited == [CAPTION, "", ""]
+
+
+TEMPLATE = "{rating}, {character}, by {artist}, {general}, {year}"
+ENTRY = {"rating": "safe", "character": [], "artist": "Foo_Bar", "general": ["1girl", "solo", "hat"],
+         "year": 2023}
+
+
+def test_template_builds_the_expected_strings_and_empty_fields_vanish():
+    template = CaptionTemplate.parse(TEMPLATE)
+    assert template.columns == ["rating", "character", "artist", "general", "year"]
+    cached = template(ENTRY)
+    assert cached == FIELD_SEP.join(["safe", "", "by Foo_Bar", "1girl, solo, hat", "2023"])
+    assert parse_tags(cached) == ["safe", "by foo bar", "1girl", "solo", "hat", "2023"]  # tag weights' view
+    rules = template.rules({}, "data.sources[0].fields")
+    for seed in range(5):  # the global shuffle leaves a template's order alone
+        assert edit_caption(cached, CaptionRule(fields=rules), random.Random(seed)) == (
+            "safe, by foo bar, 1girl, solo, hat, 2023")
+    rules = template.rules({"artist": {"dropout": 1.0}, "general": {"shuffle": True}}, "f")
+    outs = {edit_caption(cached, CaptionRule(fields=rules), random.Random(s)) for s in range(30)}
+    assert all(o.startswith("safe, ") and o.endswith(", 2023") and "foo" not in o for o in outs)
+    assert {tuple(sorted(o.split(", ")[1:4])) for o in outs} == {("1girl", "hat", "solo")} and len(outs) > 1
+    assert template({"rating": "safe"}) == FIELD_SEP.join(["safe", "", "", "", ""])
+    assert edit_caption(template({"rating": "safe"}), CaptionRule(fields=rules), random.Random(0)) == "safe"
+
+
+def test_template_errors_name_the_key():
+    with pytest.raises(ValueError, match="one {column} per"):
+        CaptionTemplate.parse("{a} {b}, {c}")
+    with pytest.raises(ValueError, match=r"f\.nope: not a field"):
+        CaptionTemplate.parse(TEMPLATE).rules({"nope": {}}, "f")
+    with pytest.raises(ValueError, match=r"f\.artist\.dropout = 2"):
+        CaptionTemplate.parse(TEMPLATE).rules({"artist": {"dropout": 2}}, "f")

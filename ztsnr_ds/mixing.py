@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 from ztsnr_ds.data.caption_control import CaptionControl, CaptionRule
+from ztsnr_ds.data.caption_template import CaptionTemplate
 from ztsnr_ds.data.index import CacheIndex
 from ztsnr_ds.data.repeats import source_repeats
 
@@ -25,6 +26,11 @@ PER_SOURCE_CAPTIONS = ("shuffle_tags", "keep_first", "tag_dropout", "keep_tags",
 """The captions keys a data.sources entry may override."""
 
 
+def _field_rules(source, key: str) -> tuple:
+    """The source's template field rules (validated with data.sources already)."""
+    return CaptionTemplate.parse(source.template).rules(source.fields, key) if source.template else ()
+
+
 def caption_control(config, index_sources: list[str]) -> CaptionControl:
     """Caption edits per cached source: the captions section with each data.sources entry's overrides.
     ValueError naming the key for a bad override, and for edits that vary per use with data.cache_text
@@ -36,13 +42,15 @@ def caption_control(config, index_sources: list[str]) -> CaptionControl:
             raise ValueError(f"{key}.{bad[0]} cannot be set per source; a source may set "
                              f"{', '.join(PER_SOURCE_CAPTIONS)}")
         try:
-            rules[source.name] = CaptionRule.of(replace(config.captions, **source.captions))
+            rules[source.name] = replace(CaptionRule.of(replace(config.captions, **source.captions)),
+                                         fields=_field_rules(source, f"data.sources[{i}].fields"))
         except (TypeError, ValueError) as err:
             raise ValueError(f"{key}: {err}") from None
         if config.data.cache_text and rules[source.name].varies:
             where = f"{key} or captions" if source.captions else "captions"
             raise ValueError(f"data.cache_text = true caches one text embedding per image, so {where}"
-                             ".tag_dropout and .caption_weights (one of several captions per use) cannot "
+                             ".tag_dropout, .caption_weights (one of several captions per use) and template "
+                             "field dropout / shuffle cannot "
                              "vary per use: set data.cache_text: false (live encoding) or drop those "
                              "settings")
     default = CaptionRule.of(config.captions)

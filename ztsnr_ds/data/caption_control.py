@@ -9,6 +9,9 @@ the plain tag shuffle did):
 2. tag dropout: every tag but the first ``keep_first`` and those in ``keep_tags`` is dropped with
    probability ``tag_dropout`` (kohya ``caption_tag_dropout_rate``, OneTrainer ``tag_dropout``).
 3. tag shuffle: the tags after the first ``keep_first`` are shuffled (data/tags.py shuffle_caption).
+A caption built from a template (data/caption_template.py) is first rendered field by field (each
+field's dropout and shuffle); tag dropout then applies, the global shuffle does not (the template fixes
+the order of the fields).
 Whole-caption dropout (``captions.dropout``) is drawn before all of these, by the trainer.
 """
 
@@ -18,7 +21,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ztsnr_ds.data.tags import normalize_tag, parse_tags
+from ztsnr_ds.data.caption_template import FieldRule, render_fields
+from ztsnr_ds.data.tags import FIELD_SEP, normalize_tag, parse_tags
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class CaptionRule:
     tag_dropout: float = 0.0
     keep_tags: frozenset[str] = frozenset()
     caption_weights: tuple[float, ...] = ()
+    fields: tuple[FieldRule, ...] = ()
 
     @classmethod
     def of(cls, section: object) -> CaptionRule:
@@ -40,7 +45,8 @@ class CaptionRule:
     @property
     def varies(self) -> bool:
         """Whether a use's caption can differ from the cached one beyond the tag order."""
-        return self.tag_dropout > 0 or bool(self.caption_weights)
+        return self.tag_dropout > 0 or bool(self.caption_weights) or any(
+            f.dropout or f.shuffle for f in self.fields)
 
 
 def pick_line(caption: str, weights: Sequence[float], rng: random.Random) -> str:
@@ -58,13 +64,14 @@ def edit_caption(caption: str, rule: CaptionRule, rng: random.Random) -> str:
     caption as cached; otherwise its tags come out normalised, joined by ", "."""
     if "\n" in caption:
         caption = pick_line(caption, rule.caption_weights, rng)
-    if not (rule.shuffle_tags or rule.tag_dropout):
+    templated = FIELD_SEP in caption  # the template fixes the order: fields shuffle inside only
+    if not (rule.shuffle_tags or rule.tag_dropout or templated):
         return caption
-    tags = parse_tags(caption)
+    tags = render_fields(caption, rule.fields, rng) if templated else parse_tags(caption)
     head, tail = tags[:rule.keep_first], tags[rule.keep_first:]
     if rule.tag_dropout:
         tail = [t for t in tail if t in rule.keep_tags or rng.random() >= rule.tag_dropout]
-    if rule.shuffle_tags:
+    if rule.shuffle_tags and not templated:
         rng.shuffle(tail)
     return ", ".join(head + tail)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ztsnr_ds.data.caption_template import CaptionTemplate
 from ztsnr_ds.data.sources import Scan, scan_share
 
 
@@ -36,6 +37,12 @@ class SourceConfig:
     "" keeps bare keys (what a single data.source builds, so its cache is reused)."""
     captions: dict[str, Any] = field(default_factory=dict)
     """Caption settings of this source overriding the global ``captions`` section (e.g. tag_dropout)."""
+    template: str = ""
+    """JSONL / Parquet sources: build the caption from columns, e.g. "{rating}, {character}, {general}"
+    (one {column} per comma-separated part; empty parts vanish with their commas); "" reads "caption"."""
+    fields: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per template field: {"dropout": p, "shuffle": bool}, drawn at every use (e.g. general: {dropout:
+    0.1, shuffle: true})."""
 
 
 def source_list(source: str | None, sources: list[SourceConfig]) -> list[SourceConfig]:
@@ -54,12 +61,27 @@ def source_list(source: str | None, sources: list[SourceConfig]) -> list[SourceC
             raise ValueError(f"data.sources[{i}].repeats = {s.repeats} must be a finite number >= 0")
         if "/" in s.name:
             raise ValueError(f"data.sources[{i}].name = {s.name!r} must not contain '/' (it prefixes keys)")
+        check_template(s, f"data.sources[{i}]")
     names = [s.name for s in resolved]
     if len(set(names)) != len(names):
         raise ValueError(f"data.sources: names {names} repeat; give each entry its own name")
     if sum(s.repeats for s in resolved) == 0:
         raise ValueError("data.sources: every repeats is 0, nothing would train; raise one above 0")
     return resolved
+
+
+def check_template(source: SourceConfig, key: str) -> None:
+    """ValueError naming ``key``.template / .fields for a bad template, fields or a folder source."""
+    if not source.template:
+        if source.fields:
+            raise ValueError(f"{key}.fields is set without a {key}.template")
+        return
+    if Path(source.path).suffix.lower() not in (".jsonl", ".parquet"):
+        raise ValueError(f"{key}.template needs a .jsonl or .parquet source (columns), not {source.path}")
+    try:
+        CaptionTemplate.parse(source.template).rules(source.fields, f"{key}.fields")
+    except ValueError as err:
+        raise ValueError(f"{key}.template: {err}") from None
 
 
 def key_prefix(name: str) -> str:
@@ -73,7 +95,8 @@ def scan_sources(sources: list[SourceConfig], rank: int, world_size: int) -> Sca
     records, problems, digest = [], [], hashlib.sha256()
     for s in sources:
         prefix = key_prefix(s.name)
-        scan = scan_share(s.path, rank, world_size, prefix=prefix)
+        template = CaptionTemplate.parse(s.template) if s.template else None
+        scan = scan_share(s.path, rank, world_size, prefix=prefix, caption_from=template)
         records += [replace(r, key=prefix + r.key, source=s.name) for r in scan.records]
         problems += [replace(p, key=prefix + p.key) for p in scan.problems]
         digest.update(f"{s.name}\0{scan.digest}\0".encode())

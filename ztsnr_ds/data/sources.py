@@ -24,7 +24,7 @@ import os
 import re
 import struct
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -102,10 +102,12 @@ def in_share(name: str, rank: int, world_size: int) -> bool:
 class _Share:
     """Decides, entry by entry as the source streams past, what this rank keeps; digests every name."""
 
-    def __init__(self, rank: int, world_size: int, prefix: str = "") -> None:
+    def __init__(self, rank: int, world_size: int, prefix: str = "",
+                 caption_from: Callable[[dict], str] | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.rank, self.world_size, self.prefix = rank, world_size, prefix
+        self.caption_from = caption_from  # builds a manifest entry's caption (data/caption_template.py)
         self._digest = hashlib.sha256()
 
     def take(self, name: str) -> bool:
@@ -122,7 +124,8 @@ def scan_source(path: str | Path) -> tuple[list[ImageRecord], list[Problem]]:
     return scan.records, scan.problems
 
 
-def scan_share(path: str | Path, rank: int, world_size: int, prefix: str = "") -> Scan:
+def scan_share(path: str | Path, rank: int, world_size: int, prefix: str = "",
+               caption_from: Callable[[dict], str] | None = None) -> Scan:
     """This rank's share (see in_share) of a folder tree or a ``.jsonl`` or ``.parquet`` manifest.
 
     The source is streamed (folders one at a time, manifest lines, Parquet row batches) and entries of
@@ -130,8 +133,9 @@ def scan_share(path: str | Path, rank: int, world_size: int, prefix: str = "") -
     touches only its share. Records with a missing caption are kept (caption "") and also listed as a
     MISSING_CAPTION problem. ``prefix``: what the cache puts before this source's keys (the share is
     decided on the cached key, as the reuse of earlier builds splits it; data/source_mix.py).
+    ``caption_from``: a manifest source's captions from its entries' columns (its ``columns`` read too).
     """
-    path, share = Path(path), _Share(rank, world_size, prefix)
+    path, share = Path(path), _Share(rank, world_size, prefix, caption_from)
     if path.is_dir():
         records, problems = scan_folder(path, share)
     elif path.suffix.lower() == ".jsonl" and path.is_file():
@@ -218,7 +222,8 @@ def read_parquet(manifest: Path, share: _Share, batch_rows: int = 65536) -> tupl
     names = set(table.schema_arrow.names)
     if "image" not in names:
         raise ValueError(f"source {manifest}: no 'image' column (has {sorted(names)})")
-    columns = [c for c in ("image", "caption", "width", "height") if c in names]
+    columns = [c for c in ("image", "caption", "width", "height", *getattr(share.caption_from, "columns", ()))
+               if c in names]
     row = 0
     for batch in table.iter_batches(batch_size=batch_rows, columns=columns):
         for entry in batch.to_pylist():
@@ -244,6 +249,8 @@ def _add_entry(manifest: Path, where: str, entry: bytes | dict, share: _Share,
     if not share.take(key):
         return
     try:
+        if share.caption_from is not None:
+            entry = {**entry, "caption": share.caption_from(entry)}
         record = _manifest_record(manifest.parent, key, entry, problems)
     except ValueError as err:
         problems.append(Problem(where, manifest, str(err)))
@@ -315,6 +322,8 @@ def _manifest_record(root: Path, key: str, entry: dict, problems: list[Problem])
     if caption is None:
         problems.append(Problem(key, path, MISSING_CAPTION))
         caption = ""
+    elif isinstance(caption, list) and all(isinstance(c, str) for c in caption):  # several: one a line
+        caption = "\n".join(c.strip() for c in caption if c.strip())
     elif not isinstance(caption, str):
         raise ValueError(f"bad manifest line: 'caption' must be a string, got {type(caption).__name__}")
     elif _SURROGATE.search(caption):  # a JSON "\udcXX" escape: not valid Unicode text
