@@ -69,26 +69,38 @@ def images_per_source(buckets: Sequence[np.ndarray], mix: SourceRepeats) -> np.n
     return np.bincount(mix.source[rows], minlength=len(mix.names)).astype(np.int64)
 
 
-def epoch_uses(buckets: Sequence[np.ndarray], mix: SourceRepeats,
-               rng: np.random.Generator) -> list[np.ndarray]:
-    """Each bucket's use ids of one epoch (module docstring): row i of source s appears floor(r_s) times,
-    plus once more if drawn into the source's k_s extras (drawn by ``rng`` over the whole source, so the
-    counts per source are exact whatever the buckets). Shape: B x (n_b,) -> B x (uses_b,) int64."""
-    lengths = np.array([len(ids) for ids in buckets], dtype=np.int64)
-    rows = np.concatenate(buckets).astype(np.int64, copy=False)  # (N,)
-    source = mix.source[rows]  # (N,)
-    whole = np.floor(mix.repeats).astype(np.int64)
-    copies = whole[source]  # (N,)
-    images = np.bincount(source, minlength=len(mix.names))  # (S,)
-    extras = uses_per_source(images, mix.repeats) - whole * images  # k_s
-    for s in np.flatnonzero(extras):  # a loop over the sources, not the rows
-        members = np.flatnonzero(source == s)
-        copies[members[rng.choice(len(members), int(extras[s]), replace=False, shuffle=False)]] += 1
-    uses = np.repeat(rows, copies)
-    first = np.cumsum(copies) - copies  # position of each row's first use
-    uses += (np.arange(len(uses)) - np.repeat(first, copies)) * mix.rows  # u = i + c * R
-    bounds = np.r_[0, np.cumsum(copies)][np.r_[0, np.cumsum(lengths)]]
-    return np.split(uses, bounds[1:-1])
+class EpochUses:
+    """Each bucket's use ids per epoch (module docstring): row i of source s appears floor(r_s) times,
+    plus once more if drawn into the source's k_s extras (drawn over the whole source, so the counts per
+    source are exact whatever the buckets). What does not change between epochs is kept from the start:
+    each training row's whole copies (1 byte a row) and the rows of each source with a fractional part;
+    an epoch then costs its k_s draws and a few vectorised passes per bucket."""
+
+    def __init__(self, buckets: Sequence[np.ndarray], mix: SourceRepeats) -> None:
+        self.buckets, self.rows = [np.asarray(ids, dtype=np.int64) for ids in buckets], mix.rows
+        whole = np.floor(mix.repeats).astype(np.int64)
+        if whole.max(initial=0) > 127:
+            raise ValueError(f"data.sources repeats {mix.repeats.max():g}: at most 127 per epoch")
+        self.copies = [whole[mix.source[ids]].astype(np.int8) for ids in self.buckets]  # B x (n_b,)
+        rows = np.concatenate(self.buckets)  # (N,)
+        source = mix.source[rows]
+        images = np.bincount(source, minlength=len(mix.names))
+        self.extras = uses_per_source(images, mix.repeats) - whole * images  # k_s
+        self.members = {int(s): rows[source == s] for s in np.flatnonzero(self.extras)}
+        self.most = int(whole.max(initial=0))
+
+    def __call__(self, rng: np.random.Generator) -> list[np.ndarray]:
+        """The use ids of one epoch, bucket by bucket, the extras drawn from ``rng``. Shape: B x (uses_b,)."""
+        extra = np.zeros(self.rows, dtype=bool)  # (R,) rows with a use more this epoch
+        for s, members in self.members.items():  # a loop over the sources, not the rows
+            extra[members[rng.choice(len(members), int(self.extras[s]), replace=False, shuffle=False)]] = True
+        out = []
+        for ids, copies in zip(self.buckets, self.copies, strict=True):
+            parts = [ids[copies > c] + c * self.rows for c in range(self.most)]
+            more = extra[ids]
+            parts.append(ids[more] + copies[more].astype(np.int64) * self.rows)
+            out.append(np.concatenate(parts))
+        return out
 
 
 def source_summary(buckets: Sequence[np.ndarray], mix: SourceRepeats, world_size: int) -> dict[str, dict]:
@@ -117,8 +129,9 @@ def source_table(sources: dict[str, dict]) -> list[str]:
 
 def seen_by_step(uses: np.ndarray, step_starts: np.ndarray, mix: SourceRepeats) -> np.ndarray:
     """Samples of each source in an epoch plan before each step: row k counts the use ids
-    uses[:step_starts[k]] by source. Shape: (N,), (K + 1,) -> (K + 1, S) int64."""
-    step = np.repeat(np.arange(len(step_starts) - 1), np.diff(step_starts))  # (N,) step of each use
-    n = len(mix.names)
-    counts = np.bincount(step * n + mix.source[uses % mix.rows], minlength=(len(step_starts) - 1) * n)
-    return np.vstack([np.zeros((1, n), np.int64), counts.reshape(-1, n).cumsum(0)])
+    uses[:step_starts[k]] by source (one source: the steps' starts). Shape: (N,), (K + 1,) -> (K + 1, S)."""
+    if len(mix.names) == 1:
+        return np.asarray(step_starts, dtype=np.int64)[:, None]
+    source = np.take(mix.source, uses, mode="wrap")  # (N,) the source of row u mod R
+    starts = np.asarray(step_starts, dtype=np.int64)
+    return np.column_stack([np.r_[0, np.cumsum(source == s)][starts] for s in range(len(mix.names))])

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ztsnr_ds.data.buckets import parse_bucket_key
-from ztsnr_ds.data.repeats import SourceRepeats, epoch_uses, seen_by_step, source_summary, source_table
+from ztsnr_ds.data.repeats import EpochUses, SourceRepeats, seen_by_step, source_summary, source_table
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +239,7 @@ class BucketBatchSampler:
         self.repeats, self.resume_data, self._seen = repeats, resume_data, {}
         self.sources = source_summary(self._buckets, repeats, world_size) if repeats is not None else None
         self._digest = _fingerprint(self.keys, self._buckets) + (repeats.digest() if self._repeating else "")
+        self._uses = EpochUses(self._buckets, repeats) if self._repeating else None
         first = self.plan(0)
         self.summary_dict = self._summarise(first)
         self._plans = {0: first.rank_plan(rank)}
@@ -250,9 +251,8 @@ class BucketBatchSampler:
         """All ranks' plan of `epoch` (pure: the same on every rank)."""
         rng = np.random.default_rng(_epoch_seed(self.seed, epoch)) if self.shuffle else None
         buckets = self._buckets
-        if self._repeating:  # its own generator: the plan's draws stay those of a run without repeats
-            extras = np.random.default_rng([_epoch_seed(self.seed, epoch), 1])
-            buckets = epoch_uses(buckets, self.repeats, extras)
+        if self._uses is not None:  # its own generator: the plan's draws stay those of a run without repeats
+            buckets = self._uses(np.random.default_rng([_epoch_seed(self.seed, epoch), 1]))
         return plan_epoch(buckets, self.micro_batches, self.world_size, rng)
 
     @property
