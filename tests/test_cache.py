@@ -595,3 +595,51 @@ def test_template_and_list_caption_sources(tmp_path, parts, dataset):
     assert rows["meta/img01.png"]["caption"] == f"general{sep}{sep}"
     assert rows["meta/img00.png"]["tags"] == ["safe", "by foo", "1girl", "hat"]
     assert rows["multi/img02.png"]["caption"] == "a, b\na photo"
+
+
+def test_tar_and_parquet_bytes_sources_cache_as_the_files(tmp_path, parts, dataset):
+    """The same images as loose files, as members of two WebDataset tar shards (one holding a damaged
+    member) and as a Parquet image-bytes column give the same latents and captions; the damaged member
+    is reported with its shard and member, the rest cached."""
+    pa = pytest.importorskip("pyarrow")
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    names = sorted(p.name for p in dataset.glob("img*.png"))
+    captions = {n: (dataset / n).with_suffix(".txt").read_text() if (dataset / n).with_suffix(".txt").exists()
+                else "" for n in names}
+    wds = tmp_path / "wds"
+    wds.mkdir()
+    for shard, part in (("a.tar", names[:6]), ("b.tar", names[6:])):
+        with tarfile.open(wds / shard, "w") as tar:
+            for n in part:
+                tar.add(dataset / n, arcname=n)
+                if captions[n]:
+                    tar.add((dataset / n).with_suffix(".txt"), arcname=n.replace(".png", ".txt"))
+            if shard == "b.tar":
+                tar.add(dataset / "corrupt.jpg", arcname="zz_corrupt.jpg")
+    pq.write_table(pa.table({"image": [{"bytes": (dataset / n).read_bytes(), "path": n} for n in names],
+                             "caption": [captions[n] for n in names]}), tmp_path / "bytes.parquet")
+    files = tmp_path / "files"
+    files.mkdir()
+    for n in names:
+        shutil.copy(dataset / n, files / n)
+        (files / n).with_suffix(".txt").write_text(captions[n])
+    caches = {}
+    for name, path in (("files", files), ("tar", f"{wds}/*.tar"), ("parquet", tmp_path / "bytes.parquet")):
+        cfg = CacheConfig(cache_dir=str(tmp_path / f"cache_{name}"), buckets=BUCKETS, crop="center",
+                          source=str(path))
+        stats = build_cache(cfg, parts, batch_size=3, workers=2, progress=False)
+        caches[name] = (_latents_by_key(Path(cfg.cache_dir)), _read_rows(Path(cfg.cache_dir)), stats)
+    member = {"files": lambda k: k, "tar": lambda k: k.split("/", 1)[1],
+              "parquet": lambda k: names[int(k.split("/", 1)[1])]}
+    latents = {name: {member[name](k): v for k, v in lat.items()} for name, (lat, _, _) in caches.items()}
+    assert set(latents["files"]) == set(names)
+    for name in ("tar", "parquet"):
+        assert_same_latents(latents[name], latents["files"])
+        assert {member[name](r["key"]): r["caption"] for r in caches[name][1]} == captions
+    assert [r["key"] for r in caches["tar"][1]][:2] == ["a.tar/img00.png", "a.tar/img01.png"]
+    report = caches["tar"][2].report
+    assert [(b["key"], Path(b["path"]).name) for b in report["bad"]] == [("b.tar/zz_corrupt.jpg", "b.tar")]
+    assert not list((tmp_path / "cache_parquet" / "parts").iterdir())  # the spilled bytes are gone

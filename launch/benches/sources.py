@@ -55,8 +55,8 @@ def bench_sources(args: argparse.Namespace) -> None:
     med = {name: statistics.median(t) for name, t in times.items()}
     uses = {name: len(s.plan(1).ids) for name, s in samplers.items()}
     print(f"{args.rows:,} rows in {len(keys)} NAI buckets, world {args.world}, micro-batch "
-          f"{args.micro_batch}, median of {args.repeats} (interleaved). Uses per epoch: single {uses['single']:,}, 3 sources "
-          f"{uses['3 sources']:,}.\n")
+          f"{args.micro_batch}, median of {args.repeats} (interleaved). Uses per epoch: single "
+          f"{uses['single']:,}, 3 sources {uses['3 sources']:,}.\n")
     print("| case | single source s | 3 sources s | ratio | ratio per use |")
     print("|---|---|---|---|---|")
     for what in ("init", "plan"):

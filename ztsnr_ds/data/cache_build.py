@@ -44,9 +44,10 @@ from ztsnr_ds.data.cache_files import FORMAT, PARTS_DIR, SHARD_DIR
 from ztsnr_ds.data.cache_merge import merge_parts
 from ztsnr_ds.data.cache_parts import write_part
 from ztsnr_ds.data.cache_reuse import ReuseIndex
+from ztsnr_ds.data.packed import load_record, read_bytes
 from ztsnr_ds.data.shards import ShardWriter
 from ztsnr_ds.data.source_mix import scan_sources
-from ztsnr_ds.data.sources import BadImage, ImageRecord, Problem, load_image
+from ztsnr_ds.data.sources import BadImage, ImageRecord, Problem
 from ztsnr_ds.data.tags import parse_tags
 from ztsnr_ds.models import FrozenParts
 from ztsnr_ds.text import PromptEncoder
@@ -99,7 +100,7 @@ def build_cache(
     root = Path(cfg.cache_dir)
     (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     (root / PARTS_DIR).mkdir(exist_ok=True)
-    scan = scan_sources(cfg.source_list(), rank, world_size)
+    scan = scan_sources(cfg.source_list(), rank, world_size, root / PARTS_DIR)
     fingerprint = settings_fingerprint(cfg, parts)
     reuse = ReuseIndex(root, fingerprint, cfg.cache_text, rank, world_size)
     writer = ShardWriter(root, rank, fingerprint, int(cfg.shard_max_mb * 2**20))
@@ -175,7 +176,7 @@ def _probe(record: ImageRecord, cfg: CacheConfig, buckets: list[tuple[int, int]]
     """sha256 of the file and its bucket from the upright header size (EXIF orientation applied,
     as load_image does), without decoding the pixels."""
     try:
-        data = record.path.read_bytes()
+        data = read_bytes(record)
         if record.size is not None:  # declared by the source (upright), no header to open
             width, height = record.size
         else:
@@ -186,7 +187,7 @@ def _probe(record: ImageRecord, cfg: CacheConfig, buckets: list[tuple[int, int]]
         return Job(record, hashlib.sha256(data).hexdigest(), assign_bucket(height, width, buckets))
     except Exception:  # whatever failed, load_image is the one place that names the problem
         try:
-            load_image(record.path, cfg.max_pixels, cfg.min_image_side)
+            load_record(record, cfg.max_pixels, cfg.min_image_side)
         except BadImage as err:
             return err
         return BadImage("unreadable image header")
@@ -195,7 +196,7 @@ def _probe(record: ImageRecord, cfg: CacheConfig, buckets: list[tuple[int, int]]
 def _load(job: Job, cfg: CacheConfig) -> _Loaded | BadImage:
     """Decode, resize to cover the bucket and crop; runs on a worker thread."""
     try:
-        img = load_image(job.record.path, cfg.max_pixels, cfg.min_image_side)
+        img = load_record(job.record, cfg.max_pixels, cfg.min_image_side)
     except BadImage as err:
         return err
     rng = random.Random(_item_seed(cfg.seed, job.record.key)) if cfg.crop == "random" else None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ztsnr_ds.data.caption_template import CaptionTemplate
+from ztsnr_ds.data.packed import packed_kind, scan_packed
 from ztsnr_ds.data.sources import Scan, scan_share
 
 
@@ -28,7 +29,8 @@ class SourceConfig:
     """One entry of ``data.sources``."""
 
     path: str
-    """Folder tree of images with same-stem .txt captions, or a .jsonl / .parquet manifest."""
+    """Folder tree of images with same-stem .txt captions, a .jsonl / .parquet manifest, a Parquet file
+    with the image bytes in its image column, or WebDataset .tar shards (a glob: /data/{shards}/*.tar)."""
     repeats: float = 1.0
     """Uses of each image per epoch, >= 0: 2.5 trains every image twice and a fresh half of them (chosen
     per epoch, deterministically) a third time; 0 keeps the source cached but unused."""
@@ -76,7 +78,7 @@ def check_template(source: SourceConfig, key: str) -> None:
         if source.fields:
             raise ValueError(f"{key}.fields is set without a {key}.template")
         return
-    if Path(source.path).suffix.lower() not in (".jsonl", ".parquet"):
+    if Path(source.path).suffix.lower() not in (".jsonl", ".parquet"):  # columns: not a folder or tar
         raise ValueError(f"{key}.template needs a .jsonl or .parquet source (columns), not {source.path}")
     try:
         CaptionTemplate.parse(source.template).rules(source.fields, f"{key}.fields")
@@ -89,14 +91,19 @@ def key_prefix(name: str) -> str:
     return f"{name}/" if name else ""
 
 
-def scan_sources(sources: list[SourceConfig], rank: int, world_size: int) -> Scan:
+def scan_sources(sources: list[SourceConfig], rank: int, world_size: int, spill_dir: Path) -> Scan:
     """This rank's share of every source, keys prefixed, records tagged with their source name, all in
-    key order; the digest covers every source's digest and name (the same on every rank)."""
+    key order; the digest covers every source's digest and name (the same on every rank). Sources of
+    packed images (data/packed.py) copy a Parquet source's bytes to a file in ``spill_dir``."""
     records, problems, digest = [], [], hashlib.sha256()
-    for s in sources:
+    for i, s in enumerate(sources):
         prefix = key_prefix(s.name)
         template = CaptionTemplate.parse(s.template) if s.template else None
-        scan = scan_share(s.path, rank, world_size, prefix=prefix, caption_from=template)
+        if packed_kind(s.path):
+            spill = spill_dir / f"spill-rank{rank}-source{i}.bin"
+            scan = scan_packed(s.path, rank, world_size, prefix, spill, caption_from=template)
+        else:
+            scan = scan_share(s.path, rank, world_size, prefix=prefix, caption_from=template)
         records += [replace(r, key=prefix + r.key, source=s.name) for r in scan.records]
         problems += [replace(p, key=prefix + p.key) for p in scan.problems]
         digest.update(f"{s.name}\0{scan.digest}\0".encode())

@@ -19,6 +19,7 @@ writes the report. Image decoding problems surface later, in :func:`load_image`,
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -51,6 +52,7 @@ class ImageRecord:
     path: file to load. caption: raw caption text ("" when missing). key: path relative to the
     dataset root in POSIX form; unique within a source, stable across machines (used as cache id).
     size: (width, height) upright, when the source declares it. source: name of its data.sources entry.
+    member: (offset, size) of the image's bytes inside ``path`` (a tar shard, a spilled Parquet cell).
     """
 
     path: Path
@@ -58,6 +60,7 @@ class ImageRecord:
     key: str
     size: tuple[int, int] | None = None
     source: str = ""
+    member: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, order=True)
@@ -369,16 +372,18 @@ def summarize_problems(problems: list[Problem]) -> dict[str, int]:
     return dict(sorted(Counter(p.reason.split(":")[0] for p in problems).items()))
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 0) -> Image.Image:
-    """Decode ``path`` to an upright RGB image detached from the file.
+def load_image(path: str | Path | io.BytesIO, max_pixels: int = DEFAULT_MAX_PIXELS,
+               min_side: int = 0) -> Image.Image:
+    """Decode ``path`` (a file, or the bytes of an image packed in a tar or Parquet file, data/packed.py)
+    to an upright RGB image detached from the file.
 
     EXIF orientation is applied; every colour mode ends as 8-bit RGB (see :func:`to_rgb`).
     Raises BadImage for empty, unreadable or truncated files, images above ``max_pixels`` (checked
     from the header, before decoding), and images whose smaller side is below ``min_side``.
     """
-    path = Path(path)
+    path = Path(path) if isinstance(path, str) else path
     try:
-        if path.stat().st_size == 0:
+        if (path.stat().st_size if isinstance(path, Path) else path.getbuffer().nbytes) == 0:
             raise BadImage("empty file")
         with Image.open(path) as img:
             _check_size(img.size, max_pixels, min_side)
