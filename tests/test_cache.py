@@ -606,12 +606,12 @@ def test_tar_and_parquet_bytes_sources_cache_as_the_files(tmp_path, parts, datas
 
     import pyarrow.parquet as pq
 
-    names = sorted(p.name for p in dataset.glob("img*.png"))
+    names = sorted(p.name for p in dataset.glob("img*.png"))[3:9]  # one without a caption (img05)
     captions = {n: (dataset / n).with_suffix(".txt").read_text() if (dataset / n).with_suffix(".txt").exists()
                 else "" for n in names}
     wds = tmp_path / "wds"
     wds.mkdir()
-    for shard, part in (("a.tar", names[:6]), ("b.tar", names[6:])):
+    for shard, part in (("a.tar", names[:3]), ("b.tar", names[3:])):
         with tarfile.open(wds / shard, "w") as tar:
             for n in part:
                 tar.add(dataset / n, arcname=n)
@@ -639,7 +639,7 @@ def test_tar_and_parquet_bytes_sources_cache_as_the_files(tmp_path, parts, datas
     for name in ("tar", "parquet"):
         assert_same_latents(latents[name], latents["files"])
         assert {member[name](r["key"]): r["caption"] for r in caches[name][1]} == captions
-    assert [r["key"] for r in caches["tar"][1]][:2] == ["a.tar/img00.png", "a.tar/img01.png"]
+    assert [r["key"] for r in caches["tar"][1]][:2] == ["a.tar/img03.png", "a.tar/img04.png"]
     report = caches["tar"][2].report
     assert [(b["key"], Path(b["path"]).name) for b in report["bad"]] == [("b.tar/zz_corrupt.jpg", "b.tar")]
     assert not list((tmp_path / "cache_parquet" / "parts").iterdir())  # the spilled bytes are gone
