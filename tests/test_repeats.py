@@ -119,6 +119,8 @@ def test_replan_continues_a_grown_dataset_from_the_next_epoch(caplog):
 def test_samples_seen_per_source_counts_what_all_ranks_trained():
     samplers = ranks(2, 3, TRAIN, seed=2, repeats=MIX)
     n = len(samplers[0])
-    taken = [i for _ in range(n + 5) for i in step_ids([next(s) for s in samplers])]  # into epoch 1
-    counts = np.bincount(SOURCE[np.array(taken) % ROWS], minlength=3)
-    assert samplers[1].samples_seen() == {f"seen/{name}": int(c) for name, c in zip(MIX.names, counts)}
+    taken = []
+    for k in (7, n - 7 + 5):  # in epoch 0, then into epoch 1
+        taken += [i for _ in range(k) for i in step_ids([next(s) for s in samplers])]
+        counts = np.bincount(SOURCE[np.array(taken) % ROWS], minlength=3)
+        assert samplers[1].samples_seen() == {f"seen/{name}": int(c) for name, c in zip(MIX.names, counts)}

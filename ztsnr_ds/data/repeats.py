@@ -133,5 +133,7 @@ def seen_by_step(uses: np.ndarray, step_starts: np.ndarray, mix: SourceRepeats) 
     if len(mix.names) == 1:
         return np.asarray(step_starts, dtype=np.int64)[:, None]
     source = np.take(mix.source, uses, mode="wrap")  # (N,) the source of row u mod R
-    starts = np.asarray(step_starts, dtype=np.int64)
-    return np.column_stack([np.r_[0, np.cumsum(source == s)][starts] for s in range(len(mix.names))])
+    starts = np.asarray(step_starts[:-1], dtype=np.int64)  # every step holds >= 1 id: no empty segment
+    per_step = np.column_stack([np.add.reduceat(source == s, starts, dtype=np.int64)
+                                for s in range(len(mix.names))])  # (K, S)
+    return np.vstack([np.zeros((1, len(mix.names)), np.int64), per_step.cumsum(0)])

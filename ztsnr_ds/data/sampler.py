@@ -243,6 +243,7 @@ class BucketBatchSampler:
         first = self.plan(0)
         self.summary_dict = self._summarise(first)
         self._plans = {0: first.rank_plan(rank)}
+        self._count_sources(0, first)
         self.epoch, self.position = 0, 0
 
     # ---- the plan -------------------------------------------------------------------------------
@@ -265,10 +266,14 @@ class BucketBatchSampler:
             self._plans = {e: p for e, p in self._plans.items() if e >= self.epoch}
             plan = self.plan(epoch)
             self._plans[epoch] = plan.rank_plan(self.rank)
-            if self.repeats is not None:  # (steps + 1, sources) samples of each source before step k
-                self._seen = {e: v for e, v in self._seen.items() if e in self._plans}
-                self._seen[epoch] = seen_by_step(plan.ids, plan.offsets[::self.world_size], self.repeats)
+            self._count_sources(epoch, plan)
         return self._plans[epoch]
+
+    def _count_sources(self, epoch: int, plan: EpochPlan) -> None:
+        """Keep (steps + 1, sources): samples of each source before step k of `epoch` (all ranks)."""
+        if self.repeats is not None:
+            self._seen = {e: v for e, v in self._seen.items() if e in self._plans}
+            self._seen[epoch] = seen_by_step(plan.ids, plan.offsets[::self.world_size], self.repeats)
 
     def samples_seen(self) -> dict[str, int]:
         """{"seen/<source>": samples of that source all ranks trained on so far} (epochs before this one
