@@ -18,7 +18,8 @@ from launch.benches import arg, benchmark, interleaved_times
 )
 def bench_sources(args: argparse.Namespace) -> None:
     """Sampler start-up and one epoch's rank plan: 3 sources with repeats 2.5 / 1 / 0.5 (shares 0.2 / 0.3 /
-    0.5 of the rows, so an epoch has 1.05 N uses) against today's single source, in one process.
+    0.5 of the rows, so an epoch has 1.05 N uses) and one source against no sources (the sampler as it
+    was before data.sources), in one process.
 
     Timed: the sampler's construction (uniqueness check, digest, per-source counts, epoch 0) and a later
     epoch's rank plan with this rank's samples-seen counts (what the trainer computes once an epoch); also
@@ -38,17 +39,18 @@ def bench_sources(args: argparse.Namespace) -> None:
     one = SourceRepeats(np.zeros(args.rows, np.int16), np.ones(1), [""])
     epoch = iter(range(1, 10**6))
 
-    def start(repeats: SourceRepeats) -> BucketBatchSampler:
+    def start(repeats: SourceRepeats | None) -> BucketBatchSampler:
         return BucketBatchSampler(buckets, args.micro_batch, args.world, 0, seed=0, repeats=repeats)
 
-    samplers = {"single": start(one), "3 sources": start(mix)}
+    samplers = {"none": start(None), "single": start(one), "3 sources": start(mix)}
 
     def plan(name: str) -> None:
         s = samplers[name]
         s.epoch = next(epoch)
         s._rank_plan(s.epoch)  # the plan and, with sources, the samples-seen table
 
-    cases = {"init single": lambda: start(one), "init 3 sources": lambda: start(mix),
+    cases = {"init none": lambda: start(None), "init single": lambda: start(one),
+             "init 3 sources": lambda: start(mix), "plan none": lambda: plan("none"),
              "plan single": lambda: plan("single"), "plan 3 sources": lambda: plan("3 sources"),
              "source column check": lambda: (source.min(), source.max())}
     times = interleaved_times(cases, warmup=1, repeats=args.repeats)
@@ -57,12 +59,13 @@ def bench_sources(args: argparse.Namespace) -> None:
     print(f"{args.rows:,} rows in {len(keys)} NAI buckets, world {args.world}, micro-batch "
           f"{args.micro_batch}, median of {args.repeats} (interleaved). Uses per epoch: single "
           f"{uses['single']:,}, 3 sources {uses['3 sources']:,}.\n")
-    print("| case | single source s | 3 sources s | ratio | ratio per use |")
-    print("|---|---|---|---|---|")
+    print("| case | no sources (before) s | 1 source s | 3 sources s | 1 / before | 3 / before "
+          "| 3 / before per use |")
+    print("|---|---|---|---|---|---|---|")
     for what in ("init", "plan"):
-        a, b = med[f"{what} single"], med[f"{what} 3 sources"]
-        per_use = b / a * uses["single"] / uses["3 sources"]
-        print(f"| {what} | {a:.2f} | {b:.2f} | {b / a:.2f} | {per_use:.2f} |")
+        a, b, c = (med[f"{what} {name}"] for name in ("none", "single", "3 sources"))
+        per_use = c / a * uses["single"] / uses["3 sources"]
+        print(f"| {what} | {a:.2f} | {b:.2f} | {c:.2f} | {b / a:.2f} | {c / a:.2f} | {per_use:.2f} |")
     check = med["source column check"] * 1e3
     print(f"\nsource column check (min + max of {args.rows:,} int16): {check:.1f} ms")
     print("\n" + samplers["3 sources"].summary().split("\n", 34)[-1])

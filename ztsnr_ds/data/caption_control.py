@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ztsnr_ds.data.caption_template import FieldRule, render_fields
-from ztsnr_ds.data.tags import FIELD_SEP, normalize_tag, parse_tags
+from ztsnr_ds.data.tags import FIELD_SEP, normalize_tag, parse_tags, shuffle_caption
 
 
 @dataclass(frozen=True)
@@ -65,15 +65,15 @@ def edit_caption(caption: str, rule: CaptionRule, rng: random.Random) -> str:
     if "\n" in caption:
         caption = pick_line(caption, rule.caption_weights, rng)
     templated = FIELD_SEP in caption  # the template fixes the order: fields shuffle inside only
-    if not (rule.shuffle_tags or rule.tag_dropout or templated):
-        return caption
-    tags = render_fields(caption, rule.fields, rng) if templated else parse_tags(caption)
-    head, tail = tags[:rule.keep_first], tags[rule.keep_first:]
-    if rule.tag_dropout:
-        tail = [t for t in tail if t in rule.keep_tags or rng.random() >= rule.tag_dropout]
+    if templated or rule.tag_dropout:
+        tags = render_fields(caption, rule.fields, rng) if templated else parse_tags(caption)
+        head, tail = tags[:rule.keep_first], tags[rule.keep_first:]
+        if rule.tag_dropout:
+            tail = [t for t in tail if t in rule.keep_tags or rng.random() >= rule.tag_dropout]
+        caption = ", ".join(head + tail)
     if rule.shuffle_tags and not templated:
-        rng.shuffle(tail)
-    return ", ".join(head + tail)
+        return shuffle_caption(caption, rule.keep_first, rng)
+    return caption
 
 
 class CaptionControl:
