@@ -643,3 +643,17 @@ def test_tar_and_parquet_bytes_sources_cache_as_the_files(tmp_path, parts, datas
     report = caches["tar"][2].report
     assert [(b["key"], Path(b["path"]).name) for b in report["bad"]] == [("b.tar/zz_corrupt.jpg", "b.tar")]
     assert not list((tmp_path / "cache_parquet" / "parts").iterdir())  # the spilled bytes are gone
+
+
+def test_launch_script_refuses_cached_text_with_tag_dropout(tmp_path, tiny_sdxl, dataset, capsys):
+    """The build reads the training YAML's captions too: cached text cannot follow per-use tag dropout,
+    so it stops before any work, exit 2, naming both keys."""
+    config = {"model": {"pretrained": str(tiny_sdxl)},
+              "data": {"source": str(dataset), "cache_dir": str(tmp_path / "cache"), "cache_text": True},
+              "captions": {"tag_dropout": 0.1}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_:
+        _launch_module().main(["--config", str(tmp_path / "run.yaml")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and not (tmp_path / "cache").exists()
+    assert "data.cache_text = true" in err and "captions.tag_dropout" in err
