@@ -93,7 +93,8 @@ class EpochUses:
         """The use ids of one epoch, bucket by bucket, the extras drawn from ``rng``. Shape: B x (uses_b,)."""
         extra = np.zeros(self.rows, dtype=bool)  # (R,) rows with a use more this epoch
         for s, members in self.members.items():  # a loop over the sources, not the rows
-            extra[members[rng.choice(len(members), int(self.extras[s]), replace=False, shuffle=False)]] = True
+            k = int(self.extras[s])  # the k smallest of n uniform draws: k of n without replacement
+            extra[members[np.argpartition(rng.random(len(members), dtype=np.float32), k - 1)[:k]]] = True
         out = []
         for ids, copies in zip(self.buckets, self.copies, strict=True):
             parts = [ids[copies > c] + c * self.rows for c in range(self.most)]
