@@ -65,6 +65,8 @@ def uses_per_source(images: np.ndarray, repeats: np.ndarray) -> np.ndarray:
 
 def images_per_source(buckets: Sequence[np.ndarray], mix: SourceRepeats) -> np.ndarray:
     """Training images of each source over ``buckets`` (row ids). Shape: (S,) int64."""
+    if len(mix.names) == 1:
+        return np.array([sum(len(ids) for ids in buckets)], dtype=np.int64)
     rows = np.concatenate(buckets) if buckets else np.zeros(0, np.int64)
     return np.bincount(mix.source[rows], minlength=len(mix.names)).astype(np.int64)
 
@@ -76,17 +78,18 @@ class EpochUses:
     each training row's whole copies (1 byte a row) and the rows of each source with a fractional part;
     an epoch then costs its k_s draws and a few vectorised passes per bucket."""
 
-    def __init__(self, buckets: Sequence[np.ndarray], mix: SourceRepeats) -> None:
+    def __init__(self, buckets: Sequence[np.ndarray], mix: SourceRepeats, images: np.ndarray) -> None:
         self.buckets, self.rows = [np.asarray(ids, dtype=np.int64) for ids in buckets], mix.rows
         whole = np.floor(mix.repeats).astype(np.int64)
         if whole.max(initial=0) > 127:
             raise ValueError(f"data.sources repeats {mix.repeats.max():g}: at most 127 per epoch")
         self.copies = [whole[mix.source[ids]].astype(np.int8) for ids in self.buckets]  # B x (n_b,)
-        rows = np.concatenate(self.buckets)  # (N,)
-        source = mix.source[rows]
-        images = np.bincount(source, minlength=len(mix.names))
-        self.extras = uses_per_source(images, mix.repeats) - whole * images  # k_s
-        self.members = {int(s): rows[source == s] for s in np.flatnonzero(self.extras)}
+        self.extras = uses_per_source(images, mix.repeats) - whole * images  # k_s (images: per source)
+        self.members = {}
+        if self.extras.any():
+            rows = np.concatenate(self.buckets)  # (N,)
+            source = mix.source[rows]
+            self.members = {int(s): rows[source == s] for s in np.flatnonzero(self.extras)}
         self.most = int(whole.max(initial=0))
 
     def __call__(self, rng: np.random.Generator) -> list[np.ndarray]:
@@ -104,10 +107,10 @@ class EpochUses:
         return out
 
 
-def source_summary(buckets: Sequence[np.ndarray], mix: SourceRepeats, world_size: int) -> dict[str, dict]:
-    """JSON-able facts per source (the same every epoch): training images, repeats, uses per epoch and
-    distinct images used per epoch. ValueError when an epoch has fewer uses than ranks."""
-    images = images_per_source(buckets, mix)
+def source_summary(images: np.ndarray, mix: SourceRepeats, world_size: int) -> dict[str, dict]:
+    """JSON-able facts per source (the same every epoch) from its training images (images_per_source):
+    images, repeats, uses and distinct images per epoch. ValueError when an epoch has fewer uses than
+    ranks."""
     uses = uses_per_source(images, mix.repeats)
     if uses.sum() < world_size:
         raise ValueError(f"data.sources repeats give {int(uses.sum())} samples per epoch, fewer than the "

@@ -36,7 +36,14 @@ from typing import Any
 import numpy as np
 
 from ztsnr_ds.data.buckets import parse_bucket_key
-from ztsnr_ds.data.repeats import EpochUses, SourceRepeats, seen_by_step, source_summary, source_table
+from ztsnr_ds.data.repeats import (
+    EpochUses,
+    SourceRepeats,
+    images_per_source,
+    seen_by_step,
+    source_summary,
+    source_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -237,9 +244,10 @@ class BucketBatchSampler:
         self.seed, self.shuffle, self.base_area = seed, shuffle, base_area
         self.micro_batches = bucket_micro_batches(self.keys, micro_batch, base_area)
         self.repeats, self.resume_data, self._seen = repeats, resume_data, {}
-        self.sources = source_summary(self._buckets, repeats, world_size) if repeats is not None else None
+        images = images_per_source(self._buckets, repeats) if repeats is not None else None
+        self.sources = source_summary(images, repeats, world_size) if repeats is not None else None
         self._digest = _fingerprint(self.keys, self._buckets) + (repeats.digest() if self._repeating else "")
-        self._uses = EpochUses(self._buckets, repeats) if self._repeating else None
+        self._uses = EpochUses(self._buckets, repeats, images) if self._repeating else None
         first = self.plan(0)
         self.summary_dict = self._summarise(first)
         self._plans = {0: first.rank_plan(rank)}
