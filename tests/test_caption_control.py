@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from ztsnr_ds.data.caption_control import CaptionControl, CaptionRule, edit_caption
+from ztsnr_ds.data.caption_control import CaptionControl, CaptionRule, canonical_caption, edit_caption
 from ztsnr_ds.data.caption_template import CaptionTemplate
 from ztsnr_ds.data.tags import FIELD_SEP, parse_tags
 
@@ -93,3 +93,10 @@ def test_template_errors_name_the_key():
         CaptionTemplate.parse(TEMPLATE).rules({"nope": {}}, "f")
     with pytest.raises(ValueError, match=r"f\.artist\.dropout = 2"):
         CaptionTemplate.parse(TEMPLATE).rules({"artist": {"dropout": 2}}, "f")
+
+
+def test_canonical_caption_for_fixed_probes():
+    assert canonical_caption("Blue_Sky, a") == "Blue_Sky, a"  # a plain caption as cached
+    assert canonical_caption("\nfirst, line\nsecond") == "first, line"
+    cached = CaptionTemplate.parse(TEMPLATE)(ENTRY)
+    assert canonical_caption(cached) == "safe, by Foo_Bar, 1girl, solo, hat, 2023"

@@ -76,6 +76,16 @@ def edit_caption(caption: str, rule: CaptionRule, rng: random.Random) -> str:
     return caption
 
 
+def canonical_caption(caption: str) -> str:
+    """The caption without per-use edits, for fixed probes (the held-out loss): the first of several
+    lines, a template's non-empty fields joined by ", "; any other caption as it is."""
+    if "\n" in caption:
+        caption = next((line.strip() for line in caption.splitlines() if line.strip()), "")
+    if FIELD_SEP in caption:
+        caption = ", ".join(field for field in caption.split(FIELD_SEP) if field.strip())
+    return caption
+
+
 class CaptionControl:
     """Per-source caption edits of a micro-batch: rules[s] for the cache's source s."""
 
