@@ -25,6 +25,7 @@ import logging
 import sys
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -32,12 +33,14 @@ import yaml
 from jsonargparse import ArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+from ztsnr_ds.config import CaptionConfig  # noqa: E402
 from ztsnr_ds.data.cache import CacheConfig  # noqa: E402
 from ztsnr_ds.data.cache_build import BuildStats, build_cache  # noqa: E402
 from ztsnr_ds.data.cache_files import CacheError, write_atomic  # noqa: E402
 from ztsnr_ds.data.cache_merge import convert_legacy  # noqa: E402
 from ztsnr_ds.data.cache_verify import verify_cache  # noqa: E402
 from ztsnr_ds.engine import init_distributed  # noqa: E402
+from ztsnr_ds.mixing import caption_control  # noqa: E402
 from ztsnr_ds.models import load_frozen  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,6 +70,13 @@ def read_sections(path: str | Path) -> tuple[CacheConfig, str]:
     sections = {"data": raw.get("data") or {}, "model": {"pretrained": model.get("pretrained")}}
     namespace = parser.parse_object(sections)
     init = parser.instantiate(namespace)
+    if init.data.cache_text:  # caption edits a cached embedding cannot follow: refused before any work
+        try:
+            captions = CaptionConfig(**(raw.get("captions") or {}))
+            caption_control(SimpleNamespace(data=init.data, captions=captions), [])
+        except (TypeError, ValueError) as err:
+            print(f"config error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
     return init.data, init.model.pretrained
 
 

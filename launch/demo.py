@@ -57,13 +57,24 @@ def write_config(out: Path, name: str, ztsnr: str, steps: int) -> str:
     """configs/demo.yaml with paths into `out` and noise.ztsnr set; one file serves cache, train, export."""
     config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     config["model"]["pretrained"] = str(out / "model")
-    config["data"] |= {"source": str(out / "data"), "cache_dir": str(out / "cache")}
+    config["data"] |= {"source": None, "sources": demo_sources(out / "data"), "cache_dir": str(out / "cache")}
     config["noise"]["ztsnr"] = ztsnr
     config["deepspeed_config"] = "ds_configs/zero2_fp32.json"  # CPU convenience; the YAML (tests) keeps bf16
     config["trainer"] |= {"output_dir": str(out / name), "max_steps": steps}
     path = out / f"config_{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return str(path)
+
+
+def demo_sources(data: Path) -> list[dict]:
+    """Two sources (docs/sources.md): every image once, and the plain ones again from a JSONL manifest,
+    twice per epoch with tag dropout (their tone tag "plain <tone>" is the first tag: never dropped)."""
+    plain = [t for t in sorted(data.glob("*.txt")) if t.read_text().startswith("plain")]
+    (data / "plain.jsonl").write_text("".join(json.dumps({"image": t.with_suffix(".png").name,
+                                                          "caption": t.read_text()}) + "\n" for t in plain))
+    return [{"path": str(data), "name": "all", "repeats": 1.0},
+            {"path": str(data / "plain.jsonl"), "name": "plain", "repeats": 2.0,
+             "captions": {"tag_dropout": 0.3, "keep_tags": ["plain"]}}]
 
 
 def loss_summary(metrics_file: Path, window: int = 20) -> tuple[float, float]:

@@ -22,7 +22,8 @@ from ztsnr_ds.data.cache import CacheConfig, LatentCache
 from ztsnr_ds.data.cache_build import build_cache
 from ztsnr_ds.data.cache_files import HEADER_RESERVE, CacheError
 from ztsnr_ds.data.cache_merge import merge_parts
-from ztsnr_ds.data.tags import parse_tags, tag_weights
+from ztsnr_ds.data.source_mix import SourceConfig
+from ztsnr_ds.data.tags import FIELD_SEP, parse_tags, tag_weights
 from ztsnr_ds.models import TINY_TEXT_HIDDEN, load_frozen
 from ztsnr_ds.text import PromptEncoder
 
@@ -60,6 +61,7 @@ ROW_FIELDS = {
     "shard",
     "index",
     "crc32",
+    "source",
 }
 
 
@@ -273,6 +275,30 @@ def test_rerun_reuses_and_reencodes_only_changes(copied, parts):
     assert rows["img02.png"]["tags"] == ["brand new tag"]
     meta = json.loads((Path(copied.cache_dir) / "shards.json").read_text())
     assert sorted(p.stem for p in (Path(copied.cache_dir) / "shards").iterdir()) == sorted(meta["shards"])
+
+
+def test_added_source_encodes_only_its_images(copied, parts):
+    """data.source's folder listed with name "" keeps its keys (all reused); a second source's keys get
+    its name as prefix, only its images are encoded, and the index's source column names each row's."""
+    before = _latents_by_key(Path(copied.cache_dir))
+    extra = Path(copied.source).parent / "extra"
+    extra.mkdir()
+    for name in ("img00", "img03"):  # the same file names as in the first source
+        shutil.copy(Path(copied.source) / f"{name}.png", extra / f"{name}.png")
+        (extra / f"{name}.txt").write_text("extra, tag")
+    mixed = CacheConfig(cache_dir=copied.cache_dir, buckets=BUCKETS, crop="random",
+                        shard_max_mb=SHARD_BYTES / 2**20,
+                        sources=[SourceConfig(copied.source, name=""), SourceConfig(str(extra), repeats=2.5)])
+    with count_vae_images(parts.vae) as seen:
+        stats = build_cache(mixed, parts, batch_size=3, workers=2, progress=False)
+    assert seen["images"] == stats.encoded == 2 and stats.reused == len(before)
+    cache = LatentCache(copied.cache_dir)
+    keys = [cache.index.key(i) for i in range(len(cache))]
+    assert {k for k in keys if k.startswith("extra/")} == {"extra/img00.png", "extra/img03.png"}
+    assert cache.index.sources == ["", "extra"]
+    assert cache.index.columns["source"].tolist() == [int(k.startswith("extra/")) for k in keys]
+    assert_same_latents({k: v for k, v in _latents_by_key(Path(copied.cache_dir)).items() if k in before},
+                        before)
 
 
 def _sample_offset(path: Path, index: int) -> tuple[int, int]:
@@ -540,3 +566,94 @@ def test_parquet_source_builds_the_same_cache_as_jsonl(tmp_path, parts, dataset)
     assert _read_rows(tmp_path / "parquet") == _read_rows(tmp_path / "jsonl")
     parquet, jsonl = _latents_by_key(tmp_path / "parquet"), _latents_by_key(tmp_path / "jsonl")
     assert parquet.keys() == jsonl.keys() and all(torch.equal(parquet[k], jsonl[k]) for k in jsonl)
+
+
+def test_template_and_list_caption_sources(tmp_path, parts, dataset):
+    """A Parquet source with a caption template caches its fields (empty ones kept as empty fields); a
+    JSONL source with a list of captions caches them one a line; tags read both as comma lists."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    meta = tmp_path / "meta.parquet"
+    keys = ["img00.png", "img01.png"]
+    pq.write_table(pa.table({"image": keys, "rating": ["safe", "general"],
+                             "artist": ["foo", None], "general": [["1girl", "hat"], []]}), meta)
+    shutil.copy(meta, dataset / "meta.parquet")
+    (dataset / "multi.jsonl").write_text(json.dumps({"image": "img02.png", "caption": ["a, b", "a photo"]}))
+    sources = [SourceConfig(str(dataset / "meta.parquet"), template="{rating}, by {artist}, {general}",
+                            fields={"general": {"shuffle": True}}),
+               SourceConfig(str(dataset / "multi.jsonl"))]
+    cfg = CacheConfig(cache_dir=str(tmp_path / "cache"), buckets=BUCKETS, sources=sources)
+    try:
+        build_cache(cfg, parts, batch_size=3, workers=2, progress=False)
+    finally:
+        (dataset / "meta.parquet").unlink()
+        (dataset / "multi.jsonl").unlink()
+    rows = {r["key"]: r for r in _read_rows(tmp_path / "cache")}
+    sep = FIELD_SEP
+    assert rows["meta/img00.png"]["caption"] == f"safe{sep}by foo{sep}1girl, hat"
+    assert rows["meta/img01.png"]["caption"] == f"general{sep}{sep}"
+    assert rows["meta/img00.png"]["tags"] == ["safe", "by foo", "1girl", "hat"]
+    assert rows["multi/img02.png"]["caption"] == "a, b\na photo"
+
+
+def test_tar_and_parquet_bytes_sources_cache_as_the_files(tmp_path, parts, dataset):
+    """The same images as loose files, as members of two WebDataset tar shards (one holding a damaged
+    member) and as a Parquet image-bytes column give the same latents and captions; the damaged member
+    is reported with its shard and member, the rest cached."""
+    pa = pytest.importorskip("pyarrow")
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    names = sorted(p.name for p in dataset.glob("img*.png"))[3:9]  # one without a caption (img05)
+    captions = {n: (dataset / n).with_suffix(".txt").read_text() if (dataset / n).with_suffix(".txt").exists()
+                else "" for n in names}
+    wds = tmp_path / "wds"
+    wds.mkdir()
+    for shard, part in (("a.tar", names[:3]), ("b.tar", names[3:])):
+        with tarfile.open(wds / shard, "w") as tar:
+            for n in part:
+                tar.add(dataset / n, arcname=n)
+                if captions[n]:
+                    tar.add((dataset / n).with_suffix(".txt"), arcname=n.replace(".png", ".txt"))
+            if shard == "b.tar":
+                tar.add(dataset / "corrupt.jpg", arcname="zz_corrupt.jpg")
+    pq.write_table(pa.table({"image": [{"bytes": (dataset / n).read_bytes(), "path": n} for n in names],
+                             "caption": [captions[n] for n in names]}), tmp_path / "bytes.parquet")
+    files = tmp_path / "files"
+    files.mkdir()
+    for n in names:
+        shutil.copy(dataset / n, files / n)
+        (files / n).with_suffix(".txt").write_text(captions[n])
+    caches = {}
+    for name, path in (("files", files), ("tar", f"{wds}/*.tar"), ("parquet", tmp_path / "bytes.parquet")):
+        cfg = CacheConfig(cache_dir=str(tmp_path / f"cache_{name}"), buckets=BUCKETS, crop="center",
+                          source=str(path))
+        stats = build_cache(cfg, parts, batch_size=3, workers=2, progress=False)
+        caches[name] = (_latents_by_key(Path(cfg.cache_dir)), _read_rows(Path(cfg.cache_dir)), stats)
+    member = {"files": lambda k: k, "tar": lambda k: k.split("/", 1)[1],
+              "parquet": lambda k: names[int(k.split("/", 1)[1])]}
+    latents = {name: {member[name](k): v for k, v in lat.items()} for name, (lat, _, _) in caches.items()}
+    assert set(latents["files"]) == set(names)
+    for name in ("tar", "parquet"):
+        assert_same_latents(latents[name], latents["files"])
+        assert {member[name](r["key"]): r["caption"] for r in caches[name][1]} == captions
+    assert [r["key"] for r in caches["tar"][1]][:2] == ["a.tar/img03.png", "a.tar/img04.png"]
+    report = caches["tar"][2].report
+    assert [(b["key"], Path(b["path"]).name) for b in report["bad"]] == [("b.tar/zz_corrupt.jpg", "b.tar")]
+    assert not list((tmp_path / "cache_parquet" / "parts").iterdir())  # the spilled bytes are gone
+
+
+def test_launch_script_refuses_cached_text_with_tag_dropout(tmp_path, tiny_sdxl, dataset, capsys):
+    """The build reads the training YAML's captions too: cached text cannot follow per-use tag dropout,
+    so it stops before any work, exit 2, naming both keys."""
+    config = {"model": {"pretrained": str(tiny_sdxl)},
+              "data": {"source": str(dataset), "cache_dir": str(tmp_path / "cache"), "cache_text": True},
+              "captions": {"tag_dropout": 0.1}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_:
+        _launch_module().main(["--config", str(tmp_path / "run.yaml")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and not (tmp_path / "cache").exists()
+    assert "data.cache_text = true" in err and "captions.tag_dropout" in err

@@ -17,7 +17,7 @@ from pathlib import Path
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from ztsnr_ds.data.cache import CacheConfig
-from ztsnr_ds.data.sampler import BucketBatchSampler
+from ztsnr_ds.data.sampler import RESUME_DATA, BucketBatchSampler
 from ztsnr_ds.ema import EMAConfig
 from ztsnr_ds.kernels import ATTENTION_BACKENDS, COMPILE_MODES
 from ztsnr_ds.schedule import INFERENCE_SCHEDULES
@@ -126,6 +126,14 @@ class CaptionConfig:
     """Tags kept in place at the front when shuffling (e.g. the rating or subject tag)."""
     dropout: float = 0.05
     """Probability of training on the unconditional (makes classifier-free guidance work)."""
+    tag_dropout: float = 0.0
+    """Probability of dropping each tag of a caption per use (live text encoding only), except the first
+    keep_first tags and keep_tags (data/caption_control.py)."""
+    keep_tags: list[str] = field(default_factory=list)
+    """Tags tag_dropout never drops (e.g. 1girl, quality tags); compared normalised (Blue_Sky = blue sky)."""
+    caption_weights: list[float] = field(default_factory=list)
+    """Captions with several lines (a multi-line .txt, a list column) train on one line per use: line i
+    with weight caption_weights[i] (lines past the list take its last weight; empty: all equal)."""
     dropout_mode: str = "empty"
     """The unconditional, for dropout and for an empty negative prompt: empty (the encoded "", which
     ComfyUI and A1111 send for an empty negative) or zeros (zero embeddings and pooled vector, SDXL base's
@@ -136,6 +144,12 @@ class CaptionConfig:
             raise ValueError(f"captions.dropout = {self.dropout} must lie in [0, 1]")
         _check_choice("captions.dropout_mode", self.dropout_mode, DROPOUT_MODES)
         _check_positive("captions.keep_first", self.keep_first, allow_zero=True)
+        if not 0.0 <= self.tag_dropout <= 1.0:
+            raise ValueError(f"captions.tag_dropout = {self.tag_dropout} must lie in [0, 1]")
+        weights = self.caption_weights
+        if any(w < 0 for w in weights) or (weights and not sum(weights)):
+            raise ValueError(f"captions.caption_weights = {self.caption_weights}: weights must be >= 0, "
+                             "not all 0")
 
 
 @dataclass
@@ -173,6 +187,10 @@ class TrainerConfig:
     checkpoints and exports). Applied only while output_dir has no checkpoint of its own to resume."""
     init_weights_only: bool = False
     """With init_from: carry the weights only (fresh optimizer moments, EMA from those weights)."""
+    resume_data: str = "exact"
+    """What a resume trains next: exact (the checkpoint's sampler plan, mid-epoch; refused when the cache's
+    buckets or data.sources repeats changed) or replan (weights, optimizer, EMA and step from the
+    checkpoint, a fresh sampler plan of the data as it is now from the next epoch: a grown cache)."""
     overwrite: bool = False
     """Allow a run that does not continue output_dir's newest checkpoint (resume none, or an older
     tag): the tags it would not resume from are moved to output_dir/replaced/<time>/, not deleted."""
@@ -189,6 +207,7 @@ class TrainerConfig:
             _check_positive(f"trainer.{key}", getattr(self, key))
         _check_positive("trainer.warmup_steps", self.warmup_steps, allow_zero=True)
         _check_choice("trainer.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("trainer.resume_data", self.resume_data, RESUME_DATA)
         if self.keep_last < 1:
             raise ValueError(f"trainer.keep_last = {self.keep_last} must be >= 1")
 

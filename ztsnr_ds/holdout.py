@@ -9,7 +9,8 @@ does not change which keys are picked. n is a count, or round(fraction * rows).
 What is measured: each held-out image x0 at the K = 8 table indices i_k = round(k * 999 / 7)
 (the quantiles k / 7 of training's i ~ Uniform{0..999}: 0, 143, ..., 856, 999, so the lowest level and
 the terminal sigma_max are both in), sigma_k = the image's resolution-scaled table[i_k] as in training,
-eps_k drawn from a generator seeded by (seed, key_hash), the caption as cached (no dropout, no shuffle).
+eps_k drawn from a generator seeded by (seed, key_hash), the caption as cached (no dropout, no shuffle;
+the first of several lines, a template's fields joined: data/caption_control.py canonical_caption).
 Per level: the mean over the held-out images of the unweighted v-MSE, mean((F - v)^2). Total: the mean
 over images and levels of the training loss formula w(sigma) * tag_weight * v-MSE (VObjective.loss):
 a fixed probe, not an estimate of the training loss (sigma_max counts 1/8 here, 1/1000 in training).
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from ztsnr_ds.data.cache import LatentCache
+from ztsnr_ds.data.caption_control import canonical_caption
 from ztsnr_ds.device import to_device
 from ztsnr_ds.objective import VObjective, add_noise, append_dims, c_in, v_target
 from ztsnr_ds.schedule import NUM_TRAIN_TIMESTEPS, NoiseSchedule
@@ -124,7 +126,7 @@ class HoldoutLoss:
         if "embeds" in batch:
             embeds, pooled = to_device(self.device, batch["embeds"], batch["pooled"])
         else:
-            embeds, pooled = self.prompts.encode(batch["captions"])
+            embeds, pooled = self.prompts.encode([canonical_caption(c) for c in batch["captions"]])
         dtype = next(unet.parameters()).dtype
         model_in = (c_in(append_dims(sigma, x0.ndim)) * add_noise(x0, noise, sigma)).to(dtype)
         v_pred = unet(model_in, t, encoder_hidden_states=embeds.expand(k, -1, -1).to(dtype),

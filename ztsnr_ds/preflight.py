@@ -18,6 +18,7 @@ from ztsnr_ds.data.cache_files import CacheError
 from ztsnr_ds.data.index import CacheIndex
 from ztsnr_ds.engine import build_ds_config
 from ztsnr_ds.holdout import holdout_count, holdout_ids, training_buckets
+from ztsnr_ds.mixing import caption_control, sampler_options
 
 ZERO_STAGES = (0, 1, 2)  # validation and export read full weights from every rank: no ZeRO-3
 
@@ -78,9 +79,11 @@ def check_buckets(config, tag: Path | None) -> None:
     if tag is not None:
         check_resumed_holdout(tag, count, val.holdout_seed, index.rows)
     held = holdout_ids(index.columns["key_hash"], count, val.holdout_seed)
+    options = sampler_options(config, index)  # its ValueError names data.sources
+    caption_control(config, index.sources)  # and these the captions keys
     try:
         config.sampler(training_buckets(index.buckets, held, index.rows), config.trainer.micro_batch,
-                       world_size(), 0)
+                       world_size(), 0, **options)
     except ValueError as err:
         raise ValueError(f"trainer.micro_batch = {config.trainer.micro_batch} (x {world_size()} ranks): "
                          f"{err}; lower trainer.micro_batch, use fewer ranks or add images") from err

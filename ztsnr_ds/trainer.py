@@ -30,13 +30,13 @@ from tqdm import tqdm
 from ztsnr_ds import checkpoint, init_from, kernels
 from ztsnr_ds.config import TrainConfig, TrainerConfig
 from ztsnr_ds.data.cache import LatentCache
-from ztsnr_ds.data.tags import shuffle_caption
 from ztsnr_ds.device import to_device
 from ztsnr_ds.ema import EMA_DIR, ShardedEMA
 from ztsnr_ds.engine import DistInfo, any_rank, build_ds_config, initialize, is_pure_bf16, wait_group
 from ztsnr_ds.generate import SampleSpec, generate
 from ztsnr_ds.holdout import HoldoutLoss, holdout_count, holdout_ids, training_buckets
 from ztsnr_ds.metrics import BandMeter, MetricLogger, image_grid
+from ztsnr_ds.mixing import caption_control, sampler_options
 from ztsnr_ds.models import load_frozen, load_unet
 from ztsnr_ds.objective import VObjective, add_noise, append_dims, c_in
 from ztsnr_ds.optim import AdamWSR
@@ -62,7 +62,7 @@ def sample_streams(seed: int, epoch: int, sample_id: int) -> tuple[torch.Generat
 
     Seeded from (seed, epoch, id) only, not from the rank or the position in a batch, so 1 rank
     with micro-batch 4 and 2 ranks with micro-batch 2 draw the same numbers for the same global
-    batch. The sampler uses an id at most once per epoch, so every use gets fresh draws.
+    batch. A repeated image's uses in one epoch have distinct use ids (data/repeats.py): fresh draws.
     """
     digest = hashlib.sha256(f"{seed}:{epoch}:{sample_id}".encode()).digest()
     return (torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")),
@@ -95,7 +95,8 @@ class Trainer:
         self.ema = (ShardedEMA(cfg.ema, self.engine, self.optimizer, dist.rank, dist.world_size,
                                cfg.trainer.seed) if cfg.ema.enabled else None)
         self.sampler = cfg.sampler(self.build_holdout(), cfg.trainer.micro_batch, dist.world_size, dist.rank,
-                                   base_area=cfg.noise.base_area if cfg.trainer.batch_by_area else None)
+                                   **sampler_options(cfg, self.cache.index))
+        self.captions = caption_control(cfg, self.cache.index.sources)  # per-use edits of live captions
         self.step_samples = 0  # samples of all ranks in the last optimizer step
         self.step = 0
         self.nonfinite_total = 0
@@ -198,7 +199,7 @@ class Trainer:
     def conditioning(self, batch: dict, rngs: list[random.Random]) -> tuple[torch.Tensor, torch.Tensor]:
         """Text embeddings (B, 77, D) and pooled (B, P): cached or encoded live, with caption dropout.
 
-        rngs: one Python stream per sample (dropout draw, then tag shuffle).
+        rngs: one Python stream per sample (dropout draw, then the edits of data/caption_control.py).
         """
         cap = self.cfg.captions
         drop = torch.tensor([rng.random() < cap.dropout for rng in rngs])
@@ -206,10 +207,7 @@ class Trainer:
         if cached:
             embeds, pooled = to_device(self.device, batch["embeds"], batch["pooled"])
         else:
-            captions = [
-                "" if d else shuffle_caption(c, cap.keep_first, rng) if cap.shuffle_tags else c
-                for c, d, rng in zip(batch["captions"], drop.tolist(), rngs)
-            ]
+            captions = self.captions.edit(batch["captions"], batch["source"].tolist(), drop.tolist(), rngs)
             embeds, pooled = self.prompts.encode(captions)
         if drop.any() and (cached or cap.dropout_mode == "zeros"):  # live "" rows are already encoded
             u_embeds, u_pooled = self.prompts.unconditional(1, cap.dropout_mode)
@@ -350,7 +348,7 @@ class Trainer:
 
     def _log(self, metrics_file, loss: float, lr: float, seconds: float) -> None:
         record = {"step": self.step, "loss": loss, "lr": lr, "epoch": self.sampler.epoch,
-                  "samples_per_step": self.step_samples}
+                  "samples_per_step": self.step_samples, **self.sampler.samples_seen()}
         if self.step % self.cfg.trainer.log_every == 0:
             grad_norm = self.engine.get_global_grad_norm()
             record |= {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),

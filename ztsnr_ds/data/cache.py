@@ -17,6 +17,7 @@ from ztsnr_ds.data.buckets import CROP_MODES, BucketConfig, parse_bucket_key
 from ztsnr_ds.data.cache_files import REBUILD_HINT, CacheError
 from ztsnr_ds.data.index import CacheIndex
 from ztsnr_ds.data.shards import CHECKSUMS, TEXT_TENSORS, ShardFiles, sample_checksum
+from ztsnr_ds.data.source_mix import SourceConfig, source_list
 from ztsnr_ds.data.sources import DEFAULT_MAX_PIXELS
 from ztsnr_ds.data.tags import TagWeightConfig
 
@@ -27,10 +28,14 @@ LATENT_MODES = ("mean", "sample")
 class CacheConfig:
     """What goes into the latent cache (the ``data`` section of the YAML)."""
 
-    source: str
-    """Dataset: a folder tree of images with same-stem .txt captions, or a .jsonl manifest."""
     cache_dir: str
     """Output folder (manifest.jsonl, shards.json, report.json, shards/)."""
+    source: str | None = None
+    """One dataset: a folder tree of images with same-stem .txt captions, or a .jsonl / .parquet
+    manifest. The same as one data.sources entry with name "" and repeats 1."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Several datasets in one cache, each with its repeats per epoch and caption overrides
+    (docs/sources.md); instead of data.source."""
     buckets: BucketConfig = field(default_factory=BucketConfig)
     """Aspect-ratio buckets the images are resized and cropped to."""
     crop: str = "center"
@@ -51,12 +56,17 @@ class CacheConfig:
     """Images above this many pixels are skipped before decoding (decompression-bomb guard)."""
 
     def __post_init__(self) -> None:
+        self.source_list()
         if self.crop not in CROP_MODES:
             raise ValueError(f"data.crop={self.crop!r} unknown; valid: {', '.join(CROP_MODES)}")
         if self.latent not in LATENT_MODES:
             raise ValueError(f"data.latent={self.latent!r} unknown; valid: {', '.join(LATENT_MODES)}")
         if self.shard_max_mb <= 0:
             raise ValueError(f"data.shard_max_mb={self.shard_max_mb} must be > 0")
+
+    def source_list(self) -> list[SourceConfig]:
+        """The sources, names resolved (data/source_mix.py source_list)."""
+        return source_list(self.source, self.sources)
 
 
 class LatentCache:
@@ -87,14 +97,17 @@ class LatentCache:
         return parse_bucket_key(bucket)
 
     def batch(self, ids: list[int] | np.ndarray) -> dict:
-        """Cached tensors of ``ids`` (all from one bucket).
+        """Cached tensors of ``ids`` (all from one bucket): row ids, or the sampler's use ids (row + copy *
+        rows for a repeated image, data/repeats.py), read as their row.
 
         Shape: latents (B, 4, h/8, w/8) bf16 (already * scaling_factor), time_ids (B, 6) float32,
-        weight (B,) float32, captions list[str]; with cached text also embeds (B, 77, D), pooled (B, P) bf16.
+        weight (B,) float32, captions list[str], source (B,) int64 (position in index.sources); with cached
+        text also embeds (B, 77, D), pooled (B, P) bf16.
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) and not (0 <= ids.min() and ids.max() < len(self)):
+        if len(ids) and ids.min() < 0:
             raise CacheError(f"ids {ids.tolist()} outside the cache's 0..{len(self) - 1}; {REBUILD_HINT}")
+        ids = ids % max(len(self), 1)
         col = self.index.columns
         if len(np.unique(col["bucket"][ids])) != 1:
             raise ValueError(f"a batch must come from one bucket, got ids {ids.tolist()} from several")
@@ -103,6 +116,7 @@ class LatentCache:
             "time_ids": torch.from_numpy(col["time_ids"][ids].astype(np.float32)),
             "weight": torch.from_numpy(col["weight"][ids].astype(np.float32)),
             "captions": [self.index.caption(i) for i in ids],
+            "source": torch.from_numpy(col["source"][ids].astype(np.int64)),
         }
         if self.cache_text:
             text = [self._sample(i, "crc32_text") for i in ids]

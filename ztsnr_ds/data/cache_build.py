@@ -44,8 +44,10 @@ from ztsnr_ds.data.cache_files import FORMAT, PARTS_DIR, SHARD_DIR
 from ztsnr_ds.data.cache_merge import merge_parts
 from ztsnr_ds.data.cache_parts import write_part
 from ztsnr_ds.data.cache_reuse import ReuseIndex
+from ztsnr_ds.data.packed import load_record, read_bytes
 from ztsnr_ds.data.shards import ShardWriter
-from ztsnr_ds.data.sources import BadImage, ImageRecord, Problem, load_image, scan_share
+from ztsnr_ds.data.source_mix import scan_sources
+from ztsnr_ds.data.sources import BadImage, ImageRecord, Problem
 from ztsnr_ds.data.tags import parse_tags
 from ztsnr_ds.models import FrozenParts
 from ztsnr_ds.text import PromptEncoder
@@ -89,7 +91,8 @@ def build_cache(
     workers: int = 4,
     progress: bool = True,
 ) -> BuildStats:
-    """Cache this rank's share of ``cfg.source``; rank 0 merges when it can see every rank finish.
+    """Cache this rank's share of the sources (``cfg.source_list()``); rank 0 merges when it can see
+    every rank finish.
 
     ``batch_size`` images per VAE call, ``workers`` threads for hashing and decoding. Merges here when
     world_size == 1 or torch.distributed is initialised (barrier first); otherwise see merge_parts.
@@ -97,7 +100,7 @@ def build_cache(
     root = Path(cfg.cache_dir)
     (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     (root / PARTS_DIR).mkdir(exist_ok=True)
-    scan = scan_share(cfg.source, rank, world_size)
+    scan = scan_sources(cfg.source_list(), rank, world_size, root / PARTS_DIR)
     fingerprint = settings_fingerprint(cfg, parts)
     reuse = ReuseIndex(root, fingerprint, cfg.cache_text, rank, world_size)
     writer = ShardWriter(root, rank, fingerprint, int(cfg.shard_max_mb * 2**20))
@@ -173,7 +176,7 @@ def _probe(record: ImageRecord, cfg: CacheConfig, buckets: list[tuple[int, int]]
     """sha256 of the file and its bucket from the upright header size (EXIF orientation applied,
     as load_image does), without decoding the pixels."""
     try:
-        data = record.path.read_bytes()
+        data = read_bytes(record)
         if record.size is not None:  # declared by the source (upright), no header to open
             width, height = record.size
         else:
@@ -184,7 +187,7 @@ def _probe(record: ImageRecord, cfg: CacheConfig, buckets: list[tuple[int, int]]
         return Job(record, hashlib.sha256(data).hexdigest(), assign_bucket(height, width, buckets))
     except Exception:  # whatever failed, load_image is the one place that names the problem
         try:
-            load_image(record.path, cfg.max_pixels, cfg.min_image_side)
+            load_record(record, cfg.max_pixels, cfg.min_image_side)
         except BadImage as err:
             return err
         return BadImage("unreadable image header")
@@ -193,7 +196,7 @@ def _probe(record: ImageRecord, cfg: CacheConfig, buckets: list[tuple[int, int]]
 def _load(job: Job, cfg: CacheConfig) -> _Loaded | BadImage:
     """Decode, resize to cover the bucket and crop; runs on a worker thread."""
     try:
-        img = load_image(job.record.path, cfg.max_pixels, cfg.min_image_side)
+        img = load_record(job.record, cfg.max_pixels, cfg.min_image_side)
     except BadImage as err:
         return err
     rng = random.Random(_item_seed(cfg.seed, job.record.key)) if cfg.crop == "random" else None
@@ -274,7 +277,8 @@ def manifest_row(job: Job, time_ids: tuple[int, ...] | list[int]) -> dict:
     record = job.record
     return {"key": record.key, "path": str(record.path), "sha256": job.sha256,
             "bucket": bucket_key(job.bucket), "orig_hw": list(time_ids[:2]), "crop_tl": list(time_ids[2:4]),
-            "time_ids": list(time_ids), "caption": record.caption, "tags": parse_tags(record.caption)}
+            "time_ids": list(time_ids), "caption": record.caption, "tags": parse_tags(record.caption),
+            "source": record.source}
 
 
 def _problem_dict(problem: Problem) -> dict:

@@ -69,14 +69,16 @@ def merge_parts(cfg: CacheConfig, world_size: int) -> dict:
     fingerprint, cache_text = parts[0]["fingerprint"], parts[0]["cache_text"]
     index = IndexWriter(root, counts.rows, cache_text)
     unweighted = root / PARTS_DIR / "manifest-unweighted.jsonl"
-    weights = _merge_rows(root, world_size, shards, counts, cfg.tag_weights, index, unweighted)
+    sources = [s.name for s in cfg.source_list()]
+    weights = _merge_rows(root, world_size, shards, counts, cfg.tag_weights, index, unweighted, sources)
     _write_manifest(root, unweighted, weights)
     write_atomic(root / SHARDS, json.dumps(_shard_record(shards, fingerprint, cache_text), indent=1).encode())
-    report = _report(cfg.source, parts, counts, shards)
+    report = _report(cfg.source if cfg.source is not None else [s.path for s in cfg.source_list()], parts,
+                     counts, shards)
     write_atomic(root / REPORT, json.dumps(report, indent=1).encode())
     index.columns["weight"][:] = weights
     index.finish([{"name": name, **info} for name, info in shards.items()],
-                 sorted({info["bucket"] for info in shards.values()}), fingerprint)
+                 sorted({info["bucket"] for info in shards.values()}), fingerprint, sources)
     for path in (root / SHARD_DIR).iterdir():
         if path.name.endswith(".tmp") or path.name.removesuffix(".safetensors") not in shards:
             path.unlink()
@@ -99,9 +101,11 @@ def _count(rows: Iterable[dict]) -> _Counts:
 
 
 def _merge_rows(root: Path, world_size: int, shards: dict[str, dict], counts: _Counts, cfg: TagWeightConfig,
-                index: IndexWriter, unweighted: Path) -> np.ndarray:
+                index: IndexWriter, unweighted: Path, sources: list[str]) -> np.ndarray:
     """Pass 2: the rows in key order into the index columns (all but weight) and ``unweighted`` (manifest
-    lines without their weight); returns the weights (mean 1), float64 in id order."""
+    lines without their weight); returns the weights (mean 1), float64 in id order. ``sources``: the
+    names the source column counts."""
+    source_pos = {name: i for i, name in enumerate(sources)}
     weights_of = weights_from_counts(counts.tags, counts.rows, cfg)
     legacy = shard_checksums(root, counts.unchecked, shards)
     shard_pos = {name: i for i, name in enumerate(shards)}
@@ -116,7 +120,7 @@ def _merge_rows(root: Path, world_size: int, shards: dict[str, dict], counts: _C
             col["bucket"][i], col["time_ids"][i] = bucket_pos[row["bucket"]], row["time_ids"]
             for name in crc_columns:
                 col[name][i] = row[name]
-            col["key_hash"][i] = key_hash(row["key"])
+            col["key_hash"][i], col["source"][i] = key_hash(row["key"]), source_pos[row.get("source", "")]
             index.add_texts(row["key"], row["caption"])
             raw[i] = image_weight(row["tags"], weights_of)
             out.write(json.dumps({"id": i, **row}).encode() + b"\n")
@@ -163,7 +167,7 @@ def _write_record(root: Path, rows: list[dict], shards: dict[str, dict], fingerp
     write_atomic(root / SHARDS, json.dumps(_shard_record(shards, fingerprint, cache_text), indent=1).encode())
 
 
-def _report(source: str, parts: list[dict], counts: _Counts, shards: dict[str, dict]) -> dict:
+def _report(source: str | list[str], parts: list[dict], counts: _Counts, shards: dict[str, dict]) -> dict:
     """report.json: counts, buckets, bad images and scan problems (every rank's, in key order)."""
     def in_order(problem: dict) -> tuple:
         return problem["key"], problem["path"], problem["reason"]

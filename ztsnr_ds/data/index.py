@@ -13,6 +13,8 @@ Columns (N rows, id = row number, rows sorted by key):
     bucket (N,) int32      position in index.json "buckets"     time_ids (N, 6) int32
     weight (N,) float32    tag-frequency weight, mean 1         crc32 (N,) uint32  of the latent bytes
     crc32_text (N,) uint32 of embeds + pooled (cached text only)
+    source (N,) int16      position in index.json "sources" (data/source_mix.py); an index without it
+                           (built before data.sources) reads as one source named ""
     key_hash (N,) uint64   first 8 bytes (little-endian) of BLAKE2b(key): a stable per-image number
     by_bucket (N,) int64   ids grouped by bucket, ascending inside each; bucket b is
                            by_bucket[bucket_starts[b]:bucket_starts[b + 1]] (bucket_starts in index.json)
@@ -49,10 +51,11 @@ CONVERT_HINT = "convert it once with `python launch/cache.py --convert --cache_d
 COLUMN_TYPES: dict[str, tuple[type, tuple[int, ...]]] = {
     "shard": (np.int32, ()), "index": (np.int32, ()), "bucket": (np.int32, ()), "time_ids": (np.int32, (6,)),
     "weight": (np.float32, ()), "crc32": (np.uint32, ()), "key_hash": (np.uint64, ()),
-    "crc32_text": (np.uint32, ()),
+    "crc32_text": (np.uint32, ()), "source": (np.int16, ()),
 }
-"""dtype and per-row shape of every fixed-width column but by_bucket (crc32_text only with cached text)."""
-_ROW_COLUMNS = tuple(name for name in COLUMN_TYPES if name != "crc32_text")
+"""dtype and per-row shape of every fixed-width column but by_bucket (crc32_text only with cached text,
+source only in indexes that list their sources)."""
+_ROW_COLUMNS = tuple(name for name in COLUMN_TYPES if name not in ("crc32_text", "source"))
 """Columns every index has, one entry per row."""
 
 
@@ -113,9 +116,10 @@ def _new_folder(root: Path) -> Path:
 
 
 def _finish(root: Path, folder: Path, columns: dict[str, np.ndarray], shards: list[dict],
-            bucket_keys: list[str], cache_text: bool, fingerprint: str) -> None:
+            bucket_keys: list[str], cache_text: bool, fingerprint: str,
+            sources: list[str] | None = None) -> None:
     """Save the fixed-width columns and by_bucket into ``folder`` (its text blobs already there), point
-    index.json at it and remove older folders."""
+    index.json at it and remove older folders. ``sources``: the names the source column counts."""
     bucket = columns["bucket"]
     columns = {**columns, "by_bucket": np.argsort(bucket, kind="stable").astype(np.int64)}
     starts = np.searchsorted(bucket[columns["by_bucket"]], np.arange(len(bucket_keys) + 1))
@@ -125,7 +129,7 @@ def _finish(root: Path, folder: Path, columns: dict[str, np.ndarray], shards: li
     sync_dir(folder)
     meta = {"format": INDEX_FORMAT, "folder": folder.name, "rows": len(bucket), "fingerprint": fingerprint,
             "cache_text": cache_text, "shards": shards, "buckets": bucket_keys,
-            "bucket_starts": starts.tolist()}
+            "bucket_starts": starts.tolist(), **({"sources": sources} if sources is not None else {})}
     write_atomic(root / INDEX, json.dumps(meta, indent=1).encode())
     for old in root.glob("index-*"):
         if old.name != folder.name:
@@ -141,7 +145,7 @@ class IndexWriter:
     def __init__(self, root: Path, rows: int, cache_text: bool) -> None:
         self.root, self.rows, self.cache_text = root, rows, cache_text
         self.folder = _new_folder(root)
-        names = [*_ROW_COLUMNS, *(["crc32_text"] if cache_text else [])]
+        names = [*_ROW_COLUMNS, "source", *(["crc32_text"] if cache_text else [])]
         self.columns = {name: np.zeros((rows, *shape), dtype)
                         for name in names for dtype, shape in [COLUMN_TYPES[name]]}
         self._offsets = {name: np.zeros(rows + 1, np.int64) for name in ("keys", "captions")}
@@ -157,8 +161,10 @@ class IndexWriter:
             self._offsets[name][i + 1] = self._offsets[name][i] + len(data)
         self._added += 1
 
-    def finish(self, shards: list[dict], bucket_keys: list[str], fingerprint: str) -> None:
-        """Write everything and make this index the current one (``shards`` as for write_columns)."""
+    def finish(self, shards: list[dict], bucket_keys: list[str], fingerprint: str,
+               sources: list[str]) -> None:
+        """Write everything and make this index the current one (``shards`` as for write_columns,
+        ``sources`` the names the source column counts)."""
         if self._added != self.rows:
             raise ValueError(f"IndexWriter: {self._added} rows' texts added, {self.rows} announced")
         for name, blob in self._blobs.items():
@@ -167,7 +173,8 @@ class IndexWriter:
             blob.close()
             with synced(self.folder / f"{name[:-1]}_offsets.npy") as f:
                 np.save(f, self._offsets[name])
-        _finish(self.root, self.folder, self.columns, shards, bucket_keys, self.cache_text, fingerprint)
+        _finish(self.root, self.folder, self.columns, shards, bucket_keys, self.cache_text, fingerprint,
+                sources)
 
 
 def utf8_column(values: Sequence[str]) -> tuple[bytes, np.ndarray]:
@@ -203,11 +210,14 @@ class CacheIndex:
             self.bucket_keys: list[str] = meta["buckets"]
             starts = np.asarray(meta["bucket_starts"], dtype=np.int64)
             folder = root / meta["folder"]
+            self.sources: list[str] = list(meta.get("sources", [""]))
         except (KeyError, TypeError, ValueError) as err:
             raise CacheError(f"{root / INDEX} is damaged (bad field: {err}); {REBUILD_HINT}") from None
         names = [*_ROW_COLUMNS, "by_bucket", "key_offsets", "caption_offsets"]
         names += ["crc32_text"] if self.cache_text else []
+        names += ["source"] if "sources" in meta else []
         self.columns = {name: self._column(folder, name) for name in names}
+        self.columns.setdefault("source", np.broadcast_to(np.int16(0), (self.rows,)))  # no memory per row
         self.keys_blob = self._blob(folder / "keys.bin", self.columns["key_offsets"])
         self.captions_blob = self._blob(folder / "captions.bin", self.columns["caption_offsets"])
         self._check(starts)
@@ -258,6 +268,8 @@ class CacheIndex:
             problems.append("a shard position out of range")
         elif ((col["index"] < 0) | (col["index"] >= counts[col["shard"]])).any():
             problems.append("a sample position beyond its shard's count")
+        if not 0 <= col["source"].min() <= col["source"].max() < len(self.sources):
+            problems.append("a source position out of range")
         if not 0 <= col["bucket"].min() <= col["bucket"].max() < n_buckets:
             return problems + ["a bucket position out of range"]
         if (np.bincount(col["bucket"], minlength=n_buckets) != np.diff(starts)).any():

@@ -17,6 +17,9 @@ no step has room for the leftover (m_b = 1 and N not a multiple of W: then a few
 in one step). Steps 1 and 2 do not depend on how G_b is split into micro_batch x W, so 1 rank x micro 4
 and 2 ranks x micro 2 train on the same ids in every step except those holding tails smaller than W.
 
+With source repeats (``repeats``, data/repeats.py) each epoch's bucket contents are its use ids, row ids
+with a repeated image's further uses as row + copy * rows, drawn before step 1; without, the row ids.
+
 Steps hold different numbers of samples (tails); the trainer weights each sample by 1 / (samples in the
 optimizer step), a count every rank reads from the plan (`upcoming_samples`). The checkpoint state is a
 few numbers (seed, epoch, position, samples done); a resume replans the epoch.
@@ -33,10 +36,19 @@ from typing import Any
 import numpy as np
 
 from ztsnr_ds.data.buckets import parse_bucket_key
+from ztsnr_ds.data.repeats import (
+    EpochUses,
+    SourceRepeats,
+    images_per_source,
+    seen_by_step,
+    source_summary,
+    source_table,
+)
 
 logger = logging.getLogger(__name__)
 
 Batch = tuple[str, list[int]]
+RESUME_DATA = ("exact", "replan")
 
 
 def bucket_micro_batches(keys: Sequence[str], micro_batch: int, base_area: int | None) -> np.ndarray:
@@ -206,10 +218,17 @@ class BucketBatchSampler:
     buckets: bucket key "HxW" -> ids (a list or an int array; unique across buckets, order ignored).
     micro_batch: ids per rank per micro-step, at base_area when base_area is given (batch by area).
     seed: with the epoch, fixes the order. shuffle=False keeps ids and batches in sorted order.
+    repeats: the cache's sources and their repeats per epoch; the iterator then yields use ids
+    (data/repeats.py: the row is the id mod the cache's rows).
+    resume_data: "exact" (continue the checkpoint's plan; refused when the buckets or repeats changed) or
+    "replan" (a fresh plan of the data now, from the epoch after the checkpoint's; see load_state_dict).
     """
 
     def __init__(self, buckets: Mapping[str, Sequence[int] | np.ndarray], micro_batch: int, world_size: int,
-                 rank: int, *, seed: int = 0, shuffle: bool = True, base_area: int | None = None) -> None:
+                 rank: int, *, seed: int = 0, shuffle: bool = True, base_area: int | None = None,
+                 repeats: SourceRepeats | None = None, resume_data: str = "exact") -> None:
+        if resume_data not in RESUME_DATA:
+            raise ValueError(f"trainer.resume_data = {resume_data!r} is not one of {', '.join(RESUME_DATA)}")
         if micro_batch < 1 or world_size < 1:
             raise ValueError(f"micro_batch={micro_batch} and world_size={world_size} must be >= 1")
         if not 0 <= rank < world_size:
@@ -224,10 +243,15 @@ class BucketBatchSampler:
         self.global_batch = micro_batch * world_size
         self.seed, self.shuffle, self.base_area = seed, shuffle, base_area
         self.micro_batches = bucket_micro_batches(self.keys, micro_batch, base_area)
-        self._digest = _fingerprint(self.keys, self._buckets)
+        self.repeats, self.resume_data, self._seen = repeats, resume_data, {}
+        images = images_per_source(self._buckets, repeats) if repeats is not None else None
+        self.sources = source_summary(images, repeats, world_size) if repeats is not None else None
+        self._digest = _fingerprint(self.keys, self._buckets) + (repeats.digest() if self._repeating else "")
+        self._uses = EpochUses(self._buckets, repeats, images) if self._repeating else None
         first = self.plan(0)
         self.summary_dict = self._summarise(first)
         self._plans = {0: first.rank_plan(rank)}
+        self._count_sources(0, first)
         self.epoch, self.position = 0, 0
 
     # ---- the plan -------------------------------------------------------------------------------
@@ -235,14 +259,39 @@ class BucketBatchSampler:
     def plan(self, epoch: int) -> EpochPlan:
         """All ranks' plan of `epoch` (pure: the same on every rank)."""
         rng = np.random.default_rng(_epoch_seed(self.seed, epoch)) if self.shuffle else None
-        return plan_epoch(self._buckets, self.micro_batches, self.world_size, rng)
+        buckets = self._buckets
+        if self._uses is not None:  # its own generator: the plan's draws stay those of a run without repeats
+            buckets = self._uses(np.random.default_rng([_epoch_seed(self.seed, epoch), 1]))
+        return plan_epoch(buckets, self.micro_batches, self.world_size, rng)
+
+    @property
+    def _repeating(self) -> bool:
+        return self.repeats is not None and bool((self.repeats.repeats != 1).any())
 
     def _rank_plan(self, epoch: int) -> RankPlan:
         """This rank's plan of `epoch`, kept for the current and the next epoch only."""
         if epoch not in self._plans:
             self._plans = {e: p for e, p in self._plans.items() if e >= self.epoch}
-            self._plans[epoch] = self.plan(epoch).rank_plan(self.rank)
+            plan = self.plan(epoch)
+            self._plans[epoch] = plan.rank_plan(self.rank)
+            self._count_sources(epoch, plan)
         return self._plans[epoch]
+
+    def _count_sources(self, epoch: int, plan: EpochPlan) -> None:
+        """Keep (steps + 1, sources): samples of each source before step k of `epoch` (all ranks)."""
+        if self.repeats is not None:
+            self._seen = {e: v for e, v in self._seen.items() if e in self._plans}
+            self._seen[epoch] = seen_by_step(plan.ids, plan.offsets[::self.world_size], self.repeats)
+
+    def samples_seen(self) -> dict[str, int]:
+        """{"seen/<source>": samples of that source all ranks trained on so far} (epochs before this one
+        counted at today's uses per epoch); {} without sources. Read from the plan: no collective."""
+        if self.sources is None:
+            return {}
+        now = self._seen[self.epoch][self.position] if self.epoch in self._seen else 0
+        before = np.array([s["uses_per_epoch"] for s in self.sources.values()]) * self.epoch
+        seen = zip(self.sources, before + now, strict=True)
+        return {f"seen/{name or 'default'}": int(n) for name, n in seen}
 
     def __len__(self) -> int:
         """Steps (micro-steps of every rank) in the current epoch; tail joins make it vary by a few."""
@@ -268,6 +317,10 @@ class BucketBatchSampler:
         if self.position >= plan.steps:
             self.epoch, self.position = self.epoch + 1, 0
             plan = self._rank_plan(self.epoch)
+            if self.sources is not None:
+                logger.info("epoch %d: %s", self.epoch, "; ".join(
+                    f"{name}: {s['uses_per_epoch']} samples, {s['uses_per_epoch'] * self.epoch} seen so far"
+                    for name, s in self.sources.items()))
         k = self.position
         self.position += 1
         ids = plan.ids[plan.offsets[k] : plan.offsets[k + 1]].tolist()  # host list of one micro-batch only
@@ -286,7 +339,10 @@ class BucketBatchSampler:
                             "full_global_batches": n // g, "tail": tail,
                             "tail_joined_with_other_buckets": 0 < tail < self.world_size,
                             "micro_batches_epoch0": int(micro_batches[b])}
-        return {"images": self.total, "used_per_epoch": len(plan.ids), "unused": self.total - len(plan.ids),
+        unused = self.total - len(plan.ids) if self.sources is None else sum(
+            s["images"] - s["distinct_per_epoch"] for s in self.sources.values())
+        return {"images": self.total, "used_per_epoch": len(plan.ids), "unused": unused,
+                **({"sources": self.sources} if self.sources is not None else {}),
                 "world_size": self.world_size, "micro_batch": self.micro_batch,
                 "batch_by_area_base": self.base_area, "steps_epoch0": plan.steps, "buckets": buckets}
 
@@ -303,7 +359,7 @@ class BucketBatchSampler:
         lines.append(f"{s['images']} images in {len(s['buckets'])} buckets, {s['used_per_epoch']} used per "
                      f"epoch, {s['unused']} unused; {s['steps_epoch0']} steps in epoch 0 (micro_batch "
                      f"{self.micro_batch} x {self.world_size} ranks{area})")
-        return "\n".join(lines)
+        return "\n".join(lines + (source_table(self.sources) if self.sources is not None else []))
 
     # ---- checkpointing --------------------------------------------------------------------------
 
@@ -325,7 +381,10 @@ class BucketBatchSampler:
         plan at or before the samples `state` had done: exact where the boundaries agree (the same global
         batch on another world size, outside joined tails); else some samples of this epoch repeat or
         are skipped. Raises ValueError for other bucket contents, another shuffle flag or an old state.
-        The saved seed wins over the constructor's."""
+        The saved seed wins over the constructor's. With resume_data "replan" see `_replan`."""
+        if self.resume_data == "replan":
+            self._replan(state)
+            return
         self._check_resumable(state)
         if state["seed"] != self.seed:
             logger.warning("sampler seed %s replaced by the checkpoint's seed %s", self.seed, state["seed"])
@@ -339,6 +398,20 @@ class BucketBatchSampler:
             raise ValueError(f"cannot resume: position {position} outside [0, {plan.steps}]")
         self.position = position
 
+    def _replan(self, state: dict[str, Any]) -> None:
+        """Continue on the data as it is now (a grown or changed cache, other repeats): the saved seed, a
+        fresh plan from the epoch after the checkpoint's (its own epoch when it had not started it); the
+        rest of the checkpoint's epoch is not trained. Logged, with what changed."""
+        saved_epoch, position = int(state.get("epoch", 0)), int(state.get("position", 0))
+        self.seed, self._plans = int(state.get("seed", self.seed)), {}
+        self.epoch, self.position = saved_epoch + (position > 0), 0
+        changed = "unchanged" if state.get("buckets_digest") == self._digest else "changed"
+        if self.rank == 0:
+            logger.warning("trainer.resume_data = replan: the checkpoint stopped at step %d of epoch %d; a "
+                           "fresh plan of the current data (%s since the checkpoint, %d steps an epoch) "
+                           "starts at epoch %d", position, saved_epoch, changed,
+                           self._rank_plan(self.epoch).steps, self.epoch)
+
     def _check_resumable(self, state: dict[str, Any]) -> None:
         if "samples_done" not in state:
             raise ValueError("cannot resume: the sampler state comes from the earlier carry-over sampler, "
@@ -348,7 +421,8 @@ class BucketBatchSampler:
         if state["buckets_digest"] != self._digest:
             raise ValueError(
                 f"cannot resume: bucket contents changed (digest {state['buckets_digest'][:12]} saved, "
-                f"{self._digest[:12]} now); rebuild the cache as it was or start a new run")
+                f"{self._digest[:12]} now); rebuild the cache as it was, start a new run, or continue this "
+                "one on the data as it is now with trainer.resume_data: replan")
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:

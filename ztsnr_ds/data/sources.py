@@ -19,12 +19,13 @@ writes the report. Image decoding problems surface later, in :func:`load_image`,
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import struct
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -50,13 +51,16 @@ class ImageRecord:
 
     path: file to load. caption: raw caption text ("" when missing). key: path relative to the
     dataset root in POSIX form; unique within a source, stable across machines (used as cache id).
-    size: (width, height) upright, when the source declares it.
+    size: (width, height) upright, when the source declares it. source: name of its data.sources entry.
+    member: (offset, size) of the image's bytes inside ``path`` (a tar shard, a spilled Parquet cell).
     """
 
     path: Path
     caption: str
     key: str
     size: tuple[int, int] | None = None
+    source: str = ""
+    member: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, order=True)
@@ -101,15 +105,17 @@ def in_share(name: str, rank: int, world_size: int) -> bool:
 class _Share:
     """Decides, entry by entry as the source streams past, what this rank keeps; digests every name."""
 
-    def __init__(self, rank: int, world_size: int) -> None:
+    def __init__(self, rank: int, world_size: int, prefix: str = "",
+                 caption_from: Callable[[dict], str] | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.prefix = rank, world_size, prefix
+        self.caption_from = caption_from  # builds a manifest entry's caption (data/caption_template.py)
         self._digest = hashlib.sha256()
 
     def take(self, name: str) -> bool:
         self._digest.update(name.encode("utf-8", "surrogatepass") + b"\0")
-        return in_share(name, self.rank, self.world_size)
+        return in_share(self.prefix + name, self.rank, self.world_size)
 
     def digest(self) -> str:
         return self._digest.hexdigest()[:16]
@@ -121,15 +127,18 @@ def scan_source(path: str | Path) -> tuple[list[ImageRecord], list[Problem]]:
     return scan.records, scan.problems
 
 
-def scan_share(path: str | Path, rank: int, world_size: int) -> Scan:
+def scan_share(path: str | Path, rank: int, world_size: int, prefix: str = "",
+               caption_from: Callable[[dict], str] | None = None) -> Scan:
     """This rank's share (see in_share) of a folder tree or a ``.jsonl`` or ``.parquet`` manifest.
 
     The source is streamed (folders one at a time, manifest lines, Parquet row batches) and entries of
     other ranks are dropped before their file is checked or their caption read, so a rank holds and
     touches only its share. Records with a missing caption are kept (caption "") and also listed as a
-    MISSING_CAPTION problem.
+    MISSING_CAPTION problem. ``prefix``: what the cache puts before this source's keys (the share is
+    decided on the cached key, as the reuse of earlier builds splits it; data/source_mix.py).
+    ``caption_from``: a manifest source's captions from its entries' columns (its ``columns`` read too).
     """
-    path, share = Path(path), _Share(rank, world_size)
+    path, share = Path(path), _Share(rank, world_size, prefix, caption_from)
     if path.is_dir():
         records, problems = scan_folder(path, share)
     elif path.suffix.lower() == ".jsonl" and path.is_file():
@@ -216,7 +225,8 @@ def read_parquet(manifest: Path, share: _Share, batch_rows: int = 65536) -> tupl
     names = set(table.schema_arrow.names)
     if "image" not in names:
         raise ValueError(f"source {manifest}: no 'image' column (has {sorted(names)})")
-    columns = [c for c in ("image", "caption", "width", "height") if c in names]
+    columns = [c for c in ("image", "caption", "width", "height", *getattr(share.caption_from, "columns", ()))
+               if c in names]
     row = 0
     for batch in table.iter_batches(batch_size=batch_rows, columns=columns):
         for entry in batch.to_pylist():
@@ -242,6 +252,8 @@ def _add_entry(manifest: Path, where: str, entry: bytes | dict, share: _Share,
     if not share.take(key):
         return
     try:
+        if share.caption_from is not None:
+            entry = {**entry, "caption": share.caption_from(entry)}
         record = _manifest_record(manifest.parent, key, entry, problems)
     except ValueError as err:
         problems.append(Problem(where, manifest, str(err)))
@@ -313,6 +325,8 @@ def _manifest_record(root: Path, key: str, entry: dict, problems: list[Problem])
     if caption is None:
         problems.append(Problem(key, path, MISSING_CAPTION))
         caption = ""
+    elif isinstance(caption, list) and all(isinstance(c, str) for c in caption):  # several: one a line
+        caption = "\n".join(c.strip() for c in caption if c.strip())
     elif not isinstance(caption, str):
         raise ValueError(f"bad manifest line: 'caption' must be a string, got {type(caption).__name__}")
     elif _SURROGATE.search(caption):  # a JSON "\udcXX" escape: not valid Unicode text
@@ -358,16 +372,18 @@ def summarize_problems(problems: list[Problem]) -> dict[str, int]:
     return dict(sorted(Counter(p.reason.split(":")[0] for p in problems).items()))
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 0) -> Image.Image:
-    """Decode ``path`` to an upright RGB image detached from the file.
+def load_image(path: str | Path | io.BytesIO, max_pixels: int = DEFAULT_MAX_PIXELS,
+               min_side: int = 0) -> Image.Image:
+    """Decode ``path`` (a file, or the bytes of an image packed in a tar or Parquet file, data/packed.py)
+    to an upright RGB image detached from the file.
 
     EXIF orientation is applied; every colour mode ends as 8-bit RGB (see :func:`to_rgb`).
     Raises BadImage for empty, unreadable or truncated files, images above ``max_pixels`` (checked
     from the header, before decoding), and images whose smaller side is below ``min_side``.
     """
-    path = Path(path)
+    path = Path(path) if isinstance(path, str) else path
     try:
-        if path.stat().st_size == 0:
+        if (path.stat().st_size if isinstance(path, Path) else path.getbuffer().nbytes) == 0:
             raise BadImage("empty file")
         with Image.open(path) as img:
             _check_size(img.size, max_pixels, min_side)

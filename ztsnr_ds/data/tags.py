@@ -41,9 +41,14 @@ def normalize_tag(tag: str) -> str:
     return " ".join(tag.replace("_", " ").lower().split())
 
 
+FIELD_SEP = "\u241f"
+"""Between the fields of a caption built from a template (data/caption_template.py), read as a comma
+here: U+241F (the visible symbol of the unit separator), not whitespace, so strip() keeps empty fields."""
+
+
 def parse_tags(caption: str) -> list[str]:
     """Normalised tags of a comma-separated caption in their original order; empty tags dropped."""
-    return [tag for tag in map(normalize_tag, caption.split(",")) if tag]
+    return [tag for tag in map(normalize_tag, caption.replace(FIELD_SEP, ",").split(",")) if tag]
 
 
 def tag_counts(tag_lists: Iterable[list[str]]) -> tuple[Counter, int]:
