@@ -56,17 +56,21 @@ def cli_parser() -> ArgumentParser:
     return parser
 
 
-def read_sections(path: str | Path) -> tuple[CacheConfig, str]:
-    """(CacheConfig from ``data``, ``model.pretrained``) of a YAML file, validated by jsonargparse."""
+def read_sections(path: str | Path) -> tuple[CacheConfig, str, int]:
+    """(CacheConfig from ``data``, ``model.pretrained``, ``captions.max_chunks``) of a YAML file, validated
+    by jsonargparse (max_chunks: for cached text and the caption report; default 3 as in training)."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
     model = raw.get("model") or {}
     parser = ArgumentParser(prog=f"{Path(__file__).name} (sections of {path})")
     parser.add_class_arguments(CacheConfig, "data")
     parser.add_argument("--model.pretrained", type=str, required=True, help="diffusers SDXL folder")
-    sections = {"data": raw.get("data") or {}, "model": {"pretrained": model.get("pretrained")}}
+    parser.add_argument("--captions.max_chunks", type=int, default=3, help="75-token chunks per caption")
+    captions = {k: v for k, v in (raw.get("captions") or {}).items() if k == "max_chunks"}
+    sections = {"data": raw.get("data") or {}, "model": {"pretrained": model.get("pretrained")},
+                "captions": captions}
     namespace = parser.parse_object(sections)
     init = parser.instantiate(namespace)
-    return init.data, init.model.pretrained
+    return init.data, init.model.pretrained, init.captions.max_chunks
 
 
 def main(argv: list[str] | None = None) -> BuildStats | dict | int:
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> BuildStats | dict | int:
             sys.exit(f"launch/cache.py: {err}")
     if args.config is None:
         parser.error("--config is required to build a cache")
-    cfg, pretrained = read_sections(args.config)
+    cfg, pretrained, max_chunks = read_sections(args.config)
     # Only barriers travel (gloo, even on GPUs); a long timeout because ranks may finish hours apart.
     dist_info = init_distributed(backend="gloo", timeout=timedelta(hours=48))
     rank, world_size, local_rank = dist_info.rank, dist_info.world_size, dist_info.local_rank
@@ -96,6 +100,7 @@ def main(argv: list[str] | None = None) -> BuildStats | dict | int:
         parts.text_encoder_2.to(device)
     try:
         return build_cache(cfg, parts, rank, world_size, batch_size=args.batch_size, workers=args.workers,
+                           max_chunks=max_chunks,
                            progress=rank == 0)
     finally:
         if dist.is_initialized():

@@ -284,7 +284,8 @@ class Trainer:
         val = self.cfg.validation
         spec = SampleSpec(prompts=list(val.prompts), negative=val.negative, seed=val.seed, steps=val.steps,
                           schedule=val.schedule, cfg=val.cfg_scale, cfg_rescale=val.cfg_rescale,
-                          width=val.width, height=val.height, dropout_mode=self.cfg.captions.dropout_mode)
+                          width=val.width, height=val.height, dropout_mode=self.cfg.captions.dropout_mode,
+                          max_chunks=self.cfg.captions.max_chunks)
         unet = self.engine.module  # ZeRO-2 keeps full weights on every rank
         unet.eval()
         samples = generate(unet, self.parts, self.schedule, spec, progress=False)
