@@ -379,17 +379,34 @@ def test_two_ranks_match_one_rank(tmp_path, parts, dataset, built):
 
 
 def test_cached_text_embeddings(tmp_path, parts, dataset):
+    """Cached text equals live encoding, long captions (3 chunks, padded in a mixed batch) included, and the
+    report counts tokens per caption (against the tokenizer's own count)."""
     cfg = _cfg(dataset, tmp_path / "cache", crop="center", cache_text=True, shard_max_mb=1.0)
-    build_cache(cfg, parts, batch_size=4, workers=2, progress=False)
+    long_caption = ", ".join(f"long tag {i}" for i in range(20))  # 219 tokens of the tiny tokenizer: 3 chunks
+    (Path(cfg.source) / "sub" / "rotated.txt").write_text(long_caption)
+    try:
+        stats = build_cache(cfg, parts, batch_size=4, workers=2, progress=False)
+    finally:
+        (Path(cfg.source) / "sub" / "rotated.txt").write_text("cat, hat")
     cache = LatentCache(cfg.cache_dir)
     encoder = PromptEncoder.from_parts(parts)
+    all_chunks = []
     for ids in cache.buckets.values():
         batch = cache.batch(ids)
-        embeds, pooled = encoder.encode(batch["captions"])
+        embeds, pooled, chunks = encoder.encode(batch["captions"])
         assert batch["embeds"].dtype == batch["pooled"].dtype == torch.bfloat16
-        assert batch["embeds"].shape == (len(ids), 77, 2 * TINY_TEXT_HIDDEN)
+        assert torch.equal(batch["chunks"], chunks)
+        assert batch["embeds"].shape == (len(ids), 77 * int(chunks.max()), 2 * TINY_TEXT_HIDDEN)
         torch.testing.assert_close(batch["embeds"].float(), embeds, rtol=2**-7, atol=1e-2)
         torch.testing.assert_close(batch["pooled"].float(), pooled, rtol=2**-7, atol=1e-2)
+        all_chunks += chunks.tolist()
+    assert sorted(all_chunks)[-1] == 3 and len(set(all_chunks)) > 1
+    tokens = [len(parts.tokenizer(cache.index.caption(i), add_special_tokens=False).input_ids)
+              for i in range(len(cache))]
+    report = stats.report["captions"]
+    assert report["tokens_over"] == {str(n): sum(t > n for t in tokens) for n in (75, 150, 225)}
+    assert sum(report["chunks"].values()) == len(cache) and report["chunks"]["3"] == 1
+    assert report["truncated"] == report["tags_cut"] == 0 and report["max_chunks"] == 3
 
     (Path(cfg.source) / "sub" / "rotated.txt").write_text("dog")  # cached text must follow the caption
     try:
