@@ -60,6 +60,9 @@ ROW_FIELDS = {
     "shard",
     "index",
     "crc32",
+    "tokens",  # caption chunking (text.PromptEncoder.counts), summed into report.json's captions
+    "chunks",
+    "tags_cut",
 }
 
 
