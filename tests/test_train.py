@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ztsnr_ds import checkpoint
-from ztsnr_ds.config import ConfigError, parse
+from ztsnr_ds.config import ConfigError, build_parser, parse
 from ztsnr_ds.engine import init_distributed
 from ztsnr_ds.trainer import READY_LINE, StopTraining, Trainer
 
@@ -147,10 +147,19 @@ def test_incomplete_checkpoint_is_ignored(run_config, tmp_path):
     (["--model.pretrained", "/nonexistent/sdxl"], "model.pretrained"),
     (["--model.attention", "flash3"], "model.attention"),
     (["--model.compile", "max"], "model.compile"),
+    (["--captions.max_chunks", "9"], "captions.max_chunks"),
+    (["--captions.max_chunks", "0"], "captions.max_chunks"),
+    (["--model.attention", "flash"], "captions.max_chunks"),  # flash cannot apply the padding mask
 ])
 def test_config_errors_name_the_key(run_config, args, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         parse(["--config", str(run_config), *args])
+
+
+def test_print_config_shows_max_chunks(run_config, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--config", str(run_config), "--print_config"])
+    assert "max_chunks: 3" in capsys.readouterr().out
 
 
 def test_sigterm_saves_and_exits_cleanly(run_config, tmp_path):

@@ -57,7 +57,8 @@ def bench_captions(args: argparse.Namespace) -> None:
         unet = load_unet(root, dtype=torch.float32).train()
     encoder = PromptEncoder.from_parts(parts, max_chunks=3)
     mixed = [_caption(1 + i % 3) for i in range(b)]  # chunks 1, 2, 3, 1, ...
-    batches = {f"{k} chunk{'s' if k > 1 else ''}": [_caption(k)] * b for k in (1, 2, 3)} | {"mixed 1-3": mixed}
+    batches = {f"{k} chunk{'s' if k > 1 else ''}": [_caption(k)] * b for k in (1, 2, 3)}
+    batches["mixed 1-3"] = mixed
     conds = {name: encoder.encode(captions) for name, captions in batches.items()}
     assert [c.chunks.tolist() for c in conds.values()][:3] == [[k] * b for k in (1, 2, 3)]
     gen = torch.Generator().manual_seed(0)

@@ -183,13 +183,14 @@ def _report(source: str, parts: list[dict], counts: _Counts, shards: dict[str, d
         "bad": sorted((b for p in parts for b in p["bad"]), key=in_order),
         "scan_problems": sorted((s for p in parts for s in p["scan_problems"]), key=in_order),
         "corrupt_shards": [c for p in parts for c in p["corrupt_shards"]],
-        "captions": _caption_report(counts.captions, parts[0].get("max_chunks", 1)),
+        "captions": _caption_report(counts.captions, parts[0]["max_chunks"]) if counts.captions else None,
     }
 
 
 def _caption_report(counts: Counter, max_chunks: int) -> dict:
     """report.json "captions": captions over 75/150/225 tokens, captions per chunk count, and those cut at
-    captions.max_chunks (at a tag boundary) with the tag occurrences cut."""
+    captions.max_chunks (at a tag boundary) with the tag occurrences cut. None when no row was counted
+    (parts written without caption counts)."""
     return {"max_chunks": max_chunks,
             "tokens_over": {str(n): counts[f"over {n}"] for n in CAPTION_THRESHOLDS},
             "chunks": {str(k): counts[f"chunks {k}"] for k in range(1, max_chunks + 1)},
@@ -208,7 +209,8 @@ def _log_report(report: dict) -> None:
                            ", ".join(f"{reason}: {n}" for reason, n in counts.items()))
     if report["corrupt_shards"]:
         logger.warning("%d corrupt shards were rebuilt", len(report["corrupt_shards"]))
-    cap = report["captions"]
+    if (cap := report["captions"]) is None:
+        return
     logger.info("captions: over %s tokens: %s; chunks (75 tokens each) per caption: %s",
                 "/".join(cap["tokens_over"]), "/".join(map(str, cap["tokens_over"].values())),
                 ", ".join(f"{k}: {n}" for k, n in cap["chunks"].items()))
