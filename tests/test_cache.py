@@ -419,6 +419,50 @@ def test_cached_text_embeddings(tmp_path, parts, dataset):
     assert stats.encoded == 1
 
 
+
+def test_text_chunks_are_checksummed_and_an_old_cache_reads_as_one_chunk(tmp_path, parts, dataset):
+    """The chunk count sits in the shard under the text CRC; shards written before it (no text_chunks
+    tensor, CRC of embeds + pooled) still read, as one chunk per sample."""
+    import safetensors.torch
+
+    from ztsnr_ds.data.shards import sample_checksum
+
+    cfg = _cfg(dataset, tmp_path / "cache", crop="center", cache_text=True)
+    build_cache(cfg, parts, batch_size=4, workers=2, progress=False)
+    cache = LatentCache(cfg.cache_dir)
+    ids = list(range(len(cache)))
+    new = [cache.batch([i]) for i in ids]
+    index, root = cache.index, Path(cfg.cache_dir)
+    shard_of = {i: index.shard_names[index.columns["shard"][i]] for i in ids}
+    crc_path = root / json.loads((root / "index.json").read_text())["folder"] / "crc32_text.npy"
+    crcs = np.load(crc_path)
+    for name in set(shard_of.values()):  # rewrite every shard as an older build wrote it
+        path = root / "shards" / f"{name}.safetensors"
+        tensors = safetensors.torch.load_file(path)
+        assert tensors.pop("text_chunks").tolist() == [1] * len(tensors["pooled"])
+        safetensors.torch.save_file(tensors, path)
+        for i in ids:
+            if shard_of[i] == name:
+                position = int(index.columns["index"][i])
+                crcs[i] = sample_checksum(tensors["embeds"][position], tensors["pooled"][position])
+    np.save(crc_path, crcs)
+    old = LatentCache(cfg.cache_dir)
+    for i, batch in zip(ids, new, strict=True):
+        got = old.batch([i])
+        assert got["chunks"].tolist() == batch["chunks"].tolist() == [1]
+        assert torch.equal(got["embeds"], batch["embeds"]) and torch.equal(got["pooled"], batch["pooled"])
+    # a new shard whose chunk count is damaged fails its text checksum on read
+    build_cache(_cfg(dataset, tmp_path / "fresh", crop="center", cache_text=True), parts, batch_size=4,
+                workers=2, progress=False)
+    fresh = LatentCache(tmp_path / "fresh")
+    name = fresh.index.shard_names[fresh.index.columns["shard"][0]]
+    path = tmp_path / "fresh" / "shards" / f"{name}.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    tensors["text_chunks"][int(fresh.index.columns["index"][0])] = 2
+    safetensors.torch.save_file(tensors, path)
+    with pytest.raises(CacheError, match="fails its checksum"):
+        LatentCache(tmp_path / "fresh").batch([0])
+
 def _launch_module():
     path = Path(__file__).resolve().parents[1] / "launch" / "cache.py"
     spec = importlib.util.spec_from_file_location("launch_cache", path)
