@@ -232,3 +232,19 @@ def test_join_contexts():
     assert mask.sum(1).tolist() == [77, 231, 231]
     same, none = join_contexts([a, a], [None, None])
     assert same.shape == (2, 77, 4) and none is None
+
+
+def test_cached_text_of_another_max_chunks_is_reported(tmp_path):
+    from types import SimpleNamespace
+
+    from ztsnr_ds.preflight import check_cached_text
+
+    index = SimpleNamespace(cache_text=True, root=tmp_path)
+    config = SimpleNamespace(captions=SimpleNamespace(max_chunks=3))
+    with pytest.warns(UserWarning, match="built with max_chunks 1.*set captions.max_chunks: 1"):
+        check_cached_text(config, index)  # a cache from before long captions (no report captions)
+    (tmp_path / "report.json").write_text('{"captions": {"max_chunks": 3}}')
+    check_cached_text(config, index)  # the same: silent
+    config.captions.max_chunks = 2
+    with pytest.warns(UserWarning, match="captions.max_chunks = 2, but"):
+        check_cached_text(config, index)

@@ -100,7 +100,7 @@ def check_cached_text(config, index: CacheIndex) -> None:
         warnings.warn(f"captions.max_chunks = {config.captions.max_chunks}, but the cached text embeddings "
                       f"of data.cache_dir {index.root} were built with max_chunks {built}: training uses "
                       "them as cached. Rebuild the cache with this YAML (`python launch/cache.py --config "
-                      "<yaml>` re-encodes the captions) or set captions.max_chunks: {built}", stacklevel=2)
+                      f"<yaml>` re-encodes the captions) or set captions.max_chunks: {built}", stacklevel=2)
 
 
 def check_resumed_holdout(tag: Path, count: int, seed: int, rows: int) -> None:
