@@ -38,6 +38,7 @@ from ztsnr_ds.data.cache_merge import convert_legacy  # noqa: E402
 from ztsnr_ds.data.cache_verify import verify_cache  # noqa: E402
 from ztsnr_ds.engine import init_distributed  # noqa: E402
 from ztsnr_ds.models import load_frozen  # noqa: E402
+from ztsnr_ds.text import MAX_CHUNKS  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,6 +71,8 @@ def read_sections(path: str | Path) -> tuple[CacheConfig, str, int]:
                 "captions": captions}
     namespace = parser.parse_object(sections)
     init = parser.instantiate(namespace)
+    if not 1 <= init.captions.max_chunks <= MAX_CHUNKS:  # before any model loads
+        parser.error(f"captions.max_chunks = {init.captions.max_chunks} must lie in 1..{MAX_CHUNKS}")
     return init.data, init.model.pretrained, init.captions.max_chunks
 
 
