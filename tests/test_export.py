@@ -67,7 +67,7 @@ def run_dir(tiny_sdxl, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "tiny"
     state = {
         checkpoint.STEP: 1,
-        checkpoint.CONFIG: {"noise": NOISE, "model": {}},
+        checkpoint.CONFIG: {"noise": NOISE, "model": {}, "captions": {"max_chunks": 3}},
         checkpoint.UNET_CONFIG: json.loads(json.dumps(dict(unet.config), default=str)),
     }
     checkpoint.save(ds_engine, out, 1, state, keep_last=2, is_main=dist.is_main)
@@ -144,7 +144,7 @@ def test_single_file_markers_and_metadata(single_file, run_dir, tiny_sdxl):
     assert meta["modelspec.prediction_type"] == "v" and meta["modelspec.title"] == "tiny step 1"
     assert (meta["ztsnr_ds.ztsnr"], meta["ztsnr_ds.sigma_max"]) == ("terminal", "20000.0")
     assert meta["ztsnr_ds.step"] == "1"
-    assert meta["ztsnr_ds.max_chunks"] == "3"  # captions.max_chunks of the run (configs/demo.yaml)
+    assert meta["ztsnr_ds.max_chunks"] == "3"  # captions.max_chunks of the run
     assert max_chunks_from_metadata(meta) == 3  # what launch/sample.py reads back
     assert meta["ztsnr_ds.base_area"] == "1048576" and meta["modelspec.resolution"] == "1024x1024"
     assert {
