@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 from launch.benches import BENCHMARKS, machine  # noqa: E402
 
-MODULES = ("optim", "step", "memory", "mfu", "data", "sampler", "merge", "scan", "vae", "sources")
+MODULES = ("optim", "step", "memory", "mfu", "data", "sampler", "merge", "scan", "vae", "sources", "captions")
 """launch/benches/<module>.py: importing one registers its benchmarks."""
 for module in MODULES:
     importlib.import_module(f"launch.benches.{module}")

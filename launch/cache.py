@@ -42,6 +42,7 @@ from ztsnr_ds.data.cache_verify import verify_cache  # noqa: E402
 from ztsnr_ds.engine import init_distributed  # noqa: E402
 from ztsnr_ds.mixing import caption_control  # noqa: E402
 from ztsnr_ds.models import load_frozen  # noqa: E402
+from ztsnr_ds.text import MAX_CHUNKS  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,24 +61,30 @@ def cli_parser() -> ArgumentParser:
     return parser
 
 
-def read_sections(path: str | Path) -> tuple[CacheConfig, str]:
-    """(CacheConfig from ``data``, ``model.pretrained``) of a YAML file, validated by jsonargparse."""
+def read_sections(path: str | Path) -> tuple[CacheConfig, str, int]:
+    """(CacheConfig from ``data``, ``model.pretrained``, ``captions.max_chunks``) of a YAML file, validated
+    by jsonargparse (max_chunks: for cached text and the caption report; default 3 as in training)."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
     model = raw.get("model") or {}
     parser = ArgumentParser(prog=f"{Path(__file__).name} (sections of {path})")
     parser.add_class_arguments(CacheConfig, "data")
     parser.add_argument("--model.pretrained", type=str, required=True, help="SDXL folder or single file")
-    sections = {"data": raw.get("data") or {}, "model": {"pretrained": model.get("pretrained")}}
+    parser.add_argument("--captions.max_chunks", type=int, default=3, help="75-token chunks per caption")
+    captions = {k: v for k, v in (raw.get("captions") or {}).items() if k == "max_chunks"}
+    sections = {"data": raw.get("data") or {}, "model": {"pretrained": model.get("pretrained")},
+                "captions": captions}
     namespace = parser.parse_object(sections)
     init = parser.instantiate(namespace)
+    if not 1 <= init.captions.max_chunks <= MAX_CHUNKS:  # before any model loads
+        parser.error(f"captions.max_chunks = {init.captions.max_chunks} must lie in 1..{MAX_CHUNKS}")
     if init.data.cache_text:  # caption edits a cached embedding cannot follow: refused before any work
         try:
-            captions = CaptionConfig(**(raw.get("captions") or {}))
-            caption_control(SimpleNamespace(data=init.data, captions=captions), [])
+            caption_control(SimpleNamespace(data=init.data,
+                                            captions=CaptionConfig(**(raw.get("captions") or {}))), [])
         except (TypeError, ValueError) as err:
             print(f"config error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
-    return init.data, init.model.pretrained
+    return init.data, init.model.pretrained, init.captions.max_chunks
 
 
 def main(argv: list[str] | None = None) -> BuildStats | dict | int:
@@ -93,7 +100,7 @@ def main(argv: list[str] | None = None) -> BuildStats | dict | int:
             sys.exit(f"launch/cache.py: {err}")
     if args.config is None:
         parser.error("--config is required to build a cache")
-    cfg, pretrained = read_sections(args.config)
+    cfg, pretrained, max_chunks = read_sections(args.config)
     # Only barriers travel (gloo, even on GPUs); a long timeout because ranks may finish hours apart.
     ours = not dist.is_initialized()  # a caller's group (a test, a notebook) is left as it was
     dist_info = init_distributed(backend="gloo", timeout=timedelta(hours=48))
@@ -108,6 +115,7 @@ def main(argv: list[str] | None = None) -> BuildStats | dict | int:
         parts.text_encoder_2.to(device)
     try:
         return build_cache(cfg, parts, rank, world_size, batch_size=args.batch_size, workers=args.workers,
+                           max_chunks=max_chunks,
                            progress=rank == 0)
     finally:
         if ours and dist.is_initialized():

@@ -129,6 +129,17 @@ def sample(run_dir: Path, out: Path, n: int, steps: int) -> list[list[torch.Tens
     return [images[i * n:(i + 1) * n] for i in range(len(SHAPE_PROMPTS) + len(PLAIN_PROMPTS))]
 
 
+def print_caption_chunks(report: Path) -> None:
+    """The cache report's caption histogram: how many captions took 1, 2, 3 CLIP chunks of 75 tokens."""
+    captions = json.loads(report.read_text())["captions"]
+    over, counts = "/".join(captions["tokens_over"]), "/".join(map(str, captions["tokens_over"].values()))
+    print(f"\nCaption lengths (tiny tokenizer; docs/long-captions.md): over {over} tokens: {counts}; "
+          "cut at max_chunks "
+          f"{captions['max_chunks']}: {captions['truncated']}")
+    for k, n in captions["chunks"].items():
+        print(f"  {k} chunk{'s' if k != '1' else ' '} ({int(k) * 77:>3} tokens) {n:>4} captions {'#' * n}")
+
+
 def print_colour_scores(samples: dict[str, list[list[torch.Tensor]]]) -> None:
     """Mean colour inside / outside the drawn shape per shape prompt, per run."""
     print("\nSamples of training captions: mean colour inside / outside the shape (RGB 0-255), "
@@ -201,6 +212,7 @@ def main() -> int:
     check_vae(out / "model", out / "data")
     configs = {title: write_config(out, f"run_{ztsnr}", ztsnr, args.steps) for title, ztsnr in RUNS.items()}
     run([sys.executable, "launch/cache.py", "--config", configs["ZTSNR"]])
+    print_caption_chunks(out / "cache" / "report.json")
     for config in configs.values():  # a fresh run each time: an earlier demo's tags are moved aside
         run([sys.executable, "launch/train.py", "--config", config, "--trainer.resume", "none",
              "--trainer.overwrite", "true"])

@@ -45,6 +45,7 @@ from ztsnr_ds.generate import (  # noqa: E402
 )
 from ztsnr_ds.keymaps import ExportError  # noqa: E402
 from ztsnr_ds.schedule import INFERENCE_SCHEDULES, ZTSNR_MODES, explicit_sigmas  # noqa: E402
+from ztsnr_ds.text import MAX_CHUNKS  # noqa: E402
 from ztsnr_ds.vae_export import load_sampling_vae  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout-mode", choices=DROPOUT_MODES, default=s,
                    help="what an empty --negative stands for: the encoded '' (empty) or zero embeddings "
                         "(zeros); default: the model's captions.dropout_mode, else empty")
+    p.add_argument("--max-chunks", type=int, choices=range(1, MAX_CHUNKS + 1), default=s, metavar="1..8",
+                   help="prompts up to 75 x this many tokens, in chunks encoded alone and concatenated "
+                        "(docs/long-captions.md); default: the model's captions.max_chunks, else 3")
     return p
 
 
@@ -164,13 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     dropout_mode = getattr(args, "dropout_mode", source.dropout_mode) or "empty"
     spec = SampleSpec(args.prompt, args.negative, args.n, args.seed,
                       None if args.sigmas else args.steps, args.sigmas or args.schedule,
-                      args.cfg, args.cfg_rescale, args.width, args.height, dropout_mode)
+                      args.cfg, args.cfg_rescale, args.width, args.height, dropout_mode,
+                      max_chunks=getattr(args, "max_chunks", source.max_chunks) or 3)
     settings = {"model": str(source.path), "kind": source.kind, "weights": args.weights, "base": str(base),
                 "steps": spec.steps,
                 "schedule": args.schedule, "cfg": args.cfg, "cfg_rescale": args.cfg_rescale,
                 "width": args.width, "height": args.height, "n": args.n, "dtype": dtype_name,
                 "device": device.type, "noise": noise, "noise_from": origin, "dropout_mode": dropout_mode,
-                "vae": args.vae and f"{args.vae} ({args.vae_weights})"}
+                "max_chunks": spec.max_chunks, "vae": args.vae and f"{args.vae} ({args.vae_weights})"}
     paths = write_samples(generate(unet, parts, schedule, spec), spec, args.out, settings, args.save_latents)
     print(f"wrote {len(paths)} files to {args.out}: {json.dumps([p.name for p in paths])}")
     return 0

@@ -62,6 +62,9 @@ ROW_FIELDS = {
     "index",
     "crc32",
     "source",
+    "tokens",  # caption chunking (text.PromptEncoder.counts), summed into report.json's captions
+    "chunks",
+    "tags_cut",
 }
 
 
@@ -405,17 +408,34 @@ def test_two_ranks_match_one_rank(tmp_path, parts, dataset, built):
 
 
 def test_cached_text_embeddings(tmp_path, parts, dataset):
+    """Cached text equals live encoding, long captions (3 chunks, padded in a mixed batch) included, and the
+    report counts tokens per caption (against the tokenizer's own count)."""
     cfg = _cfg(dataset, tmp_path / "cache", crop="center", cache_text=True, shard_max_mb=1.0)
-    build_cache(cfg, parts, batch_size=4, workers=2, progress=False)
+    long_caption = ", ".join(f"long tag {i}" for i in range(20))  # 219 tokens of the tiny tokenizer: 3 chunks
+    (Path(cfg.source) / "sub" / "rotated.txt").write_text(long_caption)
+    try:
+        stats = build_cache(cfg, parts, batch_size=4, workers=2, progress=False)
+    finally:
+        (Path(cfg.source) / "sub" / "rotated.txt").write_text("cat, hat")
     cache = LatentCache(cfg.cache_dir)
     encoder = PromptEncoder.from_parts(parts)
+    all_chunks = []
     for ids in cache.buckets.values():
         batch = cache.batch(ids)
-        embeds, pooled = encoder.encode(batch["captions"])
+        embeds, pooled, chunks = encoder.encode(batch["captions"])
         assert batch["embeds"].dtype == batch["pooled"].dtype == torch.bfloat16
-        assert batch["embeds"].shape == (len(ids), 77, 2 * TINY_TEXT_HIDDEN)
+        assert torch.equal(batch["chunks"], chunks)
+        assert batch["embeds"].shape == (len(ids), 77 * int(chunks.max()), 2 * TINY_TEXT_HIDDEN)
         torch.testing.assert_close(batch["embeds"].float(), embeds, rtol=2**-7, atol=1e-2)
         torch.testing.assert_close(batch["pooled"].float(), pooled, rtol=2**-7, atol=1e-2)
+        all_chunks += chunks.tolist()
+    assert sorted(all_chunks)[-1] == 3 and len(set(all_chunks)) > 1
+    tokens = [len(parts.tokenizer(cache.index.caption(i), add_special_tokens=False).input_ids)
+              for i in range(len(cache))]
+    report = stats.report["captions"]
+    assert report["tokens_over"] == {str(n): sum(t > n for t in tokens) for n in (75, 150, 225)}
+    assert sum(report["chunks"].values()) == len(cache) and report["chunks"]["3"] == 1
+    assert report["truncated"] == report["tags_cut"] == 0 and report["max_chunks"] == 3
 
     (Path(cfg.source) / "sub" / "rotated.txt").write_text("dog")  # cached text must follow the caption
     try:
@@ -424,6 +444,50 @@ def test_cached_text_embeddings(tmp_path, parts, dataset):
         (Path(cfg.source) / "sub" / "rotated.txt").write_text("cat, hat")
     assert stats.encoded == 1
 
+
+
+def test_text_chunks_are_checksummed_and_an_old_cache_reads_as_one_chunk(tmp_path, parts, dataset):
+    """The chunk count sits in the shard under the text CRC; shards written before it (no text_chunks
+    tensor, CRC of embeds + pooled) still read, as one chunk per sample."""
+    import safetensors.torch
+
+    from ztsnr_ds.data.shards import sample_checksum
+
+    cfg = _cfg(dataset, tmp_path / "cache", crop="center", cache_text=True)
+    build_cache(cfg, parts, batch_size=4, workers=2, progress=False)
+    cache = LatentCache(cfg.cache_dir)
+    ids = list(range(len(cache)))
+    new = [cache.batch([i]) for i in ids]
+    index, root = cache.index, Path(cfg.cache_dir)
+    shard_of = {i: index.shard_names[index.columns["shard"][i]] for i in ids}
+    crc_path = root / json.loads((root / "index.json").read_text())["folder"] / "crc32_text.npy"
+    crcs = np.load(crc_path)
+    for name in set(shard_of.values()):  # rewrite every shard as an older build wrote it
+        path = root / "shards" / f"{name}.safetensors"
+        tensors = safetensors.torch.load_file(path)
+        assert tensors.pop("text_chunks").tolist() == [1] * len(tensors["pooled"])
+        safetensors.torch.save_file(tensors, path)
+        for i in ids:
+            if shard_of[i] == name:
+                position = int(index.columns["index"][i])
+                crcs[i] = sample_checksum(tensors["embeds"][position], tensors["pooled"][position])
+    np.save(crc_path, crcs)
+    old = LatentCache(cfg.cache_dir)
+    for i, batch in zip(ids, new, strict=True):
+        got = old.batch([i])
+        assert got["chunks"].tolist() == batch["chunks"].tolist() == [1]
+        assert torch.equal(got["embeds"], batch["embeds"]) and torch.equal(got["pooled"], batch["pooled"])
+    # a new shard whose chunk count is damaged fails its text checksum on read
+    build_cache(_cfg(dataset, tmp_path / "fresh", crop="center", cache_text=True), parts, batch_size=4,
+                workers=2, progress=False)
+    fresh = LatentCache(tmp_path / "fresh")
+    name = fresh.index.shard_names[fresh.index.columns["shard"][0]]
+    path = tmp_path / "fresh" / "shards" / f"{name}.safetensors"
+    tensors = safetensors.torch.load_file(path)
+    tensors["text_chunks"][int(fresh.index.columns["index"][0])] = 2
+    safetensors.torch.save_file(tensors, path)
+    with pytest.raises(CacheError, match="fails its checksum"):
+        LatentCache(tmp_path / "fresh").batch([0])
 
 def _launch_module():
     path = Path(__file__).resolve().parents[1] / "launch" / "cache.py"

@@ -34,7 +34,7 @@ from ztsnr_ds.export import (
     single_file_loader,
     single_file_state,
 )
-from ztsnr_ds.generate import noise_from_metadata
+from ztsnr_ds.generate import max_chunks_from_metadata, noise_from_metadata
 from ztsnr_ds.keymaps import OPENCLIP_PREFIX, openclip_to_sgm, sgm_to_unet, unet_to_sgm, vae_to_sgm
 from ztsnr_ds.models import SDXL_UNET_CONFIG, UNET_WEIGHTS, load_unet, load_unet_safetensors, unet_shapes
 from ztsnr_ds.sampling import ZTSNREulerDiscreteScheduler
@@ -67,7 +67,7 @@ def run_dir(tiny_sdxl, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "tiny"
     state = {
         checkpoint.STEP: 1,
-        checkpoint.CONFIG: {"noise": NOISE, "model": {}},
+        checkpoint.CONFIG: {"noise": NOISE, "model": {}, "captions": {"max_chunks": 3}},
         checkpoint.UNET_CONFIG: json.loads(json.dumps(dict(unet.config), default=str)),
     }
     checkpoint.save(ds_engine, out, 1, state, keep_last=2, is_main=dist.is_main)
@@ -144,6 +144,8 @@ def test_single_file_markers_and_metadata(single_file, run_dir, tiny_sdxl):
     assert meta["modelspec.prediction_type"] == "v" and meta["modelspec.title"] == "tiny step 1"
     assert (meta["ztsnr_ds.ztsnr"], meta["ztsnr_ds.sigma_max"]) == ("terminal", "20000.0")
     assert meta["ztsnr_ds.step"] == "1"
+    assert meta["ztsnr_ds.max_chunks"] == "3"  # captions.max_chunks of the run
+    assert max_chunks_from_metadata(meta) == 3  # what launch/sample.py reads back
     assert meta["ztsnr_ds.base_area"] == "1048576" and meta["modelspec.resolution"] == "1024x1024"
     assert {
         "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",

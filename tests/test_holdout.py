@@ -189,7 +189,7 @@ def reference_losses(trainer) -> dict[str, float]:
         gen = torch.Generator().manual_seed(int.from_bytes(digest.digest()[:8], "little"))
         eps = torch.randn(x0.shape, generator=gen)
         s = sigma[:, None, None, None]
-        embeds, pooled = trainer.prompts.encode(batch["captions"])  # the caption as cached, unchanged
+        embeds, pooled, _ = trainer.prompts.encode(batch["captions"])  # the caption as cached, unchanged
         with torch.no_grad():
             out = unet(((x0 + s * eps) / (s**2 + 1).sqrt()).to(dtype), trainer.schedule.timestep(sigma),
                        encoder_hidden_states=embeds.expand(8, -1, -1).to(dtype),

@@ -156,7 +156,7 @@ def test_cache_train_export_sample_from_one_file(tiny_file, tmp_path, capsys):
                "noise": {**config["noise"], "ztsnr": "rescale"}}  # the file records terminal
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     read_sections = runpy.run_path(str(ROOT / "launch" / "cache.py"))["read_sections"]
-    cache_cfg, pretrained = read_sections(tmp_path / "run.yaml")
+    cache_cfg, pretrained, _ = read_sections(tmp_path / "run.yaml")
     build_cache(cache_cfg, load_frozen(pretrained, torch.float32), progress=False)  # launch/cache.py's load
     cfg, config_dict = parse(["--config", str(tmp_path / "run.yaml")])
     assert "set noise.ztsnr: terminal to continue it as trained" in capsys.readouterr().err

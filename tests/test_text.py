@@ -33,14 +33,15 @@ def _ids(tokenizer, prompts):
 
 
 def test_shapes_and_dtype(encoder):
-    embeds, pooled = encoder.encode(PROMPTS)
+    embeds, pooled, chunks = encoder.encode(PROMPTS)
+    assert chunks.tolist() == [1, 1]
     assert embeds.shape == (2, 77, 2 * TINY_TEXT_HIDDEN) and pooled.shape == (2, TINY_TEXT_HIDDEN)
     assert embeds.dtype == pooled.dtype == torch.float32
     assert not embeds.requires_grad and not pooled.requires_grad
 
 
 def test_penultimate_hidden_states_and_projected_pool(encoder, parts):
-    embeds, pooled = encoder.encode(PROMPTS)
+    embeds, pooled, _ = encoder.encode(PROMPTS)
     with torch.no_grad():
         out = parts.text_encoder(_ids(parts.tokenizer, PROMPTS), output_hidden_states=True)
         out_2 = parts.text_encoder_2(_ids(parts.tokenizer_2, PROMPTS), output_hidden_states=True)
@@ -62,7 +63,7 @@ def test_matches_diffusers_sdxl_pipeline(encoder, parts):
     )
     ref_embeds, _, ref_pooled, _ = pipe.encode_prompt(PROMPTS, device=torch.device("cpu"),
                                                       do_classifier_free_guidance=False)
-    embeds, pooled = encoder.encode(PROMPTS)
+    embeds, pooled, _ = encoder.encode(PROMPTS)
     torch.testing.assert_close(embeds, ref_embeds, rtol=0, atol=0)
     torch.testing.assert_close(pooled, ref_pooled, rtol=0, atol=0)
 
@@ -71,24 +72,12 @@ def test_empty_prompt_cached_and_reproducible(encoder):
     embeds, pooled = encoder.empty(3)
     assert embeds.shape == (3, 77, 2 * TINY_TEXT_HIDDEN) and pooled.shape == (3, TINY_TEXT_HIDDEN)
     fresh = PromptEncoder(*encoder.tokenizers, encoder.text_encoder, encoder.text_encoder_2)
-    ref_embeds, ref_pooled = fresh.encode([""])
+    ref_embeds, ref_pooled, _ = fresh.encode([""])
     torch.testing.assert_close(embeds, ref_embeds.expand(3, -1, -1), rtol=0, atol=0)
     torch.testing.assert_close(pooled, ref_pooled.expand(3, -1), rtol=0, atol=0)
     again, _ = encoder.empty(1)
     assert again.data_ptr() == embeds.data_ptr()  # served from the cache, not re-encoded
     assert not torch.allclose(embeds[0], encoder.encode(["x"])[0][0])
-
-
-def test_long_caption_truncated_to_77_tokens(encoder):
-    long = ", ".join(f"tag{i}" for i in range(400))
-    ids, ids_2 = encoder.tokenize([long])
-    assert ids.shape == ids_2.shape == (1, 77)
-    assert ids[0, -1] == encoder.tokenizers[0].eos_token_id  # truncation keeps the end token
-    embeds, pooled = encoder.encode([long, long + ", one more tag"])
-    assert embeds.shape[1] == 77
-    # the extra tag falls past token 77: both captions encode identically
-    torch.testing.assert_close(embeds[0], embeds[1], rtol=0, atol=0)
-    torch.testing.assert_close(pooled[0], pooled[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["empty", "zeros"])
@@ -98,12 +87,13 @@ def test_caption_dropout_trains_the_chosen_unconditional(encoder, mode, cached):
     captions = [f"tag{i}, solo" for i in range(6)]
     drop = [random.Random(i).random() < 0.5 for i in range(6)]  # the streams' first draw
     assert any(drop) and not all(drop)
-    embeds, pooled = encoder.encode(captions)
-    batch = {"embeds": embeds.clone(), "pooled": pooled.clone()} if cached else {"captions": captions}
+    embeds, pooled, chunks = encoder.encode(captions)
+    batch = ({"embeds": embeds.clone(), "pooled": pooled.clone(), "chunks": chunks} if cached
+             else {"captions": captions})
     caps = CaptionConfig(shuffle_tags=False, dropout=0.5, dropout_mode=mode)
     trainer = SimpleNamespace(cfg=SimpleNamespace(captions=caps), device=torch.device("cpu"), prompts=encoder)
-    got_embeds, got_pooled = Trainer.conditioning(trainer, batch, [random.Random(i) for i in range(6)])
-    empty = encoder.encode([""])
+    got_embeds, got_pooled, _ = Trainer.conditioning(trainer, batch, [random.Random(i) for i in range(6)])
+    empty = encoder.encode([""])[:2]
     for i, dropped in enumerate(drop):
         want = (empty if mode == "empty" else [torch.zeros_like(t[:1]) for t in empty]) if dropped else (
             embeds[i : i + 1], pooled[i : i + 1])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ztsnr_ds import checkpoint
-from ztsnr_ds.config import ConfigError, parse
+from ztsnr_ds.config import ConfigError, build_parser, parse
 from ztsnr_ds.engine import init_distributed
 from ztsnr_ds.trainer import READY_LINE, StopTraining, Trainer
 
@@ -155,10 +155,19 @@ def test_incomplete_checkpoint_is_ignored(run_config, tmp_path):
     (["--data.cache_text", "true", "--captions.tag_dropout", "0.1"], "data.cache_text = true .* captions"),
     (["--data.source", "null", "--data.sources", '[{"path": "a", "name": "", "captions": {"dropout": 0.5}}]'],
      "data.sources[0].captions.dropout cannot be set per source"),
+    (["--captions.max_chunks", "9"], "captions.max_chunks"),
+    (["--captions.max_chunks", "0"], "captions.max_chunks"),
+    (["--model.attention", "flash"], "captions.max_chunks"),  # flash cannot apply the padding mask
 ])
 def test_config_errors_name_the_key(run_config, args, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[").replace(r"\.*", ".*")):
         parse(["--config", str(run_config), *args])
+
+
+def test_print_config_shows_max_chunks(run_config, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--config", str(run_config), "--print_config"])
+    assert "max_chunks: 3" in capsys.readouterr().out
 
 
 def test_sigterm_saves_and_exits_cleanly(run_config, tmp_path):

@@ -21,6 +21,7 @@ from ztsnr_ds.data.sampler import RESUME_DATA, BucketBatchSampler
 from ztsnr_ds.ema import EMAConfig
 from ztsnr_ds.kernels import ATTENTION_BACKENDS, COMPILE_MODES
 from ztsnr_ds.schedule import INFERENCE_SCHEDULES
+from ztsnr_ds.text import MAX_CHUNKS
 
 ZTSNR_MODES = ("terminal", "rescale", "off")
 WEIGHTINGS = ("min_snr", "soft_min_snr", "none")
@@ -138,8 +139,16 @@ class CaptionConfig:
     """The unconditional, for dropout and for an empty negative prompt: empty (the encoded "", which
     ComfyUI and A1111 send for an empty negative) or zeros (zero embeddings and pooled vector, SDXL base's
     own dropout, which diffusers sends when no negative is given). Exports record it."""
+    max_chunks: int = 3
+    """Longest caption in 75-token CLIP chunks (1..8; 3 = 225 tokens, NAI's "CLIP context concatenation"):
+    each chunk is encoded alone and the states concatenated (docs/long-captions.md). 1 is plain SDXL
+    (77 tokens). Longer captions are cut at a tag boundary; the cache build reports how many. The cache
+    build reads it too (cached text embeddings)."""
 
     def __post_init__(self) -> None:
+        if not 1 <= self.max_chunks <= MAX_CHUNKS:
+            raise ValueError(f"captions.max_chunks = {self.max_chunks} must lie in 1..{MAX_CHUNKS} "
+                             f"(chunks of 75 tokens; 3 = 225 tokens)")
         if not 0.0 <= self.dropout <= 1.0:
             raise ValueError(f"captions.dropout = {self.dropout} must lie in [0, 1]")
         _check_choice("captions.dropout_mode", self.dropout_mode, DROPOUT_MODES)
@@ -321,6 +330,15 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key and the fix."""
 
 
+def check_sections(config: TrainConfig) -> None:
+    """Settings that are valid alone but not together; the message names both keys."""
+    if config.model.attention == "flash" and config.captions.max_chunks > 1:
+        raise ConfigError("model.attention = flash cannot apply the cross-attention mask that batches of "
+                          "captions of different chunk counts need (captions.max_chunks = "
+                          f"{config.captions.max_chunks}); use sdpa, efficient or cudnn, or "
+                          "captions.max_chunks: 1")
+
+
 def check_inputs(config: TrainConfig) -> None:
     """Fail before any work if an input the run needs is missing; name the key."""
     checks = [
@@ -386,6 +404,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict]:
         config = TrainConfig(**{k: getattr(init, k) for k in TrainConfig.__dataclass_fields__})
     except (ArgumentError, ValueError, TypeError) as err:
         raise ConfigError(str(err)) from err
+    check_sections(config)
     check_inputs(config)
     return config, to_dict(config, namespace) | run_lineage(config)
 

@@ -107,9 +107,9 @@ class ColourScore:
 
 
 def parse_shape_prompt(prompt: str) -> tuple[str, str] | None:
-    """(colour, background) of a shape caption, None for any other prompt."""
+    """(colour, background) of a shape caption (its first four tags), None for any other prompt."""
     tags = [t.strip() for t in prompt.split(",")]
-    if len(tags) == 4 and tags[2] in COLOURS and tags[3] in BACKGROUNDS:
+    if len(tags) >= 4 and tags[2] in COLOURS and tags[3] in BACKGROUNDS:
         return tags[2], tags[3]
     return None
 

@@ -62,6 +62,7 @@ class TrainedUNet:
     dropout_mode: str = "empty"  # captions.dropout_mode: the unconditional it learned ("" or zeros)
     weights: str = "model"  # one of WEIGHTS
     lineage: list = field(default_factory=list)  # runs it started from (trainer.init_from: init_from.py)
+    max_chunks: int = 1  # captions.max_chunks: 75-token chunks per caption it was trained with (older: 1)
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -125,12 +126,14 @@ def checkpoint_settings(path: str | Path) -> TrainedUNet:
         noise = state[checkpoint.CONFIG]["noise"]
         unet_config, step = state[checkpoint.UNET_CONFIG], state[checkpoint.STEP]
         noise = {key: noise[key] for key in NOISE_KEYS}
-        dropout_mode = state[checkpoint.CONFIG].get("captions", {}).get("dropout_mode", "empty")  # older: ""
+        captions = state[checkpoint.CONFIG].get("captions", {})
+        dropout_mode = captions.get("dropout_mode", "empty")  # older: ""
     except (KeyError, TypeError, AttributeError) as e:
         raise ExportError(f"{tag_dir / checkpoint.STATE_FILE} lacks {e}; export checkpoints written by "
                           "ztsnr_ds.checkpoint.save") from e
     lineage = state[checkpoint.CONFIG].get("lineage", [])
-    return TrainedUNet({}, unet_config, step, noise, tag_dir, dropout_mode, lineage=lineage)
+    return TrainedUNet({}, unet_config, step, noise, tag_dir, dropout_mode, lineage=lineage,
+                       max_chunks=captions.get("max_chunks", 1))  # older runs: 77 tokens
 
 
 def _model_weights(tag_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -210,6 +213,7 @@ def export_metadata(trained: TrainedUNet, title: str | None = None) -> dict[str,
         "ztsnr_ds.base_area": str(s.base_area),
         "ztsnr_ds.dropout_mode": trained.dropout_mode,
         "ztsnr_ds.lineage": json.dumps(trained.lineage),
+        "ztsnr_ds.max_chunks": str(trained.max_chunks),  # 75-token chunks (docs/long-captions.md)
         "ztsnr_ds.scheduler_config": json.dumps(diffusers_scheduler_config(s)),
         META_UNET_CONFIG: json.dumps(trained.unet_config),
     }

@@ -69,12 +69,18 @@ class ModelSource:
     noise: dict = field(default_factory=dict)  # the NOISE_SETTINGS the model records (maybe none)
     base: Path | None = None  # diffusers SDXL folder for VAE and text encoders that the model names
     dropout_mode: str | None = None  # captions.dropout_mode it records (None: records none)
+    max_chunks: int | None = None  # captions.max_chunks it records (None: records none)
 
 
 # ---------------------------------------------------------------------------------------- the model
 def dropout_mode_from_metadata(metadata: dict[str, str]) -> str | None:
     """captions.dropout_mode from the ztsnr_ds.* metadata of `export.export_metadata` (None if absent)."""
     return metadata.get("ztsnr_ds.dropout_mode")
+
+
+def max_chunks_from_metadata(metadata: dict[str, str]) -> int | None:
+    """captions.max_chunks from the ztsnr_ds.* metadata of `export.export_metadata` (None if absent)."""
+    return int(metadata["ztsnr_ds.max_chunks"]) if "ztsnr_ds.max_chunks" in metadata else None
 
 
 def _inspect_checkpoint(path: Path) -> ModelSource:
@@ -88,9 +94,10 @@ def _inspect_checkpoint(path: Path) -> ModelSource:
     if not noise.get("resolution_scaling", True):
         recorded["base_area"] = None
     pretrained = config.get("model", {}).get("pretrained")
-    dropout_mode = config.get("captions", {}).get("dropout_mode", "empty")  # older runs: the encoded ""
+    captions = config.get("captions", {})
+    dropout_mode = captions.get("dropout_mode", "empty")  # older runs: the encoded ""
     return ModelSource("checkpoint", tag_dir, recorded, Path(pretrained) if pretrained else None,
-                       dropout_mode)
+                       dropout_mode, captions.get("max_chunks", 1))  # older runs: 77 tokens
 
 
 def _read_header(path: Path) -> tuple[dict[str, str], list[str]]:
@@ -108,7 +115,7 @@ def _inspect_folder(path: Path) -> ModelSource:
     metadata = _read_header(weights)[0] if weights.is_file() else {}
     base = path if (path / "model_index.json").is_file() else None
     return ModelSource("diffusers", path, noise_from_metadata(metadata), base,
-                       dropout_mode_from_metadata(metadata))
+                       dropout_mode_from_metadata(metadata), max_chunks_from_metadata(metadata))
 
 
 def _inspect_file(path: Path) -> ModelSource:
@@ -116,7 +123,8 @@ def _inspect_file(path: Path) -> ModelSource:
     sgm = any(k.startswith(UNET_PREFIX) for k in keys)
     whole = sgm and any(k.startswith(CLIP_L_PREFIX) for k in keys)  # a full SDXL is its own base
     return ModelSource("single_file" if sgm else "diffusers", path, noise_from_metadata(metadata),
-                       path if whole else None, dropout_mode_from_metadata(metadata))
+                       path if whole else None, dropout_mode_from_metadata(metadata),
+                       max_chunks_from_metadata(metadata))
 
 
 def inspect_model(path: str | Path) -> ModelSource:
@@ -226,6 +234,8 @@ class SampleSpec:
     dropout_mode: str = "empty"
     """captions.dropout_mode of the model: what the empty negative "" stands for (`empty`: the encoded "";
     `zeros`: zero embeddings). A non-empty negative is always encoded."""
+    max_chunks: int = 3
+    """captions.max_chunks of the model: prompts up to 75 * max_chunks tokens (text.PromptEncoder)."""
 
     def seed_of(self, prompt_index: int, image_index: int) -> int:
         return self.seed + prompt_index * self.n + image_index
@@ -251,7 +261,7 @@ def decode(vae: AutoencoderKL, latents: Tensor) -> Tensor:
 def _conditioning(encoder: PromptEncoder, prompt: str, time_ids: Tensor,
                   dropout_mode: str = "empty") -> dict:
     """Denoiser kwargs of one prompt; "" is the model's unconditional (`PromptEncoder.unconditional`)."""
-    embeds, pooled = encoder.unconditional(1, dropout_mode) if prompt == "" else encoder.encode([prompt])
+    embeds, pooled = encoder.unconditional(1, dropout_mode) if prompt == "" else encoder.encode([prompt])[:2]
     return dict(encoder_hidden_states=embeds, text_embeds=pooled, time_ids=time_ids)
 
 
@@ -269,7 +279,7 @@ def generate(unet: UNet2DConditionModel, parts: FrozenParts, schedule: NoiseSche
     shape = (1, unet.config.in_channels, spec.height // factor, spec.width // factor)
     size = [spec.height, spec.width, 0, 0, spec.height, spec.width]
     time_ids = torch.tensor([size], dtype=torch.float32, device=device)  # (1, 6)
-    encoder = PromptEncoder.from_parts(parts)
+    encoder = PromptEncoder.from_parts(parts, spec.max_chunks)
     uncond = None if spec.cfg == 1 else _conditioning(encoder, spec.negative, time_ids, spec.dropout_mode)
     denoiser = SDXLDenoiser(unet, schedule)
     latents, images, seeds = [], [], []

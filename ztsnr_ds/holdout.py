@@ -123,10 +123,10 @@ class HoldoutLoss:
         x0, noise, sigma, t, weight, time_ids = to_device(
             self.device, x0.expand(k, -1, -1, -1), noise, sigma, self.schedule.timestep(sigma),
             batch["weight"].expand(k), batch["time_ids"].expand(k, -1))
-        if "embeds" in batch:
+        if "embeds" in batch:  # one image: its own chunks, no padding, no mask
             embeds, pooled = to_device(self.device, batch["embeds"], batch["pooled"])
         else:
-            embeds, pooled = self.prompts.encode([canonical_caption(c) for c in batch["captions"]])
+            embeds, pooled, _ = self.prompts.encode([canonical_caption(c) for c in batch["captions"]])
         dtype = next(unet.parameters()).dtype
         model_in = (c_in(append_dims(sigma, x0.ndim)) * add_noise(x0, noise, sigma)).to(dtype)
         v_pred = unet(model_in, t, encoder_hidden_states=embeds.expand(k, -1, -1).to(dtype),

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 from ztsnr_ds import checkpoint, safe_load
-from ztsnr_ds.data.cache_files import CacheError
+from ztsnr_ds.data.cache_files import REPORT, CacheError
 from ztsnr_ds.data.index import CacheIndex
 from ztsnr_ds.engine import build_ds_config
 from ztsnr_ds.holdout import holdout_count, holdout_ids, training_buckets
@@ -74,6 +75,7 @@ def check_buckets(config, tag: Path | None) -> None:
         index = CacheIndex(Path(config.data.cache_dir))
     except CacheError as err:
         raise ValueError(f"data.cache_dir: {err}") from err
+    check_cached_text(config, index)
     val = config.validation
     count = holdout_count(val.holdout, index.rows)
     if tag is not None:
@@ -87,6 +89,21 @@ def check_buckets(config, tag: Path | None) -> None:
     except ValueError as err:
         raise ValueError(f"trainer.micro_batch = {config.trainer.micro_batch} (x {world_size()} ranks): "
                          f"{err}; lower trainer.micro_batch, use fewer ranks or add images") from err
+
+
+def check_cached_text(config, index: CacheIndex) -> None:
+    """Cached text embeddings hold captions of the cache build's captions.max_chunks (report.json; caches
+    from before long captions: 1); a run configured otherwise trains on those, so say so and how to fix."""
+    if not index.cache_text:
+        return
+    report = index.root / REPORT
+    captions = json.loads(report.read_text()).get("captions") if report.is_file() else None
+    built = (captions or {}).get("max_chunks", 1)
+    if built != config.captions.max_chunks:
+        warnings.warn(f"captions.max_chunks = {config.captions.max_chunks}, but the cached text embeddings "
+                      f"of data.cache_dir {index.root} were built with max_chunks {built}: training uses "
+                      "them as cached. Rebuild the cache with this YAML (`python launch/cache.py --config "
+                      f"<yaml>` re-encodes the captions) or set captions.max_chunks: {built}", stacklevel=2)
 
 
 def check_resumed_holdout(tag: Path, count: int, seed: int, rows: int) -> None:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ztsnr_ds.objective import append_dims, c_in, denoised_from_v, v_from_denoised
 from ztsnr_ds.schedule import NoiseSchedule, timestep_of
+from ztsnr_ds.text import join_contexts
 
 Denoiser = Callable[..., Tensor]
 
@@ -31,11 +32,13 @@ class SDXLDenoiser:
         self.schedule = schedule
 
     def __call__(
-        self, x: Tensor, sigma: Tensor, encoder_hidden_states: Tensor, text_embeds: Tensor, time_ids: Tensor
+        self, x: Tensor, sigma: Tensor, encoder_hidden_states: Tensor, text_embeds: Tensor, time_ids: Tensor,
+        encoder_attention_mask: Tensor | None = None,
     ) -> Tensor:
         """Shape: x (B, 4, h, w); sigma (B,) or scalar; encoder_hidden_states (B, L, D); text_embeds (B, P);
-        time_ids (B, 6) -> D (B, 4, h, w) float32. The UNet runs in its own dtype; t stays fp32 (bf16
-        would round t = 998.03 to 996).
+        time_ids (B, 6); encoder_attention_mask (B, L) or None (1: a real token, 0: padding of a shorter
+        prompt, see text.join_contexts) -> D (B, 4, h, w) float32. The UNet runs in its own dtype; t stays
+        fp32 (bf16 would round t = 998.03 to 996).
         """
         x = x.float()
         sigma = sigma.to(device=x.device, dtype=torch.float32).expand(x.shape[0])  # (B,)
@@ -44,6 +47,7 @@ class SDXLDenoiser:
             (append_dims(c_in(sigma), x.ndim) * x).to(dtype),
             self.schedule.timestep(sigma),
             encoder_hidden_states=encoder_hidden_states.to(dtype),
+            encoder_attention_mask=encoder_attention_mask,
             added_cond_kwargs={"text_embeds": text_embeds.to(dtype), "time_ids": time_ids.to(dtype)},
         ).sample
         return denoised_from_v(x, v.float(), sigma)
@@ -91,7 +95,12 @@ def cfg_denoise(
     """
     if uncond is None:
         return denoiser(x, sigma, **cond)
-    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}  # (2B, ...): uncond first
+    context = "encoder_hidden_states", "encoder_attention_mask"
+    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond if k not in context}  # (2B, ...): uncond first
+    # prompts of different lengths (77 k tokens): the shorter zero-padded and masked (text.join_contexts)
+    embeds, mask = join_contexts([uncond[context[0]], cond[context[0]]],
+                                 [uncond.get(context[1]), cond.get(context[1])])
+    both |= {context[0]: embeds} | ({context[1]: mask} if mask is not None else {})
     d_uncond, d_cond = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
     denoised = d_uncond + cfg_scale * (d_cond - d_uncond)
     if cfg_rescale:

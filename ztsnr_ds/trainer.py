@@ -41,7 +41,7 @@ from ztsnr_ds.models import load_frozen, load_unet
 from ztsnr_ds.objective import VObjective, add_noise, append_dims, c_in
 from ztsnr_ds.optim import AdamWSR
 from ztsnr_ds.schedule import NoiseSchedule
-from ztsnr_ds.text import PromptEncoder
+from ztsnr_ds.text import PromptEncoder, TextConditioning
 
 READY_LINE = "ztsnr_ds: training loop started"
 
@@ -89,7 +89,7 @@ class Trainer:
         self.parts = load_frozen(cfg.model.pretrained, dtype=torch.bfloat16)
         for module in (self.parts.vae, self.parts.text_encoder, self.parts.text_encoder_2):
             module.to(self.device)
-        self.prompts = PromptEncoder.from_parts(self.parts)
+        self.prompts = PromptEncoder.from_parts(self.parts, cfg.captions.max_chunks)
         self.resume_tag = checkpoint.find_resume_tag(self.output_dir, cfg.trainer.resume)
         self.build_engine()
         self.ema = (ShardedEMA(cfg.ema, self.engine, self.optimizer, dist.rank, dist.world_size,
@@ -196,25 +196,22 @@ class Trainer:
             self.ema.snapshot(self.output_dir, self.step)
 
     # ----------------------------------------------------------------------------- one step
-    def conditioning(self, batch: dict, rngs: list[random.Random]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text embeddings (B, 77, D) and pooled (B, P): cached or encoded live, with caption dropout.
-
-        rngs: one Python stream per sample (dropout draw, then the edits of data/caption_control.py).
-        """
+    def conditioning(self, batch: dict, rngs: list[random.Random]) -> TextConditioning:
+        """Text conditioning (embeds (B, 77 K, D), pooled (B, P), chunks (B,)): cached or encoded live
+        (edited, then chunked), with caption dropout. rngs: one Python stream per sample (dropout draw,
+        then the edits of data/caption_control.py)."""
         cap = self.cfg.captions
         drop = torch.tensor([rng.random() < cap.dropout for rng in rngs])
         cached = "embeds" in batch
         if cached:
             embeds, pooled = to_device(self.device, batch["embeds"], batch["pooled"])
+            cond = TextConditioning(embeds, pooled, batch["chunks"])
         else:
             captions = self.captions.edit(batch["captions"], batch["source"].tolist(), drop.tolist(), rngs)
-            embeds, pooled = self.prompts.encode(captions)
-        if drop.any() and (cached or cap.dropout_mode == "zeros"):  # live "" rows are already encoded
-            u_embeds, u_pooled = self.prompts.unconditional(1, cap.dropout_mode)
-            (mask,) = to_device(self.device, drop)  # (B,); a select, not a masked write: no host sync
-            embeds = torch.where(mask[:, None, None], u_embeds.to(embeds.dtype), embeds)
-            pooled = torch.where(mask[:, None], u_pooled.to(pooled.dtype), pooled)
-        return embeds, pooled
+            cond = self.prompts.encode(captions)
+        if cached or cap.dropout_mode == "zeros":  # live "" rows are already the encoded ""
+            cond = self.prompts.with_dropout(cond, drop, cap.dropout_mode)
+        return cond
 
     def forward_loss(self, batch: dict, bucket: str, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample weighted v loss (B,) and the sigmas drawn for it (B,)."""
@@ -226,11 +223,12 @@ class Trainer:
         # Drawn on the CPU, per sample; one non-blocking copy of the whole micro-batch (ztsnr_ds/device.py).
         x0, noise, sigma, t, weight, time_ids = to_device(
             self.device, x0, noise, sigma, self.schedule.timestep(sigma), batch["weight"], batch["time_ids"])
-        embeds, pooled = self.conditioning(batch, [rng for _, rng in streams])
+        text = self.conditioning(batch, [rng for _, rng in streams])
         x = add_noise(x0, noise, sigma)
         model_in = (c_in(append_dims(sigma, x.ndim)) * x).to(self.dtype)
-        v_pred = self.engine(model_in, t, encoder_hidden_states=embeds.to(self.dtype),
-                             added_cond_kwargs={"text_embeds": pooled.to(self.dtype),
+        v_pred = self.engine(model_in, t, encoder_hidden_states=text.embeds.to(self.dtype),
+                             encoder_attention_mask=text.mask(),  # None unless chunk counts differ
+                             added_cond_kwargs={"text_embeds": text.pooled.to(self.dtype),
                                                 "time_ids": time_ids}).sample
         return self.objective.loss(v_pred.float(), x0, noise, sigma, weight), sigma
 
@@ -285,7 +283,8 @@ class Trainer:
         val = self.cfg.validation
         spec = SampleSpec(prompts=list(val.prompts), negative=val.negative, seed=val.seed, steps=val.steps,
                           schedule=val.schedule, cfg=val.cfg_scale, cfg_rescale=val.cfg_rescale,
-                          width=val.width, height=val.height, dropout_mode=self.cfg.captions.dropout_mode)
+                          width=val.width, height=val.height, dropout_mode=self.cfg.captions.dropout_mode,
+                          max_chunks=self.cfg.captions.max_chunks)
         unet = self.engine.module  # ZeRO-2 keeps full weights on every rank
         unet.eval()
         samples = generate(unet, self.parts, self.schedule, spec, progress=False)

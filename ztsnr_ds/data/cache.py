@@ -16,10 +16,11 @@ import torch
 from ztsnr_ds.data.buckets import CROP_MODES, BucketConfig, parse_bucket_key
 from ztsnr_ds.data.cache_files import REBUILD_HINT, CacheError
 from ztsnr_ds.data.index import CacheIndex
-from ztsnr_ds.data.shards import CHECKSUMS, TEXT_TENSORS, ShardFiles, sample_checksum
+from ztsnr_ds.data.shards import CHECKSUMS, ShardFiles, sample_checksum
 from ztsnr_ds.data.source_mix import SourceConfig, source_list
 from ztsnr_ds.data.sources import DEFAULT_MAX_PIXELS
 from ztsnr_ds.data.tags import TagWeightConfig
+from ztsnr_ds.text import WINDOW
 
 LATENT_MODES = ("mean", "sample")
 
@@ -102,7 +103,9 @@ class LatentCache:
 
         Shape: latents (B, 4, h/8, w/8) bf16 (already * scaling_factor), time_ids (B, 6) float32,
         weight (B,) float32, captions list[str], source (B,) int64 (position in index.sources); with cached
-        text also embeds (B, 77, D), pooled (B, P) bf16.
+        text also embeds (B, 77 K, D) bf16 (each sample's
+        k chunks, zero-padded to the batch's most K), pooled (B, P) bf16 and chunks (B,) int64 (1 for a cache
+        written before long captions).
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if len(ids) and ids.min() < 0:
@@ -120,14 +123,17 @@ class LatentCache:
         }
         if self.cache_text:
             text = [self._sample(i, "crc32_text") for i in ids]
-            out |= {name: torch.stack([t[j] for t in text]) for j, name in enumerate(TEXT_TENSORS)}
+            chunks = torch.tensor([int(t[2]) if len(t) > 2 else 1 for t in text], dtype=torch.int64)
+            embeds = [t[0][:WINDOW * k] for t, k in zip(text, chunks.tolist(), strict=True)]  # (77 k, D) each
+            out |= {"embeds": torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True),
+                    "pooled": torch.stack([t[1] for t in text]), "chunks": chunks}
         return out
 
     def _sample(self, i: int, crc_column: str) -> list[torch.Tensor]:
         """The tensors ``crc_column`` covers (CHECKSUMS) of sample ``i``, their bytes checked against it."""
-        names = CHECKSUMS[crc_column]
         name = self.index.shard_names[self.index.columns["shard"][i]]
         shard, position = self._files.get(name), int(self.index.columns["index"][i])
+        names = [n for n in CHECKSUMS[crc_column] if n in shard.tensors or n != "text_chunks"]  # older: none
         data = [shard.read(tensor, position) for tensor in names]
         expected = int(self.index.columns[crc_column][i])
         if (actual := sample_checksum(*data)) != expected:

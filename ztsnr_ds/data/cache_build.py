@@ -44,13 +44,14 @@ from ztsnr_ds.data.cache_files import FORMAT, PARTS_DIR, SHARD_DIR
 from ztsnr_ds.data.cache_merge import merge_parts
 from ztsnr_ds.data.cache_parts import write_part
 from ztsnr_ds.data.cache_reuse import ReuseIndex
+from ztsnr_ds.data.caption_control import canonical_caption
 from ztsnr_ds.data.packed import load_record, read_bytes
 from ztsnr_ds.data.shards import ShardWriter
 from ztsnr_ds.data.source_mix import scan_sources
 from ztsnr_ds.data.sources import BadImage, ImageRecord, Problem
 from ztsnr_ds.data.tags import parse_tags
 from ztsnr_ds.models import FrozenParts
-from ztsnr_ds.text import PromptEncoder
+from ztsnr_ds.text import CaptionCounts, PromptEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -90,29 +91,35 @@ def build_cache(
     batch_size: int = 8,
     workers: int = 4,
     progress: bool = True,
+    max_chunks: int = 3,
 ) -> BuildStats:
     """Cache this rank's share of the sources (``cfg.source_list()``); rank 0 merges when it can see
     every rank finish.
 
     ``batch_size`` images per VAE call, ``workers`` threads for hashing and decoding. Merges here when
     world_size == 1 or torch.distributed is initialised (barrier first); otherwise see merge_parts.
+    ``max_chunks`` (captions.max_chunks): 75-token chunks per caption, for cached text and the report.
     """
     root = Path(cfg.cache_dir)
     (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     (root / PARTS_DIR).mkdir(exist_ok=True)
     scan = scan_sources(cfg.source_list(), rank, world_size, root / PARTS_DIR)
-    fingerprint = settings_fingerprint(cfg, parts)
+    fingerprint = settings_fingerprint(cfg, parts, max_chunks)
+    text = PromptEncoder.from_parts(parts, max_chunks)
     reuse = ReuseIndex(root, fingerprint, cfg.cache_text, rank, world_size)
     writer = ShardWriter(root, rank, fingerprint, int(cfg.shard_max_mb * 2**20))
     with ThreadPoolExecutor(workers) as pool:
         reused, todo, bad = _plan(scan.records, cfg, reuse, pool, 4 * workers, progress)
-        bad += _encode_jobs(todo, cfg, parts, writer, pool, batch_size, progress)
+        bad += _encode_jobs(todo, cfg, parts, text if cfg.cache_text else None, writer, pool, batch_size,
+                            progress)
+    for row in reused + writer.rows:  # this rank's share of the caption report (data/cache_merge.py)
+        row |= caption_fields(caption_counts(text, row["caption"]))
     summary = {
         "rank": rank, "world_size": world_size, "fingerprint": fingerprint, "scan": scan.digest,
         "cache_text": cfg.cache_text, "shards": {**reuse.infos(reused), **writer.infos},
         "bad": [_problem_dict(p) for p in bad], "corrupt_shards": reuse.corrupt,
         "scan_problems": [_problem_dict(p) for p in scan.problems],
-        "encoded": len(writer.rows), "reused": len(reused),
+        "encoded": len(writer.rows), "reused": len(reused), "max_chunks": max_chunks,
     }
     write_part(root, rank, world_size, summary, reused + writer.rows)
     logger.info("rank %d: encoded %d, reused %d, bad %d", rank, len(writer.rows), len(reused), len(bad))
@@ -145,16 +152,17 @@ def _plan(
     return reused, todo, bad
 
 
-def settings_fingerprint(cfg: CacheConfig, parts: FrozenParts) -> str:
+def settings_fingerprint(cfg: CacheConfig, parts: FrozenParts, max_chunks: int = 3) -> str:
     """Hash of everything a cached tensor depends on besides its image (and caption, with cache_text).
 
     Covers the format, buckets, crop, latent mode, seed and the VAE's weights and dtype (the text
-    encoders' too with cache_text). A change re-encodes the whole dataset on the next build.
+    encoders' too, and max_chunks, with cache_text). A change re-encodes the whole dataset on the next build.
     """
     settings = {"format": FORMAT, "buckets": asdict(cfg.buckets), "crop": cfg.crop, "latent": cfg.latent,
                 "seed": cfg.seed, "cache_text": cfg.cache_text, "vae": _module_digest(parts.vae)}
     if cfg.cache_text:
         settings["text"] = [_module_digest(parts.text_encoder), _module_digest(parts.text_encoder_2)]
+        settings["max_chunks"] = max_chunks
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -216,12 +224,12 @@ def _ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, ahead:
 
 
 def _encode_jobs(
-    jobs: list[Job], cfg: CacheConfig, parts: FrozenParts, writer: ShardWriter,
+    jobs: list[Job], cfg: CacheConfig, parts: FrozenParts, text: PromptEncoder | None, writer: ShardWriter,
     pool: ThreadPoolExecutor, batch_size: int, progress: bool,
 ) -> list[Problem]:
-    """VAE-encode ``jobs`` in single-bucket batches into the writer's shards; returns the bad images."""
+    """VAE-encode ``jobs`` in single-bucket batches into the writer's shards (and their captions with
+    ``text``); returns the bad images."""
     jobs = sorted(jobs, key=lambda j: (j.bucket, j.record.key))
-    text = PromptEncoder.from_parts(parts) if cfg.cache_text else None
     bad, batch = [], []
     loads = _ordered_map(pool, partial(_load, cfg=cfg), jobs, ahead=2 * batch_size)
     for job, loaded in tqdm(zip(jobs, loads, strict=True), total=len(jobs), disable=not progress,
@@ -248,8 +256,10 @@ def _encode_batch(
     seeds = [_item_seed(cfg.seed, job.record.key) for job in jobs]
     tensors = {"latents": encode_latents(parts.vae, pixels, cfg.latent, seeds)}
     if text is not None:
-        embeds, pooled = text.encode([job.record.caption for job in jobs])
-        tensors |= {"embeds": embeds.to("cpu", torch.bfloat16), "pooled": pooled.to("cpu", torch.bfloat16)}
+        cond = text.encode([job.record.caption for job in jobs])
+        tensors |= {"embeds": cond.embeds.to("cpu", torch.bfloat16),  # (B, 77 K, D), zero-padded
+                    "pooled": cond.pooled.to("cpu", torch.bfloat16),
+                    "text_chunks": cond.chunks.to(torch.uint8)}
     rows = [manifest_row(job, loaded.time_ids) for job, loaded in batch]
     writer.add(bucket_key(jobs[0].bucket), rows, tensors)
 
@@ -279,6 +289,18 @@ def manifest_row(job: Job, time_ids: tuple[int, ...] | list[int]) -> dict:
             "bucket": bucket_key(job.bucket), "orig_hw": list(time_ids[:2]), "crop_tl": list(time_ids[2:4]),
             "time_ids": list(time_ids), "caption": record.caption, "tags": parse_tags(record.caption),
             "source": record.source}
+
+
+def caption_counts(text: PromptEncoder, caption: str) -> CaptionCounts:
+    """Counts of the longest variant of a cached caption as it reaches the encoder: each of several lines
+    (one is picked per use), a template's filled fields joined by ", " (data/caption_control.py)."""
+    variants = [canonical_caption(line) for line in caption.splitlines() if line.strip()] or [""]
+    return max((text.counts(v) for v in variants), key=lambda c: c.tokens)
+
+
+def caption_fields(counts: CaptionCounts) -> dict:
+    """Manifest fields of a caption's chunking (PromptEncoder.counts), summed into report.json's captions."""
+    return {"tokens": counts.tokens, "chunks": counts.chunks, "tags_cut": counts.tags_cut}
 
 
 def _problem_dict(problem: Problem) -> dict:

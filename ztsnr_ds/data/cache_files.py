@@ -9,10 +9,12 @@ Layout of ``cache_dir``::
                      it to reuse shards, training never does
     shards.json      {"format", "fingerprint", "cache_text", "shards": {name: {"sha256", "bytes", "bucket",
                      "count"}}}: the build's record of whole-shard sha256s
-    report.json      counts, bad images with reasons, scan problems, corrupt shards that were rebuilt
+    report.json      counts, bad images with reasons, scan problems, corrupt shards that were rebuilt,
+                     captions per token and chunk count (docs/long-captions.md)
     shards/NAME.safetensors
                      one bucket per shard: "latents" (n, 4, h/8, w/8) bf16, already * vae scaling_factor;
-                     with cache_text also "embeds" (n, 77, D) and "pooled" (n, P) bf16
+                     with cache_text also "embeds" (n, 77 K, D) (zero-padded to the shard's most chunks K),
+                     "pooled" (n, P) bf16 and "text_chunks" (n,) uint8 (docs/long-captions.md)
     parts/           per-rank progress, rows (key-sorted JSONL) and summaries of a build in flight;
                      removed by the merge
 """

@@ -35,6 +35,8 @@ from ztsnr_ds.data.sources import Problem, summarize_problems
 from ztsnr_ds.data.tags import TagWeightConfig, image_weight, weights_from_counts
 
 logger = logging.getLogger(__name__)
+CAPTION_THRESHOLDS = (75, 150, 225)
+"""Token counts (1, 2, 3 CLIP chunks) the report counts captions above."""
 
 
 @dataclass
@@ -46,6 +48,7 @@ class _Counts:
     buckets: Counter = field(default_factory=Counter)
     shards: set[str] = field(default_factory=set)
     unchecked: set[str] = field(default_factory=set)  # shards of rows reused from a format-1 build
+    captions: Counter = field(default_factory=Counter)  # caption chunking (_caption_report)
 
 
 def merge_parts(cfg: CacheConfig, world_size: int) -> dict:
@@ -97,6 +100,10 @@ def _count(rows: Iterable[dict]) -> _Counts:
         counts.shards.add(row["shard"])
         if "crc32" not in row:
             counts.unchecked.add(row["shard"])
+        if "tokens" in row:
+            counts.captions.update({f"chunks {row['chunks']}": 1, "tags_cut": row["tags_cut"],
+                                    "truncated": row["tags_cut"] > 0,
+                                    **{f"over {n}": row["tokens"] > n for n in CAPTION_THRESHOLDS}})
     return counts
 
 
@@ -180,7 +187,18 @@ def _report(source: str | list[str], parts: list[dict], counts: _Counts, shards:
         "bad": sorted((b for p in parts for b in p["bad"]), key=in_order),
         "scan_problems": sorted((s for p in parts for s in p["scan_problems"]), key=in_order),
         "corrupt_shards": [c for p in parts for c in p["corrupt_shards"]],
+        "captions": _caption_report(counts.captions, parts[0]["max_chunks"]) if counts.captions else None,
     }
+
+
+def _caption_report(counts: Counter, max_chunks: int) -> dict:
+    """report.json "captions": captions over 75/150/225 tokens, captions per chunk count, and those cut at
+    captions.max_chunks (at a tag boundary) with the tag occurrences cut. None when no row was counted
+    (parts written without caption counts)."""
+    return {"max_chunks": max_chunks,
+            "tokens_over": {str(n): counts[f"over {n}"] for n in CAPTION_THRESHOLDS},
+            "chunks": {str(k): counts[f"chunks {k}"] for k in range(1, max_chunks + 1)},
+            "truncated": counts["truncated"], "tags_cut": counts["tags_cut"]}
 
 
 def _log_report(report: dict) -> None:
@@ -195,3 +213,12 @@ def _log_report(report: dict) -> None:
                            ", ".join(f"{reason}: {n}" for reason, n in counts.items()))
     if report["corrupt_shards"]:
         logger.warning("%d corrupt shards were rebuilt", len(report["corrupt_shards"]))
+    if (cap := report["captions"]) is None:
+        return
+    logger.info("captions: over %s tokens: %s; chunks (75 tokens each) per caption: %s",
+                "/".join(cap["tokens_over"]), "/".join(map(str, cap["tokens_over"].values())),
+                ", ".join(f"{k}: {n}" for k, n in cap["chunks"].items()))
+    if cap["truncated"]:
+        logger.warning("%d captions longer than captions.max_chunks = %d chunks were cut at a tag boundary "
+                       "(%d tag occurrences cut, counted in report.json); raise captions.max_chunks "
+                       "(up to 8) to keep them", cap["truncated"], cap["max_chunks"], cap["tags_cut"])

@@ -32,12 +32,15 @@ from ztsnr_ds.data.cache_files import (
     write_atomic,
 )
 
-TEXT_TENSORS = ("embeds", "pooled")
+TEXT_TENSORS = ("embeds", "pooled", "text_chunks")
+"""Cached text: embeds (n, 77 K, D) zero-padded to the shard's most chunks K, pooled (n, P) and the chunks
+of each sample (n,) uint8 (absent in caches written before long captions: one chunk each)."""
 CHECKSUMS = {"crc32": ("latents",), "crc32_text": TEXT_TENSORS}
-"""The per-sample checksums (manifest row fields and index columns) and the tensors each one covers."""
+"""The per-sample checksums (manifest row fields and index columns) and the tensors each one covers (those
+of them a shard holds)."""
 MAX_HEADER = 16 * HEADER_RESERVE
 """A header larger than this is not one of ours (ours are < 1 KiB): refuse before reading it."""
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "U8": torch.uint8}
 
 
 def sample_checksum(*samples: torch.Tensor | bytes) -> int:
@@ -51,7 +54,7 @@ def sample_checksum(*samples: torch.Tensor | bytes) -> int:
 
 def sample_checksums(tensors: Mapping[str, torch.Tensor], index: int) -> dict[str, int]:
     """The CHECKSUMS of sample ``index`` of a shard's stacked ``tensors`` (crc32_text only with text)."""
-    return {column: sample_checksum(*(tensors[n][index] for n in names))
+    return {column: sample_checksum(*(tensors[n][index] for n in names if n in tensors))
             for column, names in CHECKSUMS.items() if names[0] in tensors}
 
 
@@ -113,7 +116,7 @@ class ShardWriter:
         if not self._pending:
             return
         rows = [row for row, _ in self._pending]
-        tensors = {name: torch.stack([t[name] for _, t in self._pending]) for name in self._pending[0][1]}
+        tensors = {name: _stack([t[name] for _, t in self._pending]) for name in self._pending[0][1]}
         ident = "\n".join([self.fingerprint] + [f"{r['key']}:{r['sha256']}" for r in rows])
         name = f"{rows[0]['bucket']}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
         data = safetensors.torch.save(tensors, metadata={"format": str(FORMAT), "bucket": rows[0]["bucket"],
@@ -132,6 +135,13 @@ class ShardWriter:
         self.rows += rows
         self.infos[name] = info
         self._pending = []
+
+
+def _stack(items: list[torch.Tensor]) -> torch.Tensor:
+    """Stack samples; samples of different lengths (embeds of 77 k positions) zero-padded on dim 0."""
+    if all(t.shape == items[0].shape for t in items):
+        return torch.stack(items)
+    return torch.nn.utils.rnn.pad_sequence(items, batch_first=True)
 
 
 class ShardFile:

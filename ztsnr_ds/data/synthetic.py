@@ -19,6 +19,14 @@ TONES = {"black": (8, 8, 10), "white": (247, 247, 247)}  # plain images, +-PLAIN
 PLAIN_NOISE = 6
 PLAIN_EVERY = 4  # image i is plain when i % PLAIN_EVERY == PLAIN_EVERY - 1, black and white in turn
 SIZES = ((128, 128), (192, 96), (96, 192), (256, 64), (64, 256), (160, 128), (128, 160))  # (width, height)
+DETAIL_TAGS = ("simple background", "no humans", "geometric shape", "flat color", "solid fill", "sharp edges",
+               "centered", "minimalism", "still life", "vector art", "clean lines", "single object")
+"""Tags true of every shape image, appended to some captions so that they run past one 75-token CLIP
+chunk (docs/long-captions.md): with the tiny demo tokenizer (one token per character) 5 of them make a
+caption 2 chunks, 12 of them 3."""
+DETAIL_COUNTS = (0, 5, 12)
+"""Detail tags of shape image i: DETAIL_COUNTS[i % 3] (a function of i: the drawing's random stream is
+untouched)."""
 
 
 def draw_sample(rng: random.Random, width: int, height: int) -> tuple[Image.Image, str]:
@@ -54,6 +62,7 @@ def write_dataset(folder: str | Path, n: int = 48, seed: int = 0) -> Path:
             img, caption = draw_plain(rng, width, height, tone)
         else:
             img, caption = draw_sample(rng, width, height)
+            caption += "".join(f", {tag}" for tag in DETAIL_TAGS[:DETAIL_COUNTS[i % len(DETAIL_COUNTS)]])
         img.save(folder / f"img{i:04d}.png")
         (folder / f"img{i:04d}.txt").write_text(caption)
     return folder
