@@ -10,6 +10,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
 from ztsnr_ds.config import CaptionConfig
+from ztsnr_ds.data.caption_control import CaptionControl, CaptionRule
 from ztsnr_ds.models import TINY_TEXT_HIDDEN, load_frozen
 from ztsnr_ds.text import PromptEncoder
 from ztsnr_ds.trainer import Trainer
@@ -89,9 +90,10 @@ def test_caption_dropout_trains_the_chosen_unconditional(encoder, mode, cached):
     assert any(drop) and not all(drop)
     embeds, pooled, chunks = encoder.encode(captions)
     batch = ({"embeds": embeds.clone(), "pooled": pooled.clone(), "chunks": chunks} if cached
-             else {"captions": captions})
+             else {"captions": captions, "source": torch.zeros(6, dtype=torch.int64)})
     caps = CaptionConfig(shuffle_tags=False, dropout=0.5, dropout_mode=mode)
-    trainer = SimpleNamespace(cfg=SimpleNamespace(captions=caps), device=torch.device("cpu"), prompts=encoder)
+    trainer = SimpleNamespace(cfg=SimpleNamespace(captions=caps), device=torch.device("cpu"), prompts=encoder,
+                              captions=CaptionControl([CaptionRule.of(caps)]))
     got_embeds, got_pooled, _ = Trainer.conditioning(trainer, batch, [random.Random(i) for i in range(6)])
     empty = encoder.encode([""])[:2]
     for i, dropped in enumerate(drop):
