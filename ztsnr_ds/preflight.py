@@ -73,6 +73,11 @@ def check_buckets(config, tag: Path | None) -> None:
         index = CacheIndex(Path(config.data.cache_dir))
     except CacheError as err:
         raise ValueError(f"data.cache_dir: {err}") from err
+    if index.cache_text and config.text_encoders.train:  # the trainer reads a cache's embeddings if any
+        raise ValueError(f"data.cache_dir: {config.data.cache_dir} holds text embeddings (built with "
+                         f"data.cache_text: true) that would stand in for text_encoders.train = "
+                         f"{config.text_encoders.train}; rebuild it with data.cache_text: false, or train "
+                         "none (text_encoders.train: [])")
     val = config.validation
     count = holdout_count(val.holdout, index.rows)
     if tag is not None:
