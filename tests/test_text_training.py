@@ -12,7 +12,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from tests.test_train import EMA_BF16, make_trainer
 from ztsnr_ds import checkpoint, export
-from ztsnr_ds.config import parse_or_exit
+from ztsnr_ds.config import ConfigError, parse, parse_or_exit
 from ztsnr_ds.keymaps import OPENCLIP_PREFIX
 from ztsnr_ds.models import load_frozen
 from ztsnr_ds.text import PromptEncoder
@@ -138,3 +138,8 @@ def test_cached_text_with_a_trained_encoder_is_refused(run_config, tmp_path, cap
     err = capsys.readouterr().err
     assert "data.cache_text" in err and "text_encoders.train" in err
 
+
+
+def test_resume_with_other_encoders_is_refused(runs, run_config):
+    with pytest.raises(ConfigError, match=r"text_encoders.train = \[\], but .* trained with \['clip_l'\]"):
+        parse(["--config", str(run_config), "--trainer.output_dir", str(runs[3] / "a")])

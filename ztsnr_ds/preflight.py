@@ -32,6 +32,7 @@ def check_run(config) -> None:
     check_deepspeed_json(config.deepspeed_config, config.trainer.micro_batch, config.trainer.grad_accum)
     tag = check_resume(Path(config.trainer.output_dir), config.trainer.resume, config.trainer.overwrite)
     check_buckets(config, tag)
+    check_resumed_encoders(tag, config.text_encoders.train)
 
 
 def check_deepspeed_json(path: str, micro_batch: int, grad_accum: int) -> None:
@@ -89,6 +90,17 @@ def check_buckets(config, tag: Path | None) -> None:
     except ValueError as err:
         raise ValueError(f"trainer.micro_batch = {config.trainer.micro_batch} (x {world_size()} ranks): "
                          f"{err}; lower trainer.micro_batch, use fewer ranks or add images") from err
+
+
+def check_resumed_encoders(tag: Path | None, train: list[str]) -> None:
+    """A resumed run trains the text encoders its checkpoint trained: the ZeRO files hold exactly those
+    parameters and their optimizer state (docs/text-encoders.md)."""
+    if tag is None:
+        return
+    saved = checkpoint.read_state(tag)[checkpoint.CONFIG].get("text_encoders", {}).get("train", [])
+    if sorted(saved) != sorted(train):
+        raise ValueError(f"text_encoders.train = {train}, but {tag} was trained with {saved}; keep the "
+                         "checkpoint's text_encoders.train, or start a new run from an export of it")
 
 
 def check_resumed_holdout(tag: Path, count: int, seed: int, rows: int) -> None:
