@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 ENCODERS = {"clip_l": "text_encoder", "clip_g": "text_encoder_2"}
 """Config name -> child name in the UNet module (= FrozenParts attribute = diffusers folder)."""
 UNET_GROUP = "unet"
+"""The name `set_lr` gives the group without one: the UNet's, first."""
 
 
 @dataclass
@@ -91,7 +92,7 @@ class TextTraining:
         self.cfg, self.lr = cfg, 0.0
         self.modules = {key: getattr(parts, ENCODERS[key]) for key in cfg.train}
         for module in self.modules.values():
-            module.requires_grad_(True)
+            module.requires_grad_(True).train()  # train(): CLIP's checkpointing acts in training mode only
             if cfg.gradient_checkpointing:
                 module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -112,7 +113,7 @@ class TextTraining:
 
     def param_groups(self, unet: torch.nn.Module, weight_decay: float) -> list[dict]:
         """The param groups of `optimizer`: the UNet's, then each trained encoder's (its weight decay)."""
-        groups = [{"params": list(unet.parameters()), "name": UNET_GROUP}]
+        groups = [{"params": list(unet.parameters())}]  # no name: a UNet-only run's optimizer state as before
         dtype = next(unet.parameters()).dtype
         for key, module in self.modules.items():
             unet.add_module(ENCODERS[key], module.to(dtype))
