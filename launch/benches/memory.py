@@ -29,15 +29,17 @@ def proc_status_kib(field: str) -> int:
     return int(line.split()[1])
 
 
-def held_tensor_bytes(engine, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+def held_tensor_bytes(engine, optimizer: torch.optim.Optimizer,
+                      groups: list[dict] | None = None) -> dict[str, int]:
     """Bytes of every distinct tensor storage alive, by role, counted once each (first role wins).
 
     Storages reachable from Python objects (gc) plus the .grad of module and optimizer params
-    (a grad may have no Python object of its own).
+    (a grad may have no Python object of its own). groups: all the optimizer's param groups (default
+    optimizer.param_groups; inside its step ZeRO shows it one group at a time).
     """
     from torch._subclasses.fake_tensor import FakeTensor
 
-    flat = [p for group in optimizer.param_groups for p in group["params"]]
+    flat = [p for group in groups or optimizer.param_groups for p in group["params"]]
     module = list(engine.module.parameters())
     roles = {
         "optimizer state": [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)],
@@ -98,8 +100,17 @@ def memory_case(config: str, width: int, depth: int, groups: bool = False) -> di
     engine = initialize(model, optimizer, ds_config)
     init_peak = proc_status_kib("VmHWM") - baseline
     held: dict[str, int] = {}
-    # At the end of the optimizer step weights, grads, masters and moments are all alive: the peak.
-    optimizer.register_step_post_hook(lambda *_: held.update(held_tensor_bytes(engine, optimizer)))
+    groups = list(optimizer.param_groups)
+
+    def record(*_) -> None:
+        """The most bytes seen around a group's step: in the second step weights, grads, masters and
+        moments are all alive before ZeRO frees a stepped group's gradient partition."""
+        now = held_tensor_bytes(engine, optimizer, groups)
+        if sum(now.values()) >= sum(held.values()):
+            held.update(now)
+
+    optimizer.register_step_pre_hook(record)
+    optimizer.register_step_post_hook(record)
     x = torch.randn(2, width).to(torch.bfloat16)
     for _ in range(2):
         engine.backward(engine(x).float().pow(2).mean())
