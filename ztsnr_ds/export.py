@@ -342,6 +342,14 @@ def export_single_file(trained: TrainedUNet, base: str | Path, out: str | Path,
     return save_safetensors(state, Path(out), export_metadata(trained, title))
 
 
+def encoder_readme(trained: TrainedUNet) -> str:
+    """README lines for the text encoders the run trained (none: "")."""
+    classes = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+    return "".join(f"- `{name}/`: the text encoder this run trained; give it to the pipeline too, e.g.\n"
+                   f'  `{name}={classes[name]}.from_pretrained("OUT", subfolder="{name}")`.\n'
+                   for name in trained.encoders)
+
+
 def sampling_readme(trained: TrainedUNet, title: str | None = None) -> str:
     """How to sample the exported UNet with its ZTSNR sigmas (diffusers, ztsnr_ds, ComfyUI)."""
     s = trained.schedule
@@ -355,7 +363,7 @@ resolution-aware noise {area}; checkpoint {trained.tag_dir.name} (step {trained.
 - `scheduler/`: EulerDiscreteScheduler, `prediction_type: v_prediction`, `timestep_spacing: trailing`,
   `trained_betas` that reproduce the ZTSNR sigma table (diffusers' fp32 cumprod reads the top sigma as
   ~19880 instead of {s.sigma_max:g}; at that noise level the model predicts the image outright, v = -x0).
-
+{encoder_readme(trained)}
 ## diffusers
 
 ```python
