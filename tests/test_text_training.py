@@ -72,6 +72,7 @@ def test_only_the_trained_encoder_changes_and_stops(runs, tiny_sdxl):
     groups = straight.optimizer.param_groups
     assert "name" not in groups[0] and groups[1]["name"] == "clip_l" and groups[1]["frozen"]
     assert not any(p.requires_grad for p in straight.parts.text_encoder.parameters())
+    assert all(layer.gradient_checkpointing for layer in straight.parts.text_encoder.encoder.layers)
 
 
 def test_resume_with_a_trained_encoder_is_bitwise(runs):

@@ -94,7 +94,7 @@ class TextTraining:
         for module in self.modules.values():
             module.requires_grad_(True).train()  # train(): CLIP's checkpointing acts in training mode only
             if cfg.gradient_checkpointing:
-                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                module.activation_checkpointing_enable({"use_reentrant": False})  # transformers 5's name
 
     def ratio(self, key: str) -> float:
         """r_k: the encoder's peak lr over the UNet's."""
