@@ -31,6 +31,7 @@ from ztsnr_ds.export import (  # noqa: E402
     save_safetensors,
 )
 from ztsnr_ds.posthoc import find_snapshots, reconstruct  # noqa: E402
+from ztsnr_ds.text_training import split_encoders  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,9 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         state, solution = reconstruct(snapshots, args.sigma_rel, sources=args.from_sigma_rels)
         settings = checkpoint_settings(args.run)
         dtype = DTYPES[args.dtype]
-        trained = replace(settings, state_dict={k: v.to(dtype) for k, v in state.items()},
-                          step=snapshots[-1].step, weights=f"post-hoc EMA sigma_rel {args.sigma_rel:g}")
+        state, encoders = split_encoders({k: v.to(dtype) for k, v in state.items()}, settings.encoder_names)
+        trained = replace(settings, state_dict=state, encoders=encoders, step=snapshots[-1].step,
+                          weights=f"post-hoc EMA sigma_rel {args.sigma_rel:g}")
         if args.out.suffix == ".safetensors":
+            if encoders:  # a UNet file has no place for them
+                print(f"note: {args.out} holds the UNet only; the run also trained {', '.join(encoders)}: "
+                      "pass a folder as --out for a diffusers export with them", file=sys.stderr)
             out = save_safetensors(trained.state_dict, args.out, {"format": "pt", **export_metadata(trained)})
         else:
             out = export_diffusers(trained, args.out, base=args.base)

@@ -22,6 +22,7 @@ from ztsnr_ds.ema import EMAConfig
 from ztsnr_ds.kernels import ATTENTION_BACKENDS, COMPILE_MODES
 from ztsnr_ds.schedule import INFERENCE_SCHEDULES
 from ztsnr_ds.text import MAX_CHUNKS
+from ztsnr_ds.text_training import TextEncodersConfig
 
 ZTSNR_MODES = ("terminal", "rescale", "off")
 WEIGHTINGS = ("min_snr", "soft_min_snr", "none")
@@ -309,6 +310,8 @@ class TrainConfig:
     """Loop, schedule, checkpoints."""
     ema: EMAConfig = field(default_factory=EMAConfig)
     """EMA of the weights (sharded like ZeRO-2) and post-hoc EMA snapshots."""
+    text_encoders: TextEncodersConfig = field(default_factory=TextEncodersConfig)
+    """Train CLIP-L / bigG with the UNet (docs/text-encoders.md); none by default."""
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     """Validation images."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -337,6 +340,11 @@ def check_sections(config: TrainConfig) -> None:
                           "captions of different chunk counts need (captions.max_chunks = "
                           f"{config.captions.max_chunks}); use sdpa, efficient or cudnn, or "
                           "captions.max_chunks: 1")
+    if config.data.cache_text and config.text_encoders.train:
+        raise ConfigError(f"text_encoders.train = {config.text_encoders.train} needs live text encoding, but "
+                          "data.cache_text: true feeds the UNet cached embeddings that no encoder gradient "
+                          "reaches; set data.cache_text: false (the cache's latents stay usable) or "
+                          "text_encoders.train: []")
 
 
 def check_inputs(config: TrainConfig) -> None:

@@ -22,6 +22,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from ztsnr_ds import checkpoint, ema, safe_load
 from ztsnr_ds.keymaps import ExportError, clip_l_to_sgm, openclip_to_sgm, unet_to_sgm, vae_to_sgm
@@ -40,6 +41,7 @@ from ztsnr_ds.models import (
     unet_shapes,
 )
 from ztsnr_ds.schedule import NoiseSchedule, diffusers_scheduler_config
+from ztsnr_ds.text_training import encoder_metadata, load_encoders, split_encoders, trained_encoder_names
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHTS = ("model", "ema")  # the trained weights, or their EMA (ema.enabled; ztsnr_ds/ema.py)
@@ -63,6 +65,10 @@ class TrainedUNet:
     weights: str = "model"  # one of WEIGHTS
     lineage: list = field(default_factory=list)  # runs it started from (trainer.init_from: init_from.py)
     max_chunks: int = 1  # captions.max_chunks: 75-token chunks per caption it was trained with (older: 1)
+    encoder_names: list[str] = field(default_factory=list)  # trained text encoders (text_training.py)
+    encoders: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # their weights, by name
+    encoder_meta: dict[str, str] = field(default_factory=dict)  # their lr and steps (encoder_metadata)
+    pretrained: str | None = None  # model.pretrained of the run: the trained encoders' configs
 
     @property
     def schedule(self) -> NoiseSchedule:
@@ -107,9 +113,10 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16,
     settings = checkpoint_settings(path)
     tag_dir = settings.tag_dir
     state_dict = _ema_weights(tag_dir, dtype) if weights == "ema" else _model_weights(tag_dir, dtype)
+    state_dict, encoders = split_encoders(state_dict, settings.encoder_names)  # UNet keys keep their names
     check_shapes(unet_shapes(settings.unet_config), state_dict,
                  f"{tag_dir}: the {weights} weights do not match unet_config in {checkpoint.STATE_FILE}")
-    return replace(settings, state_dict=state_dict, weights=weights)
+    return replace(settings, state_dict=state_dict, weights=weights, encoders=encoders)
 
 
 def checkpoint_settings(path: str | Path) -> TrainedUNet:
@@ -131,9 +138,13 @@ def checkpoint_settings(path: str | Path) -> TrainedUNet:
     except (KeyError, TypeError, AttributeError) as e:
         raise ExportError(f"{tag_dir / checkpoint.STATE_FILE} lacks {e}; export checkpoints written by "
                           "ztsnr_ds.checkpoint.save") from e
-    lineage = state[checkpoint.CONFIG].get("lineage", [])
-    return TrainedUNet({}, unet_config, step, noise, tag_dir, dropout_mode, lineage=lineage,
-                       max_chunks=captions.get("max_chunks", 1))  # older runs: 77 tokens
+    config = state[checkpoint.CONFIG]
+    return TrainedUNet({}, unet_config, step, noise, tag_dir, dropout_mode,
+                       lineage=config.get("lineage", []),
+                       max_chunks=captions.get("max_chunks", 1),  # older runs: 77 tokens
+                       encoder_names=trained_encoder_names(config),
+                       encoder_meta=encoder_metadata(config, step),
+                       pretrained=config.get("model", {}).get("pretrained"))
 
 
 def _model_weights(tag_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -216,6 +227,7 @@ def export_metadata(trained: TrainedUNet, title: str | None = None) -> dict[str,
         "ztsnr_ds.max_chunks": str(trained.max_chunks),  # 75-token chunks (docs/long-captions.md)
         "ztsnr_ds.scheduler_config": json.dumps(diffusers_scheduler_config(s)),
         META_UNET_CONFIG: json.dumps(trained.unet_config),
+        **trained.encoder_meta,  # trained text encoders only
     }
 
 
@@ -245,6 +257,7 @@ def export_diffusers(trained: TrainedUNet, out: str | Path, title: str | None = 
             index = pipeline_index(json.loads((base / "model_index.json").read_text()), trained)
         if base is not None:
             checkpoint.write_atomic(tmp / "model_index.json", json.dumps(index, indent=2))
+        write_encoders(trained, tmp, base)
         if out.exists():  # an earlier export: swapped out only now that the new one is whole
             os.replace(out, old := out.with_name(f"{out.name}.old{os.getpid()}"))
             shutil.rmtree(old)
@@ -252,6 +265,23 @@ def export_diffusers(trained: TrainedUNet, out: str | Path, title: str | None = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def write_encoders(trained: TrainedUNet, out: Path, base: Path | None) -> None:
+    """The trained text encoders as diffusers folders out/text_encoder(_2)/, configs from `base` (else the
+    run's model.pretrained); nothing for a run that trained none."""
+    folder = base or (Path(trained.pretrained) if trained.pretrained else None)
+    for name, state in trained.encoders.items():
+        if folder is None or not (folder / name / "config.json").is_file():
+            raise ExportError(f"{trained.tag_dir} trained {name}, whose config is read from the base: pass "
+                              "--base, the diffusers SDXL folder the run trained from (model.pretrained)")
+        cls = CLIPTextModel if name == "text_encoder" else CLIPTextModelWithProjection
+        dtype = next(iter(state.values())).dtype
+        with init_empty_weights():
+            model = cls(cls.config_class.from_pretrained(folder / name))
+        model.load_state_dict(state, strict=True, assign=True)
+        shutil.rmtree(out / name, ignore_errors=True)  # the base's copy, if any
+        model.to(dtype).save_pretrained(out / name)
 
 
 def pipeline_index(base_index: dict, trained: TrainedUNet) -> dict:
@@ -324,14 +354,23 @@ def single_file_loader(path: str | Path, base: str | Path) -> str:
 def export_single_file(trained: TrainedUNet, base: str | Path, out: str | Path,
                        dtype: torch.dtype = torch.bfloat16, title: str | None = None,
                        vae: AutoencoderKL | None = None) -> Path:
-    """One SDXL .safetensors: trained UNet + the base's VAE and text encoders, SGM keys, metadata.
+    """One SDXL .safetensors: trained UNet (and trained text encoders, if any) + the base's VAE and text
+    encoders, SGM keys, metadata.
 
     vae: instead of the base's (a fine-tuned decoder, ztsnr_ds/vae_export.py)."""
-    parts = load_base(base, trained, dtype)
+    parts = load_encoders(load_base(base, trained, dtype), trained.encoders)  # trained encoders, if any
     if vae is not None:
         parts = replace(parts, vae=vae.to(dtype))
     state = single_file_state(trained, parts, dtype)
     return save_safetensors(state, Path(out), export_metadata(trained, title) | parts_metadata(parts))
+
+
+def encoder_readme(trained: TrainedUNet) -> str:
+    """README lines for the text encoders the run trained (none: "")."""
+    classes = {"text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection"}
+    return "".join(f"- `{name}/`: the text encoder this run trained; give it to the pipeline too, e.g.\n"
+                   f'  `{name}={classes[name]}.from_pretrained("OUT", subfolder="{name}")`.\n'
+                   for name in trained.encoders)
 
 
 def sampling_readme(trained: TrainedUNet, title: str | None = None) -> str:
@@ -347,7 +386,7 @@ resolution-aware noise {area}; checkpoint {trained.tag_dir.name} (step {trained.
 - `scheduler/`: EulerDiscreteScheduler, `prediction_type: v_prediction`, `timestep_spacing: trailing`,
   `trained_betas` that reproduce the ZTSNR sigma table (diffusers' fp32 cumprod reads the top sigma as
   ~19880 instead of {s.sigma_max:g}; at that noise level the model predicts the image outright, v = -x0).
-
+{encoder_readme(trained)}
 ## diffusers
 
 ```python

@@ -45,6 +45,7 @@ from ztsnr_ds.models import (
 from ztsnr_ds.sampling import SDXLDenoiser, sample_euler
 from ztsnr_ds.schedule import NoiseSchedule
 from ztsnr_ds.text import PromptEncoder
+from ztsnr_ds.text_training import load_encoders
 
 MODEL_KINDS = ("checkpoint", "diffusers", "single_file")
 NOISE_SETTINGS = ("ztsnr", "sigma_max", "base_area")  # base_area None: no resolution scaling
@@ -200,6 +201,7 @@ def load_model(source: ModelSource, base: Path, dtype: torch.dtype,
         if source.kind == "checkpoint":
             trained = load_checkpoint(source.path, dtype, weights)
             unet = unet_from_state(trained.unet_config, trained.state_dict, dtype)
+            load_encoders(parts, trained.encoders)  # text encoders the run trained (text_training.py)
         else:
             unet = load_unet(source.path, dtype).eval()
     except (ExportError, OSError) as e:

@@ -276,13 +276,14 @@ class AdamWSR(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """One update of every param with a grad; params whose grad is None are skipped."""
+        """One update of every param with a grad; params whose grad is None are skipped, and so are groups
+        marked "frozen" (a text encoder past its stop step, text_training.py: weights and moments kept)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for position, p in enumerate(group["params"]):
+            for position, p in enumerate([] if group.get("frozen") else group["params"]):
                 if p.grad is not None:
                     self._update(p, group, position)
         return loss

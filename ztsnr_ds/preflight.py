@@ -34,6 +34,7 @@ def check_run(config) -> None:
     check_deepspeed_json(config.deepspeed_config, config.trainer.micro_batch, config.trainer.grad_accum)
     tag = check_resume(Path(config.trainer.output_dir), config.trainer.resume, config.trainer.overwrite)
     check_buckets(config, tag)
+    check_text_encoders(config, tag)
 
 
 def check_deepspeed_json(path: str, micro_batch: int, grad_accum: int) -> None:
@@ -116,3 +117,20 @@ def check_resumed_holdout(tag: Path, count: int, seed: int, rows: int) -> None:
                          f"{saved.get('holdout', 0):g}, holdout_seed {saved_seed}), this run "
                          f"would hold out {count} (seed {seed}); keep the checkpoint's validation.holdout "
                          "and validation.holdout_seed, or start a new run in a new trainer.output_dir")
+
+
+def check_text_encoders(config, tag: Path | None) -> None:
+    """Trained text encoders (docs/text-encoders.md) need live text: a cache built with text embeddings
+    would stand in for them (the trainer reads a cache's embeddings if it has them). A resumed run trains
+    the encoders its checkpoint trained: the ZeRO files hold exactly those parameters and their state."""
+    train = config.text_encoders.train
+    if train and CacheIndex(Path(config.data.cache_dir)).cache_text:
+        raise ValueError(f"data.cache_dir: {config.data.cache_dir} holds text embeddings (built with "
+                         f"data.cache_text: true) that would stand in for text_encoders.train = {train}; "
+                         "rebuild it with data.cache_text: false, or train none (text_encoders.train: [])")
+    if tag is None:
+        return
+    saved = checkpoint.read_state(tag)[checkpoint.CONFIG].get("text_encoders", {}).get("train", [])
+    if sorted(saved) != sorted(train):
+        raise ValueError(f"text_encoders.train = {train}, but {tag} was trained with {saved}; keep the "
+                         "checkpoint's text_encoders.train, or start a new run from an export of it")

@@ -156,10 +156,12 @@ def join_contexts(contexts: Sequence[torch.Tensor],
 
 
 class PromptEncoder:
-    """Encode prompts the way SDXL is sampled by ComfyUI and A1111: 75-token chunks, two encoders, no grad.
+    """Encode prompts the way SDXL is sampled by ComfyUI and A1111: 75-token chunks, two encoders.
 
-    The encoders run in `run_encoders` only (one call over every chunk of the batch), the one place
-    that needs to change to train them. Outputs come in the encoders' dtype and device.
+    The encoders run in `run_encoders` only (one call over every chunk of the batch). Autograd records
+    them only where their parameters require grad (a trained encoder, ztsnr_ds/text_training.py; every
+    chunk then carries the gradient); frozen encoders build no graph. Outputs come in the encoders' dtype
+    and device.
     """
 
     def __init__(
@@ -225,7 +227,6 @@ class PromptEncoder:
         hidden = torch.cat([out.hidden_states[-2], out_2.hidden_states[-2].to(out.hidden_states[-2])], dim=-1)
         return hidden, out_2.text_embeds
 
-    @torch.no_grad()
     def encode(self, prompts: list[str]) -> TextConditioning:
         """Conditioning of ``prompts``: one encoder call over all N chunks of the batch, then each prompt's
         chunk states concatenated along the sequence and zero-padded to the batch's most chunks K.
@@ -255,7 +256,8 @@ class PromptEncoder:
         param = next(self.text_encoder_2.parameters())
         where = (param.dtype, param.device)
         if self._empty is None or (self._empty.pooled.dtype, self._empty.pooled.device) != where:  # moved
-            self._empty = self.encode([""])
+            with torch.no_grad():  # a cached graph would keep a trained encoder's activations alive
+                self._empty = self.encode([""])
         return self._empty.embeds.expand(batch, -1, -1), self._empty.pooled.expand(batch, -1)
 
     def unconditional(self, batch: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,9 +39,9 @@ from ztsnr_ds.metrics import BandMeter, MetricLogger, image_grid
 from ztsnr_ds.mixing import caption_control, sampler_options
 from ztsnr_ds.models import load_frozen, load_unet
 from ztsnr_ds.objective import VObjective, add_noise, append_dims, c_in
-from ztsnr_ds.optim import AdamWSR
 from ztsnr_ds.schedule import NoiseSchedule
 from ztsnr_ds.text import PromptEncoder, TextConditioning
+from ztsnr_ds.text_training import TextTraining
 
 READY_LINE = "ztsnr_ds: training loop started"
 
@@ -89,6 +89,7 @@ class Trainer:
         self.parts = load_frozen(cfg.model.pretrained, dtype=torch.bfloat16)
         for module in (self.parts.vae, self.parts.text_encoder, self.parts.text_encoder_2):
             module.to(self.device)
+        self.text_training = TextTraining(cfg.text_encoders, self.parts)  # trained encoders (none by default)
         self.prompts = PromptEncoder.from_parts(self.parts, cfg.captions.max_chunks)
         self.resume_tag = checkpoint.find_resume_tag(self.output_dir, cfg.trainer.resume)
         self.build_engine()
@@ -121,10 +122,8 @@ class Trainer:
         kernels.set_attention(unet, cfg.model.attention)  # PyTorch SDPA, backend as configured
         kernels.compile_unet(unet, cfg.model.compile)
         unet.train()
-        opt = cfg.optimizer
-        self.optimizer = AdamWSR(unet.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
-                                 weight_decay=opt.weight_decay, kahan=opt.kahan, seed=cfg.trainer.seed,
-                                 rank=self.dist.rank, fused=opt.fused)
+        # AdamWSR, one group for the UNet and one per trained text encoder (attached to the UNet module)
+        self.optimizer = self.text_training.optimizer(unet, cfg.optimizer, cfg.trainer.seed, self.dist.rank)
         self.unet_config = dict(unet.config)
         self.engine = initialize(unet, self.optimizer, ds_config)
         self.dtype = self.engine.module.dtype  # UNet inputs: bf16 as DeepSpeed cast it, fp32 without bf16
@@ -382,8 +381,7 @@ class Trainer:
                 start = time.perf_counter()
                 # The schedule counts updates applied: DeepSpeed skips (and counts) inf-gradient steps.
                 lr = lr_at(self.step - self.engine.skipped_steps, cfg, self.cfg.optimizer.lr)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                self.text_training.set_lr(self.optimizer, self.step, lr)  # encoders: scaled; frozen past stop
                 skipped = self.engine.skipped_steps
                 loss = self.train_step(batches)
                 self.step += 1

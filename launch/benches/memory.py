@@ -29,15 +29,17 @@ def proc_status_kib(field: str) -> int:
     return int(line.split()[1])
 
 
-def held_tensor_bytes(engine, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+def held_tensor_bytes(engine, optimizer: torch.optim.Optimizer,
+                      groups: list[dict] | None = None) -> dict[str, int]:
     """Bytes of every distinct tensor storage alive, by role, counted once each (first role wins).
 
     Storages reachable from Python objects (gc) plus the .grad of module and optimizer params
-    (a grad may have no Python object of its own).
+    (a grad may have no Python object of its own). groups: all the optimizer's param groups (default
+    optimizer.param_groups; inside its step ZeRO shows it one group at a time).
     """
     from torch._subclasses.fake_tensor import FakeTensor
 
-    flat = [p for group in optimizer.param_groups for p in group["params"]]
+    flat = [p for group in groups or optimizer.param_groups for p in group["params"]]
     module = list(engine.module.parameters())
     roles = {
         "optimizer state": [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)],
@@ -61,8 +63,29 @@ def held_tensor_bytes(engine, optimizer: torch.optim.Optimizer) -> dict[str, int
     return out
 
 
-def memory_case(config: str, width: int, depth: int) -> dict[str, float]:
-    """Train a deep bf16 MLP 2 steps under `config` on one rank; bytes per parameter, by role and RSS."""
+# SDXL's trained components in parameters (DESIGN.md sec. 9; CLIP-L and bigG text models with projection):
+# the `groups` case splits the MLP's layers into AdamWSR groups in these proportions (text_training.py).
+SDXL_COMPONENTS = {"unet": 2.567e9, "clip_l": 123.1e6, "clip_g": 694.7e6}
+
+
+def component_groups(layers: list[torch.nn.Module]) -> list[dict]:
+    """The layers cut into one param group per SDXL component, sizes in SDXL_COMPONENTS' proportions (at
+    least one layer each): UNet + both text encoders as text_training.TextTraining groups them."""
+    total, cuts, start = sum(SDXL_COMPONENTS.values()), [], 0
+    for share in list(SDXL_COMPONENTS.values())[1:]:
+        cuts.append(max(1, round(len(layers) * share / total)))
+    sizes = [len(layers) - sum(cuts), *cuts]
+    groups = []
+    for name, size in zip(SDXL_COMPONENTS, sizes, strict=True):
+        params = [p for m in layers[start:start + size] for p in m.parameters()]
+        groups.append({"name": name, "params": params})
+        start += size
+    return groups
+
+
+def memory_case(config: str, width: int, depth: int, groups: bool = False) -> dict[str, float]:
+    """Train a deep bf16 MLP 2 steps under `config` on one rank; bytes per parameter, by role and RSS.
+    groups: its layers in three AdamWSR groups (UNet, CLIP-L, bigG proportions) instead of one."""
     from ztsnr_ds.engine import build_ds_config, init_distributed, initialize, is_pure_bf16
 
     init_distributed()
@@ -73,12 +96,21 @@ def memory_case(config: str, width: int, depth: int) -> dict[str, float]:
     layers = [torch.nn.Linear(width, width, dtype=dtype) for _ in range(depth)]
     model = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.GELU())])
     n_params = sum(p.numel() for p in model.parameters())
-    optimizer = AdamWSR(model.parameters(), lr=1e-4)
+    optimizer = AdamWSR(component_groups(layers) if groups else model.parameters(), lr=1e-4)
     engine = initialize(model, optimizer, ds_config)
     init_peak = proc_status_kib("VmHWM") - baseline
     held: dict[str, int] = {}
-    # At the end of the optimizer step weights, grads, masters and moments are all alive: the peak.
-    optimizer.register_step_post_hook(lambda *_: held.update(held_tensor_bytes(engine, optimizer)))
+    groups = list(optimizer.param_groups)
+
+    def record(*_) -> None:
+        """The most bytes seen around a group's step: in the second step weights, grads, masters and
+        moments are all alive before ZeRO frees a stepped group's gradient partition."""
+        now = held_tensor_bytes(engine, optimizer, groups)
+        if sum(now.values()) >= sum(held.values()):
+            held.update(now)
+
+    optimizer.register_step_pre_hook(record)
+    optimizer.register_step_post_hook(record)
     x = torch.randn(2, width).to(torch.bfloat16)
     for _ in range(2):
         engine.backward(engine(x).float().pow(2).mean())
@@ -94,6 +126,7 @@ def memory_case(config: str, width: int, depth: int) -> dict[str, float]:
     arg("--width", type=int, default=3072, help="MLP width"),
     arg("--depth", type=int, default=12, help="Linear layers (12 x 3072^2: 113M parameters)"),
     arg("--case", choices=list(MEMORY_CONFIGS.values()), help=argparse.SUPPRESS),
+    arg("--groups", action="store_true", help=argparse.SUPPRESS),
     arg("--ema-case", action="store_true", help=argparse.SUPPRESS),
 )
 def bench_memory(args: argparse.Namespace) -> None:
@@ -102,12 +135,15 @@ def bench_memory(args: argparse.Namespace) -> None:
         print(EMA_MARK + json.dumps(ema_case(args.width, args.depth)), flush=True)
         return
     if args.case:  # child process: one configuration, a clean RSS baseline
-        print(json.dumps(memory_case(args.case, args.width, args.depth)))
+        print(json.dumps(memory_case(args.case, args.width, args.depth, args.groups)))
         return
     results = {}
-    for name, config in MEMORY_CONFIGS.items():
+    cases = [(name, config, []) for name, config in MEMORY_CONFIGS.items()]
+    cases.append((GROUPS_CASE, MEMORY_CONFIGS[next(iter(MEMORY_CONFIGS))], ["--groups"]))
+    for name, config, extra in cases:
         cmd = [sys.executable, BENCH, "memory", "--case", config, "--width", str(args.width),
-               "--depth", str(args.depth)] + (["--threads", str(args.threads)] if args.threads else [])
+               "--depth", str(args.depth), *extra]
+        cmd += ["--threads", str(args.threads)] if args.threads else []
         child = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[name] = json.loads(child.stdout.strip().splitlines()[-1])
     first = next(iter(results.values()))
@@ -121,9 +157,27 @@ def bench_memory(args: argparse.Namespace) -> None:
         print(f"| {row} | " + " | ".join(f"{r[row]:.2f}" for r in results.values()) + " |")
     tensors = [sum(r[k] for k in rows if "RSS" not in k) for r in results.values()]
     print("| **all tensors** | " + " | ".join(f"**{t:.2f}**" for t in tensors) + " |")
-    model = [sum(DESIGN_BYTES[c]) for c in MEMORY_CONFIGS.values()]
+    model = [sum(DESIGN_BYTES[config]) for _, config, _ in cases]
     print("| DESIGN.md model (N = 1) | " + " | ".join(f"{m}" for m in model) + " |")
+    sdxl_table()
     ema_table(args)
+
+
+GROUPS_CASE = "pure bf16, 3 groups (UNet + CLIP-L + bigG shares)"
+
+
+def sdxl_table() -> None:
+    """GiB per rank of SDXL's trained state (weights + grads + masters + moments, pure bf16 ZeRO-2) with and
+    without the text encoders, from the bytes per parameter above: 2 + 8/N each (DESIGN_BYTES)."""
+    weights, sharded = DESIGN_BYTES["ds_configs/zero2_bf16.json"]
+    unet, text = SDXL_COMPONENTS["unet"], SDXL_COMPONENTS["clip_l"] + SDXL_COMPONENTS["clip_g"]
+    print("\nSDXL, pure bf16 ZeRO-2, GiB per rank (frozen encoders: 2 bytes/param held either way):\n")
+    print("| N ranks | UNet trained | UNet + CLIP-L + bigG trained | added by the encoders |")
+    print("|---|---|---|---|")
+    for n in (1, 8, 64):
+        only = (unet * (weights + sharded / n) + text * weights) / 2**30
+        both = (unet + text) * (weights + sharded / n) / 2**30
+        print(f"| {n} | {only:.1f} | {both:.1f} | {both - only:.2f} |")
 
 
 EMA_MARK = "ema bytes per parameter: "
