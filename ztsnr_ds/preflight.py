@@ -56,13 +56,14 @@ def check_resume(output_dir: Path, resume: str, overwrite: bool) -> Path | None:
         safe_load.check_files(sorted(tag.glob("*.pt")) if tag else [])  # reads pickle opcodes, runs nothing
     except safe_load.UnsafeCheckpoint as err:
         raise ValueError(f"trainer.resume = {resume}: {err}") from err
-    foreign = checkpoint.foreign_tags(output_dir, resume)
+    foreign = checkpoint.foreign_tags(output_dir, resume) + checkpoint.foreign_snapshots(output_dir, resume)
     if foreign and not overwrite:
         raise ValueError(
-            f"trainer.resume = {resume}, but trainer.output_dir {output_dir} already holds checkpoints this "
-            f"run would not continue ({', '.join(t.name for t in foreign)}); a later resume or export "
-            "could pick those up. Use a new trainer.output_dir, --trainer.resume auto to continue the "
-            "newest one, or --trainer.overwrite true to move them to <output_dir>/replaced/")
+            f"trainer.resume = {resume}, but trainer.output_dir {output_dir} already holds checkpoints or "
+            f"post-hoc EMA snapshots this run would not continue ({checkpoint.folder_names(foreign)}); a "
+            "later resume, export or posthoc_ema.py could pick those up. Use a new trainer.output_dir, "
+            "--trainer.resume auto to continue the newest one, or --trainer.overwrite true to move them to "
+            "<output_dir>/replaced/")
     return tag
 
 
