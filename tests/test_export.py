@@ -250,7 +250,7 @@ def test_cli_diffusers_export_loads_with_from_pretrained(run_dir, reference, tmp
         "--out",
         str(out),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     with safe_open(str(out / "unet" / UNET_WEIGHTS), "pt") as f:
         assert f.get_tensor("conv_in.weight").dtype == torch.bfloat16  # --dtype default
