@@ -84,6 +84,8 @@ def bad_ds_json(tmp_path):
     ("batch", BATCH_KEY),
     ("malformed", "deepspeed_config"),
     ("stage7", "zero_optimization.stage"),
+    ("alignment", "zero_optimization.parameter_alignment"),
+    ("no_overflow_check", "bf16.check_grad_overflow"),
     ("more_ranks_than_images", "trainer.micro_batch"),
     ("eps", "optimizer.eps"),
     ("missing_tag", "trainer.resume"),
@@ -99,6 +101,10 @@ def test_config_errors_exit_before_any_model_loads(run_config, bad_ds_json, tmp_
         "batch": lambda: ["--deepspeed_config", bad_ds_json(json.dumps(base | {BATCH_KEY: 7}))],
         "malformed": lambda: ["--deepspeed_config", bad_ds_json('{"bf16": {"enabled": true,}')],
         "stage7": lambda: ["--deepspeed_config", bad_ds_json(json.dumps(base | STAGE_7))],
+        "alignment": lambda: ["--deepspeed_config", bad_ds_json(json.dumps(
+            base | {"zero_optimization": base["zero_optimization"] | {"parameter_alignment": True}}))],
+        "no_overflow_check": lambda: ["--deepspeed_config", bad_ds_json(json.dumps(
+            base | {"bf16": base["bf16"] | {"check_grad_overflow": False}}))],
         "more_ranks_than_images": lambda: [],  # 8 images in the cache, 9 ranks (WORLD_SIZE below)
         "eps": lambda: ["--optimizer.eps", "-1"],
         "missing_tag": lambda: ["--trainer.resume", str(tmp_path / "nope" / "step00000001")],
