@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch.overrides import TorchFunctionMode
 
 from ztsnr_ds import checkpoint, ema, posthoc, preflight
 from ztsnr_ds.config import ConfigError, parse
@@ -241,3 +242,41 @@ def test_overwrite_moves_the_abandoned_branchs_snapshots_aside(tmp_path):
     with pytest.raises(ValueError, match="ema_snapshots/step00000001"):
         preflight.check_resume(out, "none", overwrite=False)
     assert len(checkpoint.foreign_snapshots(out, "none")) == 2
+
+
+class _Float32Sizes(TorchFunctionMode):
+    """The largest fp32 tensor any torch function returns inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dtype == torch.float32:
+            self.largest = max(self.largest, out.numel())
+        return out
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_ema_update_works_in_bounded_chunks(dtype, monkeypatch):
+    """With bf16 masters (pure bf16 DeepSpeed) no update makes an fp32 copy of the whole partition: every
+    fp32 temporary is at most ema.CHUNK elements, for fp32 and bf16 tracks; fp32 results equal an
+    unchunked lerp bit for bit."""
+    monkeypatch.setattr(ema, "CHUNK", 100)
+    tracker = ema.ShardedEMA.__new__(ema.ShardedEMA)  # no engine needed for the update itself
+    tracker.cfg, tracker.rank, tracker.seed = ema.EMAConfig(enabled=True, decay=0.9, dtype=dtype), 0, 0
+    tracker.masters = [torch.randn(1050, generator=torch.Generator().manual_seed(0)).bfloat16()]
+    tracker.tracks = {ema.MAIN_TRACK: {"kind": "ema", "decay": 0.9, "warmup": False}}
+    tracker.dtype = ema.DTYPES[dtype]
+    tracker.reset()
+    tracker.masters[0].mul_(2)
+    expected = tracker.state[ema.MAIN_TRACK][0].float().lerp(tracker.masters[0].float(), 0.1)
+    with _Float32Sizes() as sizes:
+        tracker.update()
+    assert 0 < sizes.largest <= 100
+    (result,) = tracker.state[ema.MAIN_TRACK]
+    if dtype == "fp32":
+        assert torch.equal(result, expected)
+    else:  # stochastic rounding: within one bf16 ulp
+        assert ((result.float() - expected).abs() <= expected.abs() * 2**-7).all()
