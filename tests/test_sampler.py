@@ -5,6 +5,7 @@ by area."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -234,3 +235,34 @@ def test_no_micro_batch_exceeds_the_cap_on_random_bucket_sets():
         caps = (np.maximum(1, micro // rng.integers(1, 4, count)) if case % 2 else np.full(count, micro))
         unused.append(check_plan(sizes, caps.astype(np.int64), world_size, case))
     assert any(unused)  # the no-donor case arises (tiny buckets, micro-batch 1) and was checked
+
+
+def test_resume_on_another_world_size_warns_when_tails_make_it_inexact():
+    """Same global batch (2 x 2 -> 4 x 1), but tails of 1-3 ids are cut per world size: resuming after
+    the steps that hold them repeats or skips some ids, and the warning's counts match what the two runs
+    train (counted here from the iterated steps); where both plans agree, no warning."""
+    buckets = {"1024x1024": list(range(0, 41)), "832x1216": list(range(41, 50)), "512x2048": [50, 51, 52]}
+    steps = epoch(ranks(2, 2, buckets, seed=5))
+    warned = 0
+    for k in range(len(steps) + 1):
+        fresh = ranks(2, 2, buckets, seed=5)
+        [[next(s) for s in fresh] for _ in range(k)]
+        trained = {i for step in steps[:k] for i in step_ids(step)}
+        four = ranks(4, 1, buckets, seed=5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for s in four:
+                s.load_state_dict(fresh[0].state_dict())
+        left = len(four[0]) - four[0].position
+        rest = [i for _ in range(left) for i in step_ids([next(s) for s in four])]  # this epoch only
+        before = set(four[0].plan(0).ids.tolist()) - set(rest)
+        repeated, skipped = len(trained & set(rest)), len(before - trained)
+        messages = {str(w.message) for w in caught}
+        if repeated or skipped:
+            warned += 1
+            assert len(messages) == 1 and len(caught) == 4  # every rank, the same counts
+            assert f"so {repeated} samples trained before the checkpoint come again and {skipped} are" in \
+                messages.pop()
+        else:
+            assert not messages
+    assert 0 < warned < len(steps)

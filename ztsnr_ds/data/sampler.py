@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -325,6 +326,27 @@ class BucketBatchSampler:
         if not 0 <= position <= plan.steps:
             raise ValueError(f"cannot resume: position {position} outside [0, {plan.steps}]")
         self.position = position
+        if not same:
+            self._warn_inexact(state)
+
+    def _warn_inexact(self, state: dict[str, Any]) -> None:
+        """Warn with counts when the saved run's plan (its micro_batch, world size, base_area) had trained
+        other ids of this epoch than this plan puts before the resumed position (tails cut otherwise)."""
+        rng = np.random.default_rng(_epoch_seed(self.seed, self.epoch)) if self.shuffle else None
+        caps = bucket_micro_batches(self.keys, int(state["micro_batch"]), state["base_area"])
+        old = plan_epoch(self._buckets, caps, int(state["world_size"]), rng)
+        new = self.plan(self.epoch)
+        before_old = old.ids[:old.offsets[int(state["position"]) * old.world_size]]
+        cut = new.offsets[self.position * self.world_size]
+        repeated = len(np.intersect1d(before_old, new.ids[cut:]))
+        skipped = len(np.setdiff1d(new.ids[:cut], before_old))
+        if repeated or skipped:
+            warnings.warn(
+                f"resumed on {self.world_size} ranks x micro_batch {self.micro_batch} from a run of "
+                f"{state['world_size']} x {state['micro_batch']}: the plans cut this epoch's tails "
+                f"differently, so {repeated} samples trained before the checkpoint come again and {skipped} "
+                "are skipped until the next epoch (keep world size and micro_batch: an exact continuation)",
+                stacklevel=3)
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
         if "samples_done" not in state:
