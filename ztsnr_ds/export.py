@@ -207,6 +207,18 @@ def export_metadata(trained: TrainedUNet, title: str | None = None) -> dict[str,
     }
 
 
+def copy_tree_new_modes(src: Path, dst: Path) -> None:
+    """Copy a folder tree with the modes new files and folders get (0666 / 0777 less the umask), not the
+    source's: a base kept 0700 must not make the export unreadable to a client running as another user
+    (shutil.copytree copies folder modes even with copy_function=copyfile). Symlinks are followed (HF
+    cache snapshots link to blobs)."""
+    for root, _, files in os.walk(src, followlinks=True):
+        target = dst / Path(root).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            shutil.copyfile(Path(root) / name, target / name)
+
+
 def export_diffusers(trained: TrainedUNet, out: str | Path, title: str | None = None,
                      base: str | Path | None = None) -> Path:
     """Write out/unet (config.json + safetensors), out/scheduler (ZTSNR Euler, v-pred), out/README.md and,
@@ -225,8 +237,8 @@ def export_diffusers(trained: TrainedUNet, out: str | Path, title: str | None = 
         checkpoint.write_atomic(tmp / "scheduler" / "scheduler_config.json", json.dumps(scheduler, indent=2))
         checkpoint.write_atomic(tmp / "README.md", sampling_readme(trained, title))
         if base is not None:
-            for part in FROZEN_PARTS:  # copyfile: new files get 0666 less the umask, not the base's modes
-                shutil.copytree(base / part, tmp / part, copy_function=shutil.copyfile)
+            for part in FROZEN_PARTS:
+                copy_tree_new_modes(base / part, tmp / part)
             index = pipeline_index(json.loads((base / "model_index.json").read_text()), trained)
             checkpoint.write_atomic(tmp / "model_index.json", json.dumps(index, indent=2))
         if out.exists():  # an earlier export: swapped out only now that the new one is whole
