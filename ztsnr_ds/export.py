@@ -287,8 +287,9 @@ def single_file_state(trained: TrainedUNet, parts: FrozenParts,
                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """All SDXL weights in SGM keys, plus the empty `v_pred` marker and, for `rescale` only, `ztsnr`.
 
-    ComfyUI, Forge, reForge and A1111 read `ztsnr` as "rebuild Lin et al.'s rescaled table" (top sigma
-    4518.76 before the terminal step); only a `rescale` model was trained on that table. A `terminal`
+    ComfyUI, Forge and A1111 read `ztsnr` as "rebuild Lin et al.'s rescaled table" (top sigma 4518.76
+    before the terminal step); only a `rescale` model was trained on that table. reForge builds it and
+    then rescales it again before each generation (docs/reforge.md: drop the key there). A `terminal`
     model would be told other timesteps than training used at nearly every step, so it carries no
     `ztsnr` marker; the metadata (`ztsnr_ds.ztsnr`, `sigma_max`, `base_area`) records its table.
     """
@@ -373,7 +374,8 @@ image = pipe(prompt, sigmas=sigmas, height=height, width=width, guidance_scale=5
 
 ztsnr_ds' own Euler sampler (`ztsnr_ds.sampling`) takes the same sigmas. A single-file export of this
 checkpoint carries the `v_pred` marker that ComfyUI, A1111 and Forge read to pick v-prediction{
-    ", and `ztsnr`, which makes them rebuild this (Lin et al.'s rescaled) table" if s.mode == "rescale" else
+    ", and `ztsnr`, which makes them rebuild this (Lin et al.'s rescaled) table (not reForge, which "
+    "rescales it twice: see ztsnr_ds' docs/reforge.md)" if s.mode == "rescale" else
     "; it carries no `ztsnr` marker, because the clients read that as Lin et al.'s rescaled table, not `"
     + s.mode + "`"}.
 """
