@@ -87,8 +87,8 @@ def test_regional_compile_compiles_each_transformer_block_in_place():
 
 def test_model_flop_per_sample_matches_design_for_sdxl_at_1024():
     """gpu_check's MFU numerator, counted on the meta device, against DESIGN.md sec. 9's 20.2e12."""
-    sys.path.insert(0, str(ROOT / "launch"))
-    from gpu_check import flop_per_sample
+    sys.path.insert(0, str(ROOT))
+    from launch.benches.mfu import flop_per_sample
 
     config = json.loads((ROOT / "configs" / "sdxl_unet" / "config.json").read_text())
     assert flop_per_sample(config, 1024) == pytest.approx(20.2e12, rel=0.005)
@@ -151,7 +151,8 @@ def test_gpu_check_dry_run_passes(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     checks = {c["name"]: c for c in report["checks"]}
-    assert list(checks) == ["resume", "optimizer", "sdxl", "kernels", "export"] and report["failed"] is None
+    assert list(checks) == ["resume", "optimizer", "sdxl", "kernels", "export", "ema"]
+    assert report["failed"] is None
     resume = checks["resume"]["details"]
     assert resume["returncode"] == -9 and resume["killed_after_step"] >= 6
     assert resume["resumed_from"] in (4, 8) and resume["steps_compared"] == 12
@@ -165,3 +166,7 @@ def test_gpu_check_dry_run_passes(tmp_path):
     assert [r["attention"] for r in checks["kernels"]["details"]["rows"]] == ["flash", "math"]
     assert len(checks["export"]["details"]["images"]) == 4
     assert "| 1 | resume | pass |" in (tmp_path / "gpu_check.md").read_text()
+    ema = checks["ema"]["details"]  # check 3 ran without the EMA; check 6 runs it on the device
+    assert len(ema["holdout"]) == 3 and ema["rebuilt_gap"] <= 1e-6
+    assert not list((tmp_path / "work" / "sdxl").rglob("ema")) and not (tmp_path / "work" / "sdxl" /
+                                                                         "ema_snapshots").exists()
