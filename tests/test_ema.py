@@ -158,7 +158,7 @@ def posthoc_run(make_run_config, tmp_path_factory) -> tuple[Path, list[torch.Ten
     return out, weights
 
 
-def test_posthoc_rebuilds_a_tracked_power_ema(posthoc_run, tmp_path):
+def test_posthoc_rebuilds_a_tracked_power_ema(posthoc_run, tmp_path, capsys):
     """sigma_rel 0.07 rebuilt from the 0.05 and 0.10 snapshots, against the 0.07 EMA tracked in the run.
 
     Checked against the recorded weights of every update: the rebuilt weights are sum_tau f(tau) theta_tau
@@ -205,6 +205,8 @@ def test_posthoc_rebuilds_a_tracked_power_ema(posthoc_run, tmp_path):
     path = tmp_path / "ema_007.safetensors"
     assert cli(["--run", str(out), "--sigma-rel", "0.07", "--out", str(path), "--dtype", "fp32",
                 "--from-sigma-rels", "0.05", "0.10"]) == 0
+    printed = capsys.readouterr().out
+    assert f"residual {solution.residual:.2e}, sum(x) 1.000000 (least squares {solution.mass:.6f})" in printed
     unet = load_unet(path, dtype=torch.float32)
     assert all(torch.equal(v, rebuilt[k]) for k, v in unet.state_dict().items())
     assert cli(["--run", str(tmp_path), "--sigma-rel", "0.07", "--out", str(path)]) == 2
