@@ -125,19 +125,19 @@ def start_train(ctx: Context, config: Path, output_dir: Path):
         return subprocess.Popen(command, cwd=ROOT, env=train_py_env(), stdout=log, stderr=subprocess.STDOUT)
 
 
-def finish(proc, output_dir: Path, timeout: float) -> None:
+def finish(proc, output_dir: Path, timeout: float | None) -> None:
     """Wait for a launch/train.py run; a failure quotes the end of its log."""
     if proc.wait(timeout=timeout) != 0:
         tail = output_dir.with_suffix(".log").read_text()[-3000:]
         raise CheckFailed(f"launch/train.py for {output_dir.name} exited {proc.returncode}:\n{tail}")
 
 
-def kill_in_loop(proc, output_dir: Path, kill_step: int, timeout: float) -> int:
+def kill_in_loop(proc, output_dir: Path, kill_step: int, timeout: float | None) -> int:
     """SIGKILL our own child once it is in its training loop (long past DeepSpeed's JIT build) and has
     logged step `kill_step` (after the save before it: that tag is complete); returns its last step."""
     from ztsnr_ds.trainer import READY_LINE
 
-    log, deadline = output_dir.with_suffix(".log"), time.monotonic() + timeout
+    log, deadline = output_dir.with_suffix(".log"), time.monotonic() + (timeout or float("inf"))
     while proc.poll() is None and time.monotonic() < deadline:
         if READY_LINE in log.read_text() and max(step_losses(output_dir), default=0) >= kill_step:
             proc.kill()  # this pid only: no handler runs, nothing is saved
@@ -158,13 +158,14 @@ def check_resume(ctx: Context) -> tuple[str, dict]:
     n_steps, _, kill_step = ctx.args.resume
     first = start_train(ctx, config, straight)  # both at once: the machine has cores to spare
     victim = start_train(ctx, config, killed)
-    killed_at = kill_in_loop(victim, killed, kill_step, timeout=600)
-    finish(first, straight, timeout=600)
+    limit = None if ctx.dry else 600.0  # the suite runs the dry run: no clock (a loaded machine is slower)
+    killed_at = kill_in_loop(victim, killed, kill_step, limit)
+    finish(first, straight, limit)
     tags = [t.name for t in checkpoint.complete_tags(killed / "checkpoints")]
     if not tags:
         raise CheckFailed(f"no complete checkpoint after the kill at step {killed_at}")
     resumed_from = checkpoint.read_state(killed / "checkpoints" / tags[-1])[checkpoint.STEP]
-    finish(start_train(ctx, config, killed), killed, timeout=600)  # resume: auto, from tags[-1]
+    finish(start_train(ctx, config, killed), killed, limit)  # resume: auto, from tags[-1]
     a, b = step_losses(straight), step_losses(killed)
     steps = range(1, n_steps + 1)
     differ = [(s, a.get(s), b.get(s)) for s in steps if a.get(s) is None or a.get(s) != b.get(s)]
