@@ -10,16 +10,17 @@ computed in numpy on every rank alike:
      rank r taking the r-th (a tail of 3 on 2 ranks: 2 + 1). Global batches smaller than W cannot give
      every rank a sample: they are cut together, in order, into steps of exactly W ids, one per rank, so
      ranks train on different buckets in the same step (ZeRO-2 needs one shape only inside a
-     micro-batch). The L < W ids left over take W - L ids from the end of the largest one-bucket step that
-     keeps >= W (`_donor`) and make one more such step of W, placed after it (`_join_small`).
+     micro-batch). The L < W ids left over join the step whose micro-batches have the most room for them
+     (`_host`); where none has room they take W - L ids from the end of the largest one-bucket step that
+     keeps >= W (`_donor`) and make one more step of W, one id per rank, placed after it (`_join_small`).
 Every rank has a non-empty micro-batch in every step, all ranks make the same number of steps, and no
 micro-batch ever holds more than its bucket's m_b ids (trainer.micro_batch is sized to the memory, and a
 deterministic plan would repeat an out-of-memory step on resume). Every id is in exactly one micro-batch
-per epoch, except when no step can donate (every one-bucket step has < 2W - L ids, e.g. micro_batch 1
-and N not a multiple of W): then those L < W ids sit this epoch out (a different L each epoch, as the
-plan is reshuffled), and the start-up summary counts them as unused. Steps 1 and 2 do not depend on how
+per epoch, except when no step can host or donate (every one-bucket step has < 2W - L ids; e.g.
+micro_batch 1 and N not a multiple of W): then those L < W ids sit this epoch out (other ids each epoch,
+as the plan is reshuffled), and the start-up summary counts them as unused. Steps 1 and 2 do not depend on how
 G_b is split into micro_batch x W, so 1 rank x micro 4 and 2 ranks x micro 2 train on the same ids in
-every step except those holding tails smaller than W and the donor.
+every step except those holding tails smaller than W and the host or donor of their leftover.
 
 Steps hold different numbers of samples (tails); the trainer weights each sample by 1 / (samples in the
 optimizer step), a count every rank reads from the plan (`upcoming_samples`). The checkpoint state is a
@@ -105,8 +106,8 @@ def plan_epoch(buckets: Sequence[np.ndarray], micro_batches: np.ndarray, world_s
     if rng is not None:
         order = rng.permutation(len(size))
         bucket, start, size = bucket[order], start[order], size[order]
-    bucket, start, size, step = _join_small(bucket, start, size, world_size)
-    parts, part_bucket = _split_steps(size, bucket, step, world_size)
+    bucket, start, size, step = _join_small(bucket, start, size, micro_batches, world_size)
+    parts, part_bucket = _split_steps(size, bucket, step, micro_batches, world_size)
     return EpochPlan(_gather(pool, start, size), np.r_[0, np.cumsum(parts)], part_bucket, world_size)
 
 
@@ -130,13 +131,14 @@ def _global_batches(sizes: np.ndarray, global_batches: np.ndarray) -> tuple[np.n
 Piece = tuple[int, int, int]  # (bucket, start in the pool, size): a run of ids of one bucket in a step
 
 
-def _join_small(bucket: np.ndarray, start: np.ndarray, size: np.ndarray,
+def _join_small(bucket: np.ndarray, start: np.ndarray, size: np.ndarray, caps: np.ndarray,
                 world_size: int) -> tuple[np.ndarray, ...]:
     """Steps of >= W ids from the global batches (in order): every batch of >= W ids is a step; the
     batches smaller than W (tails, at most one per bucket) are cut, in order, into steps of exactly W
     ids (one id per rank, so no micro-batch grows), each placed where its first tail was; the L < W ids
-    left over get W - L ids of a `_donor` step and follow it as one more step of W (or wait for another
-    epoch when no step can donate). Returns the pieces in step order and their step index.
+    left over join a step with room for them (`_host`), else get W - L ids of a `_donor` step and follow
+    it as one more step of W, else wait for another epoch. Returns the pieces in step order and their step
+    index.
     Shape: 4 x (P,)."""
     small = np.flatnonzero(size < world_size)
     if not len(small):
@@ -154,8 +156,11 @@ def _join_small(bucket: np.ndarray, start: np.ndarray, size: np.ndarray,
             first, left, need = first + take, left - take, need - take
             if not need:
                 steps[at], group, need = group, [], world_size
-    donor = _donor(steps, need, world_size) if group else None
-    if donor is not None:  # the donor keeps size - need >= W ids: its micro-batches only shrink
+    host = _host(steps, group, caps, world_size) if group else None
+    donor = _donor(steps, need, world_size) if group and host is None else None
+    if host is not None:
+        steps[host] += group
+    elif donor is not None:  # the donor keeps size - need >= W ids: its micro-batches only shrink
         ((b, first, n),) = steps[donor]
         steps[donor] = [(b, first, n - need)]
         steps[donor + 0.5] = [(b, first + n - need, need), *group]
@@ -172,11 +177,24 @@ def _donor(steps: dict[float, list[Piece]], need: int, world_size: int) -> int |
     return best[1] if best[0] >= world_size + need else None
 
 
-def _split_steps(size: np.ndarray, bucket: np.ndarray, step: np.ndarray,
+def _host(steps: dict[float, list[Piece]], leftover: list[Piece], caps: np.ndarray,
+          world_size: int) -> float | None:
+    """A step whose W micro-batches can hold the leftover pieces too with none over its bucket's micro-batch
+    (sum of ceil(size / m_b) over all pieces <= W): the one with the most spare micro-batches, then the
+    fewest ids, then the last; None if no step has the room."""
+    def spare(pieces: list[Piece]) -> int:
+        return world_size - sum(-(-s // int(caps[b])) for b, _, s in pieces + leftover)
+
+    fits = [key for key, pieces in steps.items() if spare(pieces) >= 0]
+    return max(fits, key=lambda key: (spare(steps[key]), -sum(s for _, _, s in steps[key]), key),
+               default=None)
+
+
+def _split_steps(size: np.ndarray, bucket: np.ndarray, step: np.ndarray, caps: np.ndarray,
                  world_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Micro-batch sizes and buckets, W per step in rank order. A one-piece step of n ids gives rank r
-    floor(n / W) + (r < n mod W) ids; a step of several pieces holds exactly W ids (`_join_small`): one
-    per rank, piece by piece. Shape: 2 x (S*W,)."""
+    floor(n / W) + (r < n mod W) ids; steps of several pieces are split by `_split_pieces`.
+    Shape: 2 x (S*W,)."""
     first = np.flatnonzero(np.r_[True, step[1:] != step[:-1]])
     members = np.diff(np.r_[first, len(size)])
     total = np.add.reduceat(size, first)[:, None]
@@ -184,8 +202,23 @@ def _split_steps(size: np.ndarray, bucket: np.ndarray, step: np.ndarray,
     part_bucket = np.repeat(bucket[first][:, None], world_size, axis=1)  # (S, W)
     for k in np.flatnonzero(members > 1):
         piece = slice(first[k], first[k] + members[k])
-        part_bucket[k] = np.repeat(bucket[piece], size[piece])  # (W,): parts[k] is already all ones
+        parts[k], part_bucket[k] = _split_pieces(size[piece], bucket[piece], caps, world_size)
     return parts.ravel(), part_bucket.ravel()
+
+
+def _split_pieces(size: np.ndarray, bucket: np.ndarray, caps: np.ndarray,
+                  world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """W micro-batches of a step of k <= W pieces (sum of sizes >= W): piece i gets n_i >= 1 of them, each
+    further one going to the piece most over its bucket's micro-batch (then: the most ids per micro-batch),
+    split near-equally. Where sum ceil(size / m_b) <= W (`_join_small` makes no other step) none ends over;
+    a step of exactly W ids gets one id per micro-batch. Shape: (k,) -> 2 x (W,)."""
+    n, cap = np.ones(len(size), dtype=np.int64), caps[bucket]
+    for _ in range(world_size - len(size)):
+        over = np.where(n < size, -(-size // n) - cap, np.iinfo(np.int64).min)
+        best = np.flatnonzero(over == over.max())
+        n[best[np.argmax(size[best] / n[best])]] += 1
+    parts = np.concatenate([s // c + (np.arange(c) < s % c) for s, c in zip(size, n)])
+    return parts, np.repeat(bucket, n)
 
 
 class BucketBatchSampler:
