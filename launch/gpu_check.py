@@ -18,6 +18,10 @@ The checks run in this order; the first that fails stops the run, and the report
   4 kernels    model.attention (flash, cudnn, efficient) and model.compile (regional, full) in that step
   5 export     check 3's checkpoint to single-file and diffusers (what launch/export.py runs), then
                4 images through launch/sample.py from the single file
+  6 ema        a small UNet for 4 steps with the EMA and post-hoc tracks: held-out losses of the weights
+               and of the EMA swapped in, the swap undone bit for bit, snapshots rebuilt by posthoc
+Check 3 runs without the EMA (its tracks would add 12 B/param of HBM and ~21 GB of checkpoint), and
+refuses to start when --out lacks room for its checkpoint and check 5's exports.
 The dry run: the tiny SDXL-shaped UNet at 128x128, batches 1 and 2, math and flash attention, no compile
 (a CPU compile of the UNet takes minutes). Writes <out>/gpu_check.json and <out>/gpu_check.md after every
 check, so a run stopped by a time limit keeps what it measured. Work files go to <out>/work.
@@ -121,19 +125,19 @@ def start_train(ctx: Context, config: Path, output_dir: Path):
         return subprocess.Popen(command, cwd=ROOT, env=train_py_env(), stdout=log, stderr=subprocess.STDOUT)
 
 
-def finish(proc, output_dir: Path, timeout: float) -> None:
+def finish(proc, output_dir: Path, timeout: float | None) -> None:
     """Wait for a launch/train.py run; a failure quotes the end of its log."""
     if proc.wait(timeout=timeout) != 0:
         tail = output_dir.with_suffix(".log").read_text()[-3000:]
         raise CheckFailed(f"launch/train.py for {output_dir.name} exited {proc.returncode}:\n{tail}")
 
 
-def kill_in_loop(proc, output_dir: Path, kill_step: int, timeout: float) -> int:
+def kill_in_loop(proc, output_dir: Path, kill_step: int, timeout: float | None) -> int:
     """SIGKILL our own child once it is in its training loop (long past DeepSpeed's JIT build) and has
     logged step `kill_step` (after the save before it: that tag is complete); returns its last step."""
     from ztsnr_ds.trainer import READY_LINE
 
-    log, deadline = output_dir.with_suffix(".log"), time.monotonic() + timeout
+    log, deadline = output_dir.with_suffix(".log"), time.monotonic() + (timeout or float("inf"))
     while proc.poll() is None and time.monotonic() < deadline:
         if READY_LINE in log.read_text() and max(step_losses(output_dir), default=0) >= kill_step:
             proc.kill()  # this pid only: no handler runs, nothing is saved
@@ -154,13 +158,14 @@ def check_resume(ctx: Context) -> tuple[str, dict]:
     n_steps, _, kill_step = ctx.args.resume
     first = start_train(ctx, config, straight)  # both at once: the machine has cores to spare
     victim = start_train(ctx, config, killed)
-    killed_at = kill_in_loop(victim, killed, kill_step, timeout=600)
-    finish(first, straight, timeout=600)
+    limit = None if ctx.dry else 600.0  # the suite runs the dry run: no clock (a loaded machine is slower)
+    killed_at = kill_in_loop(victim, killed, kill_step, limit)
+    finish(first, straight, limit)
     tags = [t.name for t in checkpoint.complete_tags(killed / "checkpoints")]
     if not tags:
         raise CheckFailed(f"no complete checkpoint after the kill at step {killed_at}")
     resumed_from = checkpoint.read_state(killed / "checkpoints" / tags[-1])[checkpoint.STEP]
-    finish(start_train(ctx, config, killed), killed, timeout=600)  # resume: auto, from tags[-1]
+    finish(start_train(ctx, config, killed), killed, limit)  # resume: auto, from tags[-1]
     a, b = step_losses(straight), step_losses(killed)
     steps = range(1, n_steps + 1)
     differ = [(s, a.get(s), b.get(s)) for s in steps if a.get(s) is None or a.get(s) != b.get(s)]
@@ -231,54 +236,31 @@ def check_optimizer(ctx: Context) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------- the SDXL step
 
 
-def sdxl_folder(root: Path, unet_config: dict, device) -> Path:
-    """A diffusers SDXL folder around a randomly initialised UNet of `unet_config` (made on `device`, bf16)
-    with frozen parts as wide as it needs: text 2048 = 768 + 1280, pooled 1280 for the real SDXL."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from ztsnr_ds.models import write_tiny_sdxl
-
-    pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
-    folder = write_tiny_sdxl(root, text_hidden=(unet_config["cross_attention_dim"] - pooled, pooled))
-    with torch.device(device):
-        unet = UNet2DConditionModel.from_config(unet_config)
-    unet.to("cpu", torch.bfloat16).save_pretrained(folder / "unet")
-    return folder
-
-
 def sdxl_trainer(ctx: Context, name: str, *overrides: str):
-    """A Trainer on check 3's model folder and latent cache, built through config.parse like train.py."""
+    """A Trainer on check 3's model folder and latent cache, built through config.parse like train.py;
+    without the EMA unless `overrides` turn it on (check 6)."""
     from ztsnr_ds.config import parse
     from ztsnr_ds.engine import init_distributed
     from ztsnr_ds.trainer import Trainer
 
-    s = ctx.shared
+    model, cache = (ctx.shared.get(key, ctx.work / f"ema_{key}") for key in ("model", "cache"))
     base = ROOT / "configs" / ("demo.yaml" if ctx.dry else "sdxl_ztsnr.yaml")
-    argv = ["--config", str(base), "--model.pretrained", str(s["model"]), "--data.source", str(s["cache"]),
-            "--data.cache_dir", str(s["cache"]), "--trainer.output_dir", str(ctx.work / name),
+    argv = ["--config", str(base), "--model.pretrained", str(model), "--data.source", str(cache),
+            "--data.cache_dir", str(cache), "--trainer.output_dir", str(ctx.work / name),
             "--trainer.micro_batch", "1", "--validation.every", "0", "--validation.holdout", "0",
             "--validation.loss_every", "0", "--logging.tensorboard", "false",
             "--logging.progress", "false", "--model.gradient_checkpointing", "false",
             "--noise.base_area", str(ctx.args.side**2),
+            "--ema.posthoc", "false", "--ema.enabled", "false",  # 12 B/param of tracks would distort check 3
             "--deepspeed_config", str(ROOT / "ds_configs" / "zero2_bf16.json"), *overrides]
     cfg, config_dict = parse(argv)
     return Trainer(cfg, config_dict, init_distributed())
 
 
-def free_memory() -> None:
-    """Collect what a released Trainer held and give the GPU memory back to the allocator."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def replace_trainer(ctx: Context, name: str, *overrides: str):
     """Drop the current Trainer (after an OOM or an error its ZeRO buffers may be half filled), build anew."""
+    from launch.benches import free_memory
+
     old = ctx.shared.pop("trainer", None)
     if old is not None:
         old.engine.destroy()
@@ -286,12 +268,6 @@ def replace_trainer(ctx: Context, name: str, *overrides: str):
         free_memory()
     ctx.shared["trainer"] = sdxl_trainer(ctx, name, *overrides)
     return ctx.shared["trainer"]
-
-
-def peak_gib(device) -> float | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 def measure(ctx: Context, trainer, batch: int, label: dict) -> dict:
@@ -303,7 +279,7 @@ def measure(ctx: Context, trainer, batch: int, label: dict) -> dict:
 
     import torch
 
-    from launch.benches import synchronize
+    from launch.benches import peak_gib, synchronize
 
     bucket = next(iter(trainer.cache.buckets))
     same = itertools.repeat((bucket, trainer.cache.buckets[bucket][:batch]))
@@ -338,58 +314,40 @@ def guarded(ctx: Context, trainer, batch: int, label: dict, name: str, *override
     return row, replace_trainer(ctx, name, *overrides)
 
 
-def flop_per_sample(unet_config: dict, side: int) -> float:
-    """Model FLOP of one sample's UNet forward + backward at side x side pixels, as torch counts them
-    (matmuls, convolutions, attention), on the meta device: shapes only, no memory, no compute. For
-    configs/sdxl_unet/config.json at 1024^2 this gives DESIGN.md's 20.2e12."""
-    import torch
-    from diffusers import UNet2DConditionModel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from ztsnr_ds.kernels import set_attention
-
-    pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_config)
-        set_attention(unet, "sdpa")
-        x, t = torch.randn(1, 4, side // 8, side // 8), torch.rand(1)
-        cond = dict(encoder_hidden_states=torch.randn(1, 77, unet_config["cross_attention_dim"]),
-                    added_cond_kwargs={"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)})
-        with FlopCounterMode(display=False) as counter:
-            unet(x, t, **cond).sample.float().pow(2).mean().backward()
-    return counter.get_total_flops()
-
-
-def live_bytes_per_param(trainer) -> dict[str, float]:
-    """Bytes per UNet parameter of every live tensor at the end of an optimizer step, by role."""
-    from launch.benches.memory import held_tensor_bytes
-
-    held: dict[str, int] = {}
-    hook = trainer.optimizer.register_step_post_hook(
-        lambda *_: held.update(held_tensor_bytes(trainer.engine, trainer.optimizer)))
-    bucket = next(iter(trainer.cache.buckets))
-    trainer.train_step(iter([(bucket, trainer.cache.buckets[bucket][:1])]))
-    hook.remove()
-    n = sum(p.numel() for p in trainer.engine.module.parameters())
-    return {role: round(b / n, 2) for role, b in held.items()} | {"all": round(sum(held.values()) / n, 2)}
-
-
 def sdxl_inputs(ctx: Context) -> None:
     """The model folder, a latent cache of --side^2 latents and the measured matmul peak (ctx.shared)."""
-    from launch.benches.data import synthetic_latent_cache
-    from launch.benches.mfu import matmul_peak
+    from launch.benches.data import sdxl_folder, synthetic_latent_cache
+    from launch.benches.mfu import flop_per_sample, matmul_peak
     from ztsnr_ds.models import TINY_UNET_CONFIG
 
     config_file = ROOT / "configs" / "sdxl_unet" / "config.json"
     unet_config = dict(TINY_UNET_CONFIG) if ctx.dry else json.loads(config_file.read_text())
     ctx.shared["model"] = sdxl_folder(ctx.work / "sdxl_model", unet_config, ctx.device)
+    check_disk(ctx, ctx.shared["model"])
     ctx.shared["cache"] = ctx.work / "sdxl_cache"
     synthetic_latent_cache(ctx.shared["cache"], max(ctx.args.batches), ctx.args.side, shard_mb=64.0)
     ctx.shared["peak"] = matmul_peak(ctx.device, 256 if ctx.dry else 8192)
     ctx.shared["flop"] = flop_per_sample(unet_config, ctx.args.side)  # MFU's numerator
 
 
+def check_disk(ctx: Context, model: Path) -> None:
+    """Refuse before the big writes if --out lacks room for what checks 3 and 5 write after the model
+    folder: check 3's checkpoint (integrity.BYTES_PER_PARAM, no EMA) and the two exports (bf16 UNet and a
+    copy of the frozen parts each)."""
+    from ztsnr_ds import integrity
+
+    unet = integrity.dir_size(model / "unet")  # bf16: 2 B/param
+    need = unet // 2 * integrity.BYTES_PER_PARAM + 2 * integrity.dir_size(model)
+    free = integrity.free_bytes(ctx.work)
+    if free < need:
+        raise CheckFailed(f"{ctx.work} has {free / 2**30:.1f} GiB free; checks 3 and 5 write "
+                          f"~{need / 2**30:.1f} GiB more (checkpoint, single file, diffusers folder): "
+                          "point --out at a larger disk")
+
+
 def check_sdxl(ctx: Context) -> tuple[str, dict]:
+    from launch.benches.memory import live_bytes_per_param
+
     sdxl_inputs(ctx)
     trainer = replace_trainer(ctx, "sdxl")
     unet = trainer.engine.module
@@ -425,6 +383,7 @@ def check_sdxl(ctx: Context) -> tuple[str, dict]:
 
 
 def check_kernels(ctx: Context) -> tuple[str, dict]:
+    from launch.benches import free_memory
     from ztsnr_ds.kernels import set_attention
 
     trainer, batch, rows = ctx.shared["trainer"], ctx.args.kernel_batch, []
@@ -482,41 +441,59 @@ def check_export(ctx: Context) -> tuple[str, dict]:
             f"4 images of {side}x{side} sampled from the single file"), details
 
 
+def check_ema(ctx: Context) -> tuple[str, dict]:
+    """EMA and post-hoc tracks on the device, on a small UNet (4 steps): updates, a held-out loss of the
+    weights and of the EMA swapped in (`update_lp_params`), snapshots rebuilt by posthoc, swap-out exact."""
+    import math
+
+    import torch
+
+    from launch.benches.data import sdxl_folder, synthetic_latent_cache
+    from ztsnr_ds import ema, posthoc
+    from ztsnr_ds.models import TINY_UNET_CONFIG
+
+    model, cache, side = ctx.work / "ema_model", ctx.work / "ema_cache", 128
+    sdxl_folder(model, dict(TINY_UNET_CONFIG), ctx.device)
+    synthetic_latent_cache(cache, 8, side, shard_mb=64.0)
+    trainer = sdxl_trainer(ctx, "ema", "--model.pretrained", str(model), "--data.cache_dir", str(cache),
+                           "--data.source", str(cache), "--noise.base_area", str(side**2),
+                           "--trainer.max_steps", "4", "--trainer.save_every", "4", "--ema.enabled", "true",
+                           "--ema.posthoc", "true", "--ema.sigma_rels", "[0.05, 0.10]",
+                           "--ema.snapshot_every", "2", "--ema.snapshot_dtype", "fp32",
+                           "--validation.holdout", "2", "--validation.loss_every", "2")
+    trainer.train()
+    records = [json.loads(line) for line in (ctx.work / "ema" / "metrics.jsonl").read_text().splitlines()]
+    held = [(r["holdout/loss"], r.get("ema_holdout/loss", math.nan)) for r in records if "holdout/loss" in r]
+    if len(held) != 3 or not all(map(math.isfinite, sum(held, ()))):
+        raise CheckFailed(f"held-out losses (model, EMA) at steps 0, 2, 4: {held}")
+    params = list(trainer.engine.module.parameters())
+    before = [p.detach().clone() for p in params]
+    with trainer.ema.swapped_in():
+        inside = torch.cat([p.detach().flatten() for p in params])
+    track = torch.cat(trainer.ema.state[ema.MAIN_TRACK])[:inside.numel()].to(inside.dtype)
+    if not torch.equal(inside, track) or not all(torch.equal(b, p) for b, p in zip(before, params)):
+        raise CheckFailed("swapped_in did not give the EMA inside and the trained weights back after")
+    snapshots = posthoc.find_snapshots(ctx.work / "ema")
+    rebuilt, _ = posthoc.reconstruct(snapshots, 0.10, sources=[0.10])  # a tracked width: that track
+    tracked = ema.read_named(snapshots[-1].folder, ema.track_name(0.10))
+    gap = max(float((rebuilt[k] - v).abs().max()) for k, v in tracked.items())
+    if [s.step for s in snapshots] != [2, 4] or gap > 1e-6:
+        raise CheckFailed(f"snapshots {[s.step for s in snapshots]}, rebuilt sigma_rel 0.10 off by {gap}")
+    trainer.engine.destroy()
+    summary = (f"4 steps on {ctx.device}: held-out loss {held[-1][0]:.4f} (EMA {held[-1][1]:.4f}), swap-in "
+               f"exact, 2 snapshots, sigma_rel 0.10 rebuilt within {gap:.1e}")
+    return summary, {"holdout": held, "rebuilt_gap": gap}
+
+
 # ----------------------------------------------------------------------------- report
 
 CHECKS: tuple[tuple[int, str, Callable[[Context], tuple[str, dict]]], ...] = (
     (1, "resume", check_resume), (2, "optimizer", check_optimizer), (3, "sdxl", check_sdxl),
-    (4, "kernels", check_kernels), (5, "export", check_export))
-ROW_COLUMNS = ("checkpointing", "attention", "compile", "batch", "first_step_s", "ms_per_step",
-               "samples_per_s", "mfu", "peak_gib", "loss", "error")
-
-
-def markdown(report: dict) -> str:
-    """The report as Markdown: one table of checks, then each check's rows."""
-    header = f"`{report['command']}`  \n{report['machine']}; dry run: {report['dry_run']}"
-    lines = ["# GPU check", "", header, "", "| # | check | result | seconds | summary |",
-             "|---|---|---|---|---|"]
-    for c in report["checks"]:
-        result = "pass" if c["ok"] else "**FAIL**"
-        summary = c["summary"].replace("|", "/").replace("\n", " ")
-        lines.append(f"| {c['id']} | {c['name']} | {result} | {c['seconds']:.1f} | {summary} |")
-    for c in report["checks"]:
-        rows = c["details"].get("rows") if isinstance(c["details"], dict) else None
-        if rows:
-            columns = [k for k in ROW_COLUMNS if any(k in r for r in rows)]
-            lines += ["", f"## {c['id']} {c['name']}", "", "| " + " | ".join(columns) + " |",
-                      "|" + "---|" * len(columns)]
-            lines += ["| " + " | ".join(str(r.get(k, "")) for k in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def write_report(out: Path, report: dict) -> None:
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "gpu_check.md").write_text(markdown(report))
-
-
+    (4, "kernels", check_kernels), (5, "export", check_export), (6, "ema", check_ema))
 def run_checks(ctx: Context, report: dict) -> int:
     """Each selected check in order; the report is rewritten after each; stop at the first failure."""
+    from launch.benches.report import write_report
+
     for number, name, check in CHECKS:
         if number not in ctx.args.checks:
             continue
@@ -548,7 +525,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json, gpu_check.md, work/")
     p.add_argument("--dry-run", action="store_true", help="tiny sizes and few steps (CPU without a GPU)")
-    p.add_argument("--checks", type=lambda s: [int(c) for c in s.split(",")], default=[1, 2, 3, 4, 5],
+    p.add_argument("--checks", type=lambda s: [int(c) for c in s.split(",")], default=[1, 2, 3, 4, 5, 6],
                    help="which checks, e.g. 1,2 (4 and 5 need 3)")
     p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], help="check 3 batch sizes")
     p.add_argument("--side", type=int, help="image side in pixels (latents side/8)")
@@ -580,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from launch.benches import machine
+    from launch.benches.report import write_report
 
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(f"cuda:{max(args.local_rank, 0)}" if torch.cuda.is_available() else "cpu")

@@ -6,7 +6,8 @@
 The run must have trained with ema.enabled and ema.posthoc (snapshots in runs/x/ema_snapshots/). --out
 ending in .safetensors writes a UNet file (diffusers keys, the run's noise settings in its metadata) that
 launch/sample.py --model and the ComfyUI node read; a folder gets a diffusers export (with --base, a whole
-pipeline). The printed residual: how far the snapshots' profiles are from the asked one (ztsnr_ds/posthoc.py).
+pipeline). The printed residual: how far the snapshots' profiles are from the asked one (ztsnr_ds/posthoc.py);
+sum(x): the coefficients' sum (1 after normalising; the least-squares mass before it in brackets).
 Bad input names the flag and exits with status 2.
 """
 
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     gamma = power_gamma(args.sigma_rel)
     print(f"sigma_rel {args.sigma_rel:g} (gamma {gamma:.3f}) at step {trained.step} from "
           f"{len(solution.coefficients)} snapshot tracks ({len(snapshots)} snapshots); profile residual "
-          f"{solution.residual:.2e} -> {out}")
+          f"{solution.residual:.2e}, sum(x) {solution.coefficients.sum():.6f} "
+          f"(least squares {solution.mass:.6f}) -> {out}")
     return 0
 
 

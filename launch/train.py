@@ -30,16 +30,17 @@ def _exit_on_signal(signum: int, _frame) -> None:
 
 
 def start(cfg) -> None:
-    """Rank 0: hold output_dir's run lock, move the tags trainer.overwrite replaces aside."""
+    """Rank 0: hold output_dir's run lock, move the tags and snapshots trainer.overwrite replaces aside."""
     from ztsnr_ds import checkpoint, locks
 
     if os.environ.get("RANK", "0") != "0":
         return
     output_dir = Path(cfg.trainer.output_dir)
     locks.hold_run_lock(output_dir, RUN_LOCK_WAIT_S)  # the fd stays open (and locked) until exit
-    foreign = checkpoint.foreign_tags(output_dir, cfg.trainer.resume) if cfg.trainer.overwrite else []
-    if foreign:
-        print(f"trainer.overwrite: moved {', '.join(t.name for t in foreign)} to "
+    resume = cfg.trainer.resume
+    foreign = checkpoint.foreign_tags(output_dir, resume) + checkpoint.foreign_snapshots(output_dir, resume)
+    if foreign and cfg.trainer.overwrite:
+        print(f"trainer.overwrite: moved {checkpoint.folder_names(foreign)} to "
               f"{checkpoint.move_aside(output_dir, foreign)}", flush=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from ztsnr_ds.optim import AdamWSR
 ROOT = Path(__file__).resolve().parents[1]
 PURE = ROOT / "ds_configs" / "zero2_bf16.json"
 FP32_MASTER = ROOT / "ds_configs" / "zero2_bf16_fp32master.json"
+FP32 = ROOT / "ds_configs" / "zero2_fp32.json"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,7 +43,7 @@ def regression_batch(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def step(engine, x: torch.Tensor, y: torch.Tensor) -> float:
-    loss = (engine(x.to(torch.bfloat16)).float() - y).pow(2).mean()
+    loss = (engine(x.to(next(engine.module.parameters()).dtype)).float() - y).pow(2).mean()
     engine.backward(loss)
     engine.step()
     return loss.item()
@@ -145,14 +147,23 @@ def test_gradient_accumulation_runs_in_fp32_and_the_weights_stay_bf16():
     assert torch.isfinite(torch.tensor(float(engine.get_global_grad_norm())))
 
 
-def test_an_inf_gradient_with_a_finite_loss_is_skipped_and_counted():
-    """DeepSpeed's ZeRO-2 bf16 step (check_grad_overflow) skips a step whose gradient norm is not finite and
-    counts it in engine.skipped_steps, which the trainer logs and subtracts from the LR schedule's step."""
-    engine, _ = make_engine(PURE)
+@pytest.mark.parametrize("config_path, bad", [(PURE, math.inf), (FP32, math.inf), (FP32, math.nan)],
+                         ids=["bf16_inf", "fp32_inf", "fp32_nan"])
+def test_an_inf_gradient_with_a_finite_loss_is_skipped_and_counted(config_path, bad):
+    """DeepSpeed's ZeRO-2 step skips a step whose gradient norm is not finite and counts it in
+    engine.skipped_steps, which the trainer logs and subtracts from the LR schedule's step: with bf16
+    through check_grad_overflow, in fp32 (no bf16 section) through the gradient norm's own check (one
+    bad element is enough). preflight refuses the settings that turn both off."""
+    engine, _ = make_engine(config_path)
     x, y = regression_batch(4)
     before = [p.detach().clone() for p in engine.module.parameters()]
     first = next(engine.module.parameters())
-    hook = first.register_hook(lambda g: torch.full_like(g, float("inf")))  # the loss itself stays finite
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad.view(-1)[0] = bad
+        return grad
+    hook = first.register_hook(poison)  # the loss itself stays finite
     assert torch.isfinite(torch.tensor(step(engine, x, y)))
     hook.remove()
     assert engine.skipped_steps == 1

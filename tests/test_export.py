@@ -252,7 +252,7 @@ def test_cli_diffusers_export_loads_with_from_pretrained(run_dir, reference, tmp
         "--out",
         str(out),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     with safe_open(str(out / "unet" / UNET_WEIGHTS), "pt") as f:
         assert f.get_tensor("conv_in.weight").dtype == torch.bfloat16  # --dtype default
@@ -331,6 +331,20 @@ def test_pipeline_export_samples_like_sample_py(run_dir, tiny_sdxl, tmp_path, sa
     # diffusers' Euler steps x + d * dt in fp32 from sigma_max (tests/test_sampling.py: 5.5e-3 from fp64
     # at 4 trailing steps, CFG 5, rescale 0.7); ours is within 9e-6 of fp64.
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1.5e-2)
+
+
+def test_pipeline_export_of_a_private_base_is_readable(run_dir, tiny_sdxl, tmp_path):
+    """A base whose folders are 0700 and files 0600 (one user's private copy): the exported pipeline gets
+    new modes (0777 / 0666 less the umask), so a client running as another user can read every part."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_sdxl, base)
+    for path in [base, *base.rglob("*")]:
+        path.chmod(0o700 if path.is_dir() else 0o600)
+    out = export_diffusers(load_checkpoint(run_dir), tmp_path / "pipe", base=base)
+    mask = current_umask()
+    assert {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_dir()} == {0o777 & ~mask}
+    assert {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()} == {0o666 & ~mask}
+    assert {p.relative_to(out) for p in out.rglob("*") if p.parent == out} >= {Path("vae"), Path("tokenizer")}
 
 
 def test_single_file_loads_in_diffusers_with_its_scheduler(single_file, reference, tiny_sdxl):

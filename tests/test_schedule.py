@@ -248,3 +248,27 @@ def test_timestep_terminal_and_off_modes():
     rescale = NoiseSchedule("rescale")
     t = rescale.timestep(rescale.scaled_table(2048, 2048).float())
     assert t[999] == 999 and (t[:999].diff() > 0).all()
+
+
+def clients_rescale(sigmas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. Alg. 1 in sigma form as the clients do it (`rescale_zero_terminal_snr_sigmas`): sqrt(abar)
+    shifted to 0 at the end and scaled back at the start; the last abar := 4.8973451890853435e-8."""
+    root = (1 / (sigmas * sigmas + 1)).sqrt()
+    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    abar = root**2
+    abar[-1] = 4.8973451890853435e-08
+    return ((1 - abar) / abar).sqrt()
+
+
+def test_rescaling_lins_table_again_moves_44_levels():
+    """docs/reforge.md: a `ztsnr` file gives Lin's table (our `rescale` below t = 999), and reForge
+    rescales it again before each generation: 44 levels (t = 955..998) move by more than 1%, sigma at
+    t = 998 goes from 2254 to 4497."""
+    lin = clients_rescale(NoiseSchedule("off").table.double())
+    ours = NoiseSchedule("rescale").table.double()
+    torch.testing.assert_close(lin[:999], ours[:999], rtol=1e-9, atol=0)
+    twice = clients_rescale(lin)
+    moved = torch.nonzero((twice - lin).abs() / lin > 0.01).flatten().tolist()
+    assert moved == list(range(955, 999))
+    assert lin[998].item() == pytest.approx(2254.24, abs=0.01)
+    assert twice[998].item() == pytest.approx(4497.24, abs=0.01)

@@ -189,7 +189,7 @@ def test_sigterm_saves_and_exits_cleanly(run_config, tmp_path):
     while proc.poll() is None and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate()
     out = "".join(lines) + out
     assert proc.returncode == 0, out[-3000:]
     tags = checkpoint.complete_tags(tmp_path / "checkpoints")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ztsnr_ds import integrity, safe_load
+from ztsnr_ds.ema import SNAPSHOT_DIR
 from ztsnr_ds.engine import any_rank, wait_group
 
 STATE_FILE = "ztsnr_state.json"
@@ -139,23 +140,42 @@ def foreign_tags(output_dir: Path, resume: str) -> list[Path]:
     resume none: every tag; a tag folder inside output_dir: the newer ones; a tag elsewhere:
     every tag of output_dir; auto: none (it continues the newest complete one).
     """
-    checkpoint_dir = Path(output_dir) / "checkpoints"
-    if resume == "auto" or not checkpoint_dir.is_dir():
+    return _not_continued(Path(output_dir) / "checkpoints", output_dir, resume)
+
+
+def foreign_snapshots(output_dir: Path, resume: str) -> list[Path]:
+    """Post-hoc EMA snapshots (<output_dir>/ema_snapshots/step<N>/) of the branch `foreign_tags` leaves:
+    the same rule on the step in the folder name. Left in place, posthoc_ema.py would combine two runs
+    (and by default rebuild at the abandoned branch's last snapshot)."""
+    return _not_continued(Path(output_dir) / SNAPSHOT_DIR, output_dir, resume)
+
+
+def _not_continued(folder: Path, output_dir: Path, resume: str) -> list[Path]:
+    """The step<N> folders of `folder` (tags or snapshots) that a run with this trainer.resume drops."""
+    if resume == "auto" or not folder.is_dir():
         return []
-    tags = sorted(p for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
+    found = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
     source = Path(resume)
-    if resume != "none" and source.parent.resolve() == checkpoint_dir.resolve():
-        return [t for t in tags if t.name > source.name]
-    return tags
+    if resume != "none" and source.parent.resolve() == (Path(output_dir) / "checkpoints").resolve():
+        return [p for p in found if p.name > source.name]
+    return found
 
 
-def move_aside(output_dir: Path, tags: list[Path]) -> Path:
-    """Move `tags` (and `latest`) to output_dir/replaced/<UTC time>/; returns that folder."""
+def folder_names(paths: list[Path]) -> str:
+    """"checkpoints/step00000010, ema_snapshots/step00000010": the folders as a message names them."""
+    return ", ".join(f"{p.parent.name}/{p.name}" for p in paths)
+
+
+def move_aside(output_dir: Path, paths: list[Path]) -> Path:
+    """Move tags (and `latest`) to output_dir/replaced/<UTC time>/, and snapshots to its ema_snapshots/;
+    returns that folder."""
     dest = Path(output_dir) / "replaced" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     dest.mkdir(parents=True, exist_ok=True)
     latest = Path(output_dir) / "checkpoints" / LATEST_FILE
-    for path in [*tags, latest] if latest.is_file() else tags:
-        os.replace(path, dest / path.name)
+    for path in [*paths, latest] if latest.is_file() else paths:
+        target = dest / SNAPSHOT_DIR if path.parent.name == SNAPSHOT_DIR else dest
+        target.mkdir(exist_ok=True)
+        os.replace(path, target / path.name)
     return dest
 
 

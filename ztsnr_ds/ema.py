@@ -47,7 +47,7 @@ EMA_DIR = "ema"
 SNAPSHOT_DIR = "ema_snapshots"
 MAIN_TRACK = "ema"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-CHUNK = 1 << 24  # elements per update chunk: bounds the fp32 temporaries of a bf16 track
+CHUNK = 1 << 24  # elements per update chunk: bounds the fp32 temporaries (bf16 masters or a bf16 track)
 
 
 class EMAError(RuntimeError):
@@ -266,12 +266,13 @@ class ShardedEMA:
         for name, slices in self.state.items():
             weight = 1.0 - self.decay(name)
             for g, (ema, master) in enumerate(zip(slices, self.masters)):
-                if ema.dtype == torch.float32:
-                    ema.lerp_(master.float(), weight)  # ema + weight * (master - ema), in place
-                    continue
-                for lo in range(0, ema.numel(), CHUNK):  # bf16: fp32 math per chunk, stochastic rounding
-                    e32 = ema[lo: lo + CHUNK].float().lerp_(master[lo: lo + CHUNK].float(), weight)
-                    copy_stochastic_(ema[lo: lo + CHUNK], e32, self._rounding_key(name, g, lo))
+                for lo in range(0, ema.numel(), CHUNK):  # fp32 math per chunk: bounded temporaries
+                    part, target = master[lo: lo + CHUNK].float(), ema[lo: lo + CHUNK]
+                    if ema.dtype == torch.float32:
+                        target.lerp_(part, weight)  # ema + weight * (master - ema), in place
+                    else:  # bf16: stochastic rounding of the fp32 result
+                        key = self._rounding_key(name, g, lo)
+                        copy_stochastic_(target, target.float().lerp_(part, weight), key)
         self.updates += 1
 
     def _rounding_key(self, track: str, group: int, offset: int) -> int:

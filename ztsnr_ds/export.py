@@ -231,6 +231,18 @@ def export_metadata(trained: TrainedUNet, title: str | None = None) -> dict[str,
     }
 
 
+def copy_tree_new_modes(src: Path, dst: Path) -> None:
+    """Copy a folder tree with the modes new files and folders get (0666 / 0777 less the umask), not the
+    source's: a base kept 0700 must not make the export unreadable to a client running as another user
+    (shutil.copytree copies folder modes even with copy_function=copyfile). Symlinks are followed (HF
+    cache snapshots link to blobs)."""
+    for root, _, files in os.walk(src, followlinks=True):
+        target = dst / Path(root).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            shutil.copyfile(Path(root) / name, target / name)
+
+
 def export_diffusers(trained: TrainedUNet, out: str | Path, title: str | None = None,
                      base: str | Path | None = None) -> Path:
     """Write out/unet (config.json + safetensors), out/scheduler (ZTSNR Euler, v-pred), out/README.md and,
@@ -252,12 +264,12 @@ def export_diffusers(trained: TrainedUNet, out: str | Path, title: str | None = 
             save_frozen(load_frozen(base, next(iter(trained.state_dict.values())).dtype), tmp)
             index = pipeline_index(SDXL_MODEL_INDEX, trained)
         elif base is not None:
-            for part in FROZEN_PARTS:  # copyfile: new files get 0666 less the umask, not the base's modes
-                shutil.copytree(base / part, tmp / part, copy_function=shutil.copyfile)
+            for part in FROZEN_PARTS:
+                copy_tree_new_modes(base / part, tmp / part)
             index = pipeline_index(json.loads((base / "model_index.json").read_text()), trained)
         if base is not None:
             checkpoint.write_atomic(tmp / "model_index.json", json.dumps(index, indent=2))
-        write_encoders(trained, tmp, base)
+        write_encoders(trained, tmp, tmp if base is not None else None)  # configs: the base's parts copied
         if out.exists():  # an earlier export: swapped out only now that the new one is whole
             os.replace(out, old := out.with_name(f"{out.name}.old{os.getpid()}"))
             shutil.rmtree(old)
@@ -326,8 +338,9 @@ def single_file_state(trained: TrainedUNet, parts: FrozenParts,
                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """All SDXL weights in SGM keys, plus the empty `v_pred` marker and, for `rescale` only, `ztsnr`.
 
-    ComfyUI, Forge, reForge and A1111 read `ztsnr` as "rebuild Lin et al.'s rescaled table" (top sigma
-    4518.76 before the terminal step); only a `rescale` model was trained on that table. A `terminal`
+    ComfyUI, Forge and A1111 read `ztsnr` as "rebuild Lin et al.'s rescaled table" (top sigma 4518.76
+    before the terminal step); only a `rescale` model was trained on that table. reForge builds it and
+    then rescales it again before each generation (docs/reforge.md: drop the key there). A `terminal`
     model would be told other timesteps than training used at nearly every step, so it carries no
     `ztsnr` marker; the metadata (`ztsnr_ds.ztsnr`, `sigma_max`, `base_area`) records its table.
     """
@@ -426,7 +439,8 @@ image = pipe(prompt, sigmas=sigmas, height=height, width=width, guidance_scale=5
 
 ztsnr_ds' own Euler sampler (`ztsnr_ds.sampling`) takes the same sigmas. A single-file export of this
 checkpoint carries the `v_pred` marker that ComfyUI, A1111 and Forge read to pick v-prediction{
-    ", and `ztsnr`, which makes them rebuild this (Lin et al.'s rescaled) table" if s.mode == "rescale" else
+    ", and `ztsnr`, which makes them rebuild this (Lin et al.'s rescaled) table (not reForge, which "
+    "rescales it twice: see ztsnr_ds' docs/reforge.md)" if s.mode == "rescale" else
     "; it carries no `ztsnr` marker, because the clients read that as Lin et al.'s rescaled table, not `"
     + s.mode + "`"}.
 """

@@ -14,7 +14,11 @@ profile w_r (any gamma_r, any t_r) is approximated by sum_i x_i w_i in least squ
 and the same x combines the snapshots' weights. EDM2 solves it for the continuous profiles; here the inner
 products are the exact sums over the discrete updates (cumulative sums per pair of exponents, O(T)), so a
 target equal to a snapshot is reproduced exactly and early, coarse updates are counted as they happened.
-The residual ||sum_i x_i w_i - w_r|| / ||w_r|| says how well the snapshots cover the target.
+Every profile sums to 1 over tau, so the combined profile sums to sum_i x_i: the least-squares x is then
+divided by its sum (EDM2's `solve_posthoc_coefficients`, X / sum(X)). Without it every rebuilt weight,
+pretrained part included, is scaled by sum(x) (0.957 at sigma_rel 0.25 from EDM2's two widths), an error
+that dwarfs the EMA's own move in a fine-tune. The residual ||sum_i x_i w_i - w_r|| / ||w_r|| (of the
+normalised x) says how well the snapshots cover the target; `mass` is the sum before normalising.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ def contributions(gamma: float, horizon: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Solution:
-    coefficients: np.ndarray  # x_i, one per snapshot
+    coefficients: np.ndarray  # x_i, one per snapshot, summing to 1
     residual: float  # ||sum x_i w_i - w_r|| / ||w_r||
+    mass: float  # sum of the least-squares x before it was normalised to 1
 
 
 def solve(snapshots: list[tuple[int, float]], target: tuple[int, float]) -> Solution:
@@ -63,7 +68,7 @@ def solve(snapshots: list[tuple[int, float]], target: tuple[int, float]) -> Solu
 
     snapshots, target: (updates t, gamma). Profiles w_i(tau) = G_gamma(tau) * (T / t_i)^(gamma_i+1) for
     tau <= t_i, with G from `contributions` at horizon T = the largest t; rows are scaled to unit norm
-    before solving (early snapshots are tiny next to late ones).
+    before solving (early snapshots are tiny next to late ones); x is then divided by its sum.
     """
     horizon = max(t for t, _ in [*snapshots, target])
     points = [*snapshots, target]
@@ -82,8 +87,10 @@ def solve(snapshots: list[tuple[int, float]], target: tuple[int, float]) -> Solu
     unit = gram / np.outer(norm, norm)
     a, b = unit[:-1, :-1], unit[:-1, -1]
     x_unit = np.linalg.lstsq(a, b, rcond=1e-12)[0]
+    mass = float((x_unit * norm[-1] / norm[:-1]).sum())
+    x_unit = x_unit / mass  # sum_i x_i = 1: the combined profile weighs the updates with total 1
     residual = math.sqrt(max(0.0, 1.0 - 2.0 * x_unit @ b + x_unit @ a @ x_unit))
-    return Solution(x_unit * norm[-1] / norm[:-1], residual)
+    return Solution(x_unit * norm[-1] / norm[:-1], residual, mass)
 
 
 @dataclass(frozen=True)

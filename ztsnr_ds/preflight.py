@@ -46,6 +46,17 @@ def check_deepspeed_json(path: str, micro_batch: int, grad_accum: int) -> None:
     if stage not in ZERO_STAGES:
         raise ValueError(f"deepspeed_config: {path} sets zero_optimization.stage = {stage!r}; ztsnr_ds runs "
                          f"stages {', '.join(map(str, ZERO_STAGES))} (ds_configs/zero2_bf16.json uses 2)")
+    zero, bf16 = ds_config.get("zero_optimization", {}), ds_config.get("bf16", {})
+    if zero.get("parameter_alignment"):
+        raise ValueError(f"deepspeed_config: {path} sets zero_optimization.parameter_alignment = true: "
+                         "ZeRO then pads every parameter in the flat partition, and the EMA layout "
+                         "(ema.Layout: parameters end to end, as zero_to_fp32 reads them) would name shifted "
+                         "elements; remove it")
+    for key, value in (("zero_optimization.compute_grad_norm", zero.get("compute_grad_norm", True)),
+                       ("bf16.check_grad_overflow", bf16.get("check_grad_overflow", True))):
+        if value is False:  # DeepSpeed skips a non-finite step only through this norm / check
+            raise ValueError(f"deepspeed_config: {path} sets {key} = false: DeepSpeed would then apply "
+                             "inf/NaN gradients to the weights instead of skipping the step; remove it")
 
 
 def check_resume(output_dir: Path, resume: str, overwrite: bool) -> Path | None:
@@ -59,13 +70,14 @@ def check_resume(output_dir: Path, resume: str, overwrite: bool) -> Path | None:
         safe_load.check_files(sorted(tag.glob("*.pt")) if tag else [])  # reads pickle opcodes, runs nothing
     except safe_load.UnsafeCheckpoint as err:
         raise ValueError(f"trainer.resume = {resume}: {err}") from err
-    foreign = checkpoint.foreign_tags(output_dir, resume)
+    foreign = checkpoint.foreign_tags(output_dir, resume) + checkpoint.foreign_snapshots(output_dir, resume)
     if foreign and not overwrite:
         raise ValueError(
-            f"trainer.resume = {resume}, but trainer.output_dir {output_dir} already holds checkpoints this "
-            f"run would not continue ({', '.join(t.name for t in foreign)}); a later resume or export "
-            "could pick those up. Use a new trainer.output_dir, --trainer.resume auto to continue the "
-            "newest one, or --trainer.overwrite true to move them to <output_dir>/replaced/")
+            f"trainer.resume = {resume}, but trainer.output_dir {output_dir} already holds checkpoints or "
+            f"post-hoc EMA snapshots this run would not continue ({checkpoint.folder_names(foreign)}); a "
+            "later resume, export or posthoc_ema.py could pick those up. Use a new trainer.output_dir, "
+            "--trainer.resume auto to continue the newest one, or --trainer.overwrite true to move them to "
+            "<output_dir>/replaced/")
     return tag
 
 

@@ -237,9 +237,9 @@ class Trainer:
         Each sample weighs 1 / (samples of all ranks in this optimizer step), C, which every rank reads
         from the sampler's plan. DeepSpeed divides by grad_accum and averages over W ranks, so a rank's
         micro-batch loss is sum(per-sample) * W * grad_accum / C: the gradient of the global mean.
-        A micro-batch whose loss is non-finite on any rank is dropped on all ranks before backward
-        (an inf gradient from a finite loss is DeepSpeed's to skip), and the next one takes its place
-        (C counts the planned micro-batches: the step's weighting is off by the swapped sizes, see README).
+        A micro-batch whose loss is non-finite on any rank is dropped on all ranks before backward (an inf
+        gradient from a finite loss is DeepSpeed's to skip), its graph freed, and the next one takes its
+        place (C counts the planned micro-batches: the weighting is off by the swapped sizes, see README).
         """
         accum = self.cfg.trainer.grad_accum
         scale = self.dist.world_size * accum / self.sampler.upcoming_samples(accum)
@@ -253,8 +253,8 @@ class Trainer:
             torch.distributed.all_reduce(flags)  # sums over ranks: loss, non-finite ranks, samples
             total, nonfinite, count = flags.tolist()  # host sync: every rank must agree before backward
             if nonfinite:
-                consecutive += 1
-                self.nonfinite_total += 1
+                del per_sample, sigma, loss  # the skipped graph's activations: not alive in the next forward
+                consecutive, self.nonfinite_total = consecutive + 1, self.nonfinite_total + 1
                 if self.dist.is_main:
                     tqdm.write(f"step {self.step}: non-finite loss on {int(nonfinite)} rank(s), "
                                f"micro-batch skipped ({self.nonfinite_total} so far)")

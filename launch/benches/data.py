@@ -59,6 +59,22 @@ def synthetic_latent_cache(root: Path, n: int, side: int, shard_mb: float) -> No
     merge_parts(CacheConfig(source=str(root / "images"), cache_dir=str(root), shard_max_mb=shard_mb), 1)
 
 
+def sdxl_folder(root: Path, unet_config: dict, device) -> Path:
+    """A diffusers SDXL folder around a randomly initialised UNet of `unet_config` (made on `device`, bf16)
+    with frozen parts as wide as it needs: text 2048 = 768 + 1280, pooled 1280 for the real SDXL."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from ztsnr_ds.models import write_tiny_sdxl
+
+    pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+    folder = write_tiny_sdxl(root, text_hidden=(unet_config["cross_attention_dim"] - pooled, pooled))
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    unet.to("cpu", torch.bfloat16).save_pretrained(folder / "unet")
+    return folder
+
+
 def captions_pool(count: int = 997, vocabulary: int = 2000) -> list[bytes]:
     rng = np.random.default_rng(0)
     return [", ".join(f"tag_{t}" for t in rng.choice(vocabulary, TAGS_PER_CAPTION, replace=False)).encode()

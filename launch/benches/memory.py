@@ -221,3 +221,15 @@ def ema_table(args: argparse.Namespace) -> None:
     for dtype, size in (("fp32", 4), ("bf16", 2)):
         cells = [" / ".join(f"{r[dtype]:.3f}" for r in rows) for rows in results.values()]
         print(f"| {dtype} | " + " | ".join(cells) + f" | {size}/N |")
+
+
+def live_bytes_per_param(trainer) -> dict[str, float]:
+    """Bytes per UNet parameter of every live tensor at the end of an optimizer step, by role."""
+    held: dict[str, int] = {}
+    hook = trainer.optimizer.register_step_post_hook(
+        lambda *_: held.update(held_tensor_bytes(trainer.engine, trainer.optimizer)))
+    bucket = next(iter(trainer.cache.buckets))
+    trainer.train_step(iter([(bucket, trainer.cache.buckets[bucket][:1])]))
+    hook.remove()
+    n = sum(p.numel() for p in trainer.engine.module.parameters())
+    return {role: round(b / n, 2) for role, b in held.items()} | {"all": round(sum(held.values()) / n, 2)}

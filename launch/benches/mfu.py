@@ -113,3 +113,25 @@ def bench_mfu(args: argparse.Namespace) -> None:
         print(f"| {checkpointing} | {1e3 * seconds:.0f} | {rate:.2f} | {flop / 1e12:.2f} | "
               f"{rate * flop / 1e12:.1f} | {rate * flop / peak:.1%} | "
               f"{rate * SDXL_FLOP_PER_SAMPLE / peak:.1%} | {memory:.1f} |")
+
+
+def flop_per_sample(unet_config: dict, side: int) -> float:
+    """Model FLOP of one sample's UNet forward + backward at side x side pixels, as torch counts them
+    (matmuls, convolutions, attention), on the meta device: shapes only, no memory, no compute. For
+    configs/sdxl_unet/config.json at 1024^2 this gives DESIGN.md's 20.2e12."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ztsnr_ds.kernels import set_attention
+
+    pooled = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        set_attention(unet, "sdpa")
+        x, t = torch.randn(1, 4, side // 8, side // 8), torch.rand(1)
+        cond = dict(encoder_hidden_states=torch.randn(1, 77, unet_config["cross_attention_dim"]),
+                    added_cond_kwargs={"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)})
+        with FlopCounterMode(display=False) as counter:
+            unet(x, t, **cond).sample.float().pow(2).mean().backward()
+    return counter.get_total_flops()

@@ -10,12 +10,17 @@ computed in numpy on every rank alike:
      rank r taking the r-th (a tail of 3 on 2 ranks: 2 + 1). Global batches smaller than W cannot give
      every rank a sample: they are cut together, in order, into steps of exactly W ids, one per rank, so
      ranks train on different buckets in the same step (ZeRO-2 needs one shape only inside a
-     micro-batch); the < W ids left over join the step with the most spare room (`_join_small`).
-Every id is in exactly one micro-batch per epoch, every rank has a non-empty micro-batch in every step,
-all ranks make the same number of steps, and no micro-batch holds more than its bucket's m_b ids unless
-no step has room for the leftover (m_b = 1 and N not a multiple of W: then a few ranks take one more,
-in one step). Steps 1 and 2 do not depend on how G_b is split into micro_batch x W, so 1 rank x micro 4
-and 2 ranks x micro 2 train on the same ids in every step except those holding tails smaller than W.
+     micro-batch). The L < W ids left over join the step whose micro-batches have the most room for them
+     (`_host`); where none has room they take W - L ids from the end of the largest one-bucket step that
+     keeps >= W (`_donor`) and make one more step of W, one id per rank, placed after it (`_join_small`).
+Every rank has a non-empty micro-batch in every step, all ranks make the same number of steps, and no
+micro-batch ever holds more than its bucket's m_b ids (trainer.micro_batch is sized to the memory, and a
+deterministic plan would repeat an out-of-memory step on resume). Every id is in exactly one micro-batch
+per epoch, except when no step can host or donate (every one-bucket step has < 2W - L ids; e.g.
+micro_batch 1 and N not a multiple of W): then those L < W ids sit this epoch out (other ids each epoch,
+as the plan is reshuffled), and the start-up summary counts them as unused. Steps 1 and 2 do not depend on how
+G_b is split into micro_batch x W, so 1 rank x micro 4 and 2 ranks x micro 2 train on the same ids in
+every step except those holding tails smaller than W and the host or donor of their leftover.
 
 With source repeats (``repeats``, data/repeats.py) each epoch's bucket contents are its use ids, row ids
 with a repeated image's further uses as row + copy * rows, drawn before step 1; without, the row ids.
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -141,14 +147,16 @@ def _join_small(bucket: np.ndarray, start: np.ndarray, size: np.ndarray, caps: n
                 world_size: int) -> tuple[np.ndarray, ...]:
     """Steps of >= W ids from the global batches (in order): every batch of >= W ids is a step; the
     batches smaller than W (tails, at most one per bucket) are cut, in order, into steps of exactly W
-    ids (one id per rank, so no micro-batch grows), each placed where its first tail was; the < W ids
-    left over join the step chosen by `_host`. Returns the pieces in step order and their step index.
+    ids (one id per rank, so no micro-batch grows), each placed where its first tail was; the L < W ids
+    left over join a step with room for them (`_host`), else get W - L ids of a `_donor` step and follow
+    it as one more step of W, else wait for another epoch. Returns the pieces in step order and their step
+    index.
     Shape: 4 x (P,)."""
     small = np.flatnonzero(size < world_size)
     if not len(small):
         return bucket, start, size, np.arange(len(size))
-    steps: dict[int, list[Piece]] = {int(i): [(int(bucket[i]), int(start[i]), int(size[i]))]
-                                     for i in np.flatnonzero(size >= world_size)}
+    steps: dict[float, list[Piece]] = {int(i): [(int(bucket[i]), int(start[i]), int(size[i]))]
+                                       for i in np.flatnonzero(size >= world_size)}
     group: list[Piece] = []
     need, at = world_size, 0
     for i in small:  # Python over the tails only
@@ -160,26 +168,38 @@ def _join_small(bucket: np.ndarray, start: np.ndarray, size: np.ndarray, caps: n
             first, left, need = first + take, left - take, need - take
             if not need:
                 steps[at], group, need = group, [], world_size
-    if group:
-        steps[_host(steps, group, caps, world_size)] += group
+    host = _host(steps, group, caps, world_size) if group else None
+    donor = _donor(steps, need, world_size) if group and host is None else None
+    if host is not None:
+        steps[host] += group
+    elif donor is not None:  # the donor keeps size - need >= W ids: its micro-batches only shrink
+        ((b, first, n),) = steps[donor]
+        steps[donor] = [(b, first, n - need)]
+        steps[donor + 0.5] = [(b, first + n - need, need), *group]
     ordered = [piece for key in sorted(steps) for piece in steps[key]]
     step = np.repeat(np.arange(len(steps)), [len(steps[key]) for key in sorted(steps)])
     return (*np.array(ordered, dtype=np.int64).reshape(-1, 3).T, step)
 
 
-def _host(steps: dict[int, list[Piece]], leftover: list[Piece], caps: np.ndarray, world_size: int) -> int:
-    """The step that takes the leftover tails: among steps with room for their pieces (pieces <= W),
-    the one with the most spare micro-batches, W - sum ceil(size / cap), then the fewest ids, then the
-    last. Micro-batches grow past their bucket's micro-batch only where no step has spare room: with
-    micro_batch 1 and N not a multiple of W that is unavoidable."""
-    def spare(pieces: list[Piece]) -> int:
-        return world_size - sum(-(-s // int(caps[b])) for b, _, s in pieces)
+def _donor(steps: dict[float, list[Piece]], need: int, world_size: int) -> int | None:
+    """The one-bucket step that can give `need` ids and keep >= W: the largest, then the last; None if
+    there is none (every step holds < W + need ids)."""
+    sizes = [(pieces[0][2], key) for key, pieces in steps.items() if len(pieces) == 1]
+    best = max(sizes, default=(0, None))
+    return best[1] if best[0] >= world_size + need else None
 
-    fits = [key for key, pieces in steps.items() if len(pieces) + len(leftover) <= world_size]
-    if not fits:
-        raise ValueError(f"no step has room for the {len(leftover)} leftover tails on {world_size} ranks; "
-                         "use fewer ranks or add images to the small buckets")
-    return max(fits, key=lambda key: (spare(steps[key]), -sum(s for _, _, s in steps[key]), key))
+
+def _host(steps: dict[float, list[Piece]], leftover: list[Piece], caps: np.ndarray,
+          world_size: int) -> float | None:
+    """A step whose W micro-batches can hold the leftover pieces too with none over its bucket's micro-batch
+    (sum of ceil(size / m_b) over all pieces <= W): the one with the most spare micro-batches, then the
+    fewest ids, then the last; None if no step has the room."""
+    def spare(pieces: list[Piece]) -> int:
+        return world_size - sum(-(-s // int(caps[b])) for b, _, s in pieces + leftover)
+
+    fits = [key for key, pieces in steps.items() if spare(pieces) >= 0]
+    return max(fits, key=lambda key: (spare(steps[key]), -sum(s for _, _, s in steps[key]), key),
+               default=None)
 
 
 def _split_steps(size: np.ndarray, bucket: np.ndarray, step: np.ndarray, caps: np.ndarray,
@@ -200,9 +220,10 @@ def _split_steps(size: np.ndarray, bucket: np.ndarray, step: np.ndarray, caps: n
 
 def _split_pieces(size: np.ndarray, bucket: np.ndarray, caps: np.ndarray,
                   world_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """W micro-batches of a step of k <= W pieces (sum of sizes >= W): piece i gets n_i >= 1 of them,
-    each further one going to the piece whose micro-batches exceed its bucket's micro-batch the most
-    (then: the most ids per micro-batch), and is split near-equally. Shape: (k,) -> 2 x (W,)."""
+    """W micro-batches of a step of k <= W pieces (sum of sizes >= W): piece i gets n_i >= 1 of them, each
+    further one going to the piece most over its bucket's micro-batch (then: the most ids per micro-batch),
+    split near-equally. Where sum ceil(size / m_b) <= W (`_join_small` makes no other step) none ends over;
+    a step of exactly W ids gets one id per micro-batch. Shape: (k,) -> 2 x (W,)."""
     n, cap = np.ones(len(size), dtype=np.int64), caps[bucket]
     for _ in range(world_size - len(size)):
         over = np.where(n < size, -(-size // n) - cap, np.iinfo(np.int64).min)
@@ -397,6 +418,27 @@ class BucketBatchSampler:
         if not 0 <= position <= plan.steps:
             raise ValueError(f"cannot resume: position {position} outside [0, {plan.steps}]")
         self.position = position
+        if not same:
+            self._warn_inexact(state)
+
+    def _warn_inexact(self, state: dict[str, Any]) -> None:
+        """Warn with counts when the saved run's plan (its micro_batch, world size, base_area) had trained
+        other ids of this epoch than this plan puts before the resumed position (tails cut otherwise)."""
+        rng = np.random.default_rng(_epoch_seed(self.seed, self.epoch)) if self.shuffle else None
+        caps = bucket_micro_batches(self.keys, int(state["micro_batch"]), state["base_area"])
+        old = plan_epoch(self._buckets, caps, int(state["world_size"]), rng)
+        new = self.plan(self.epoch)
+        before_old = old.ids[:old.offsets[int(state["position"]) * old.world_size]]
+        cut = new.offsets[self.position * self.world_size]
+        repeated = len(np.intersect1d(before_old, new.ids[cut:]))
+        skipped = len(np.setdiff1d(new.ids[:cut], before_old))
+        if repeated or skipped:
+            warnings.warn(
+                f"resumed on {self.world_size} ranks x micro_batch {self.micro_batch} from a run of "
+                f"{state['world_size']} x {state['micro_batch']}: the plans cut this epoch's tails "
+                f"differently, so {repeated} samples trained before the checkpoint come again and {skipped} "
+                "are skipped until the next epoch (keep world size and micro_batch: an exact continuation)",
+                stacklevel=3)
 
     def _replan(self, state: dict[str, Any]) -> None:
         """Continue on the data as it is now (a grown or changed cache, other repeats): the saved seed, a
