@@ -74,6 +74,9 @@ class EMAConfig:
     """Steps between post-hoc snapshots (<output_dir>/ema_snapshots/step<N>/)."""
     snapshot_dtype: str = "bf16"
     """Precision of snapshot files: bf16 (half the disk) or fp32."""
+    discard_saved: bool = False
+    """Resume a tag whose EMA tracks this config does not keep (enabled or posthoc now false): drop them on
+    purpose. Without it such a resume is refused; with it, rotation keeps the last tag holding them."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decay < 1.0:

@@ -35,7 +35,7 @@ from ztsnr_ds.keymaps import UNET_PREFIX
 from ztsnr_ds.metrics import image_grid
 from ztsnr_ds.models import UNET_WEIGHTS, FrozenParts, load_frozen, load_unet, unet_from_state
 from ztsnr_ds.sampling import SDXLDenoiser, sample_euler
-from ztsnr_ds.schedule import NoiseSchedule
+from ztsnr_ds.schedule import ZTSNR_MODES, NoiseSchedule
 from ztsnr_ds.text import PromptEncoder
 
 MODEL_KINDS = ("checkpoint", "diffusers", "single_file")
@@ -64,22 +64,48 @@ class ModelSource:
 
 
 # ---------------------------------------------------------------------------------------- the model
+def _one_of(choices: tuple[str, ...]):
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"not one of {', '.join(choices)}")
+        return text
+    return parse
+
+
+def _positive(cast):
+    def parse(text: str):
+        value = cast(text)
+        if not 0 < value < float("inf"):
+            raise ValueError("not a positive finite number")
+        return value
+    return parse
+
+
+_METADATA = {"ztsnr": _one_of(ZTSNR_MODES), "sigma_max": _positive(float),
+             "base_area": lambda t: None if t == "None" else _positive(int)(t),
+             "dropout_mode": _one_of(("empty", "zeros"))}
+"""How each ztsnr_ds.<key> metadata value is parsed and checked."""
+
+
+def _metadata(metadata: dict[str, str], key: str):
+    """ztsnr_ds.<key> of a model's metadata, parsed and checked: a hostile value names itself (exit 2)."""
+    text = metadata[f"ztsnr_ds.{key}"]
+    try:
+        return _METADATA[key](text)
+    except (ValueError, TypeError) as e:
+        raise SampleInputError("--model", f"its metadata ztsnr_ds.{key} = {str(text)[:40]!r} is unusable "
+                               f"({e}): the file is damaged or was not written by ztsnr_ds; re-export the "
+                               "model with launch/export.py") from None
+
+
 def noise_from_metadata(metadata: dict[str, str]) -> dict:
     """NOISE_SETTINGS from the ztsnr_ds.* safetensors metadata of `export.export_metadata`."""
-    noise = {}
-    if "ztsnr_ds.ztsnr" in metadata:
-        noise["ztsnr"] = metadata["ztsnr_ds.ztsnr"]
-    if "ztsnr_ds.sigma_max" in metadata:
-        noise["sigma_max"] = float(metadata["ztsnr_ds.sigma_max"])
-    if "ztsnr_ds.base_area" in metadata:
-        area = metadata["ztsnr_ds.base_area"]
-        noise["base_area"] = None if area == "None" else int(area)
-    return noise
+    return {key: _metadata(metadata, key) for key in NOISE_SETTINGS if f"ztsnr_ds.{key}" in metadata}
 
 
 def dropout_mode_from_metadata(metadata: dict[str, str]) -> str | None:
     """captions.dropout_mode from the ztsnr_ds.* metadata of `export.export_metadata` (None if absent)."""
-    return metadata.get("ztsnr_ds.dropout_mode")
+    return _metadata(metadata, "dropout_mode") if "ztsnr_ds.dropout_mode" in metadata else None
 
 
 def _inspect_checkpoint(path: Path) -> ModelSource:
