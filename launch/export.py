@@ -31,6 +31,7 @@ from ztsnr_ds.export import (  # noqa: E402
     load_checkpoint,
     single_file_loader,
 )
+from ztsnr_ds.integrity import NoSpaceError, no_space_guard  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--format single_file writes one file: --out {args.out} must end in .safetensors")
     try:
         trained = load_checkpoint(args.checkpoint, DTYPES[args.dtype], args.weights)
-        if args.format == "diffusers":
-            out = export_diffusers(trained, args.out, args.title, args.base)
-        else:
-            out = export_single_file(trained, args.base, args.out, DTYPES[args.dtype], args.title)
-    except ExportError as e:
+        with no_space_guard(Path(args.out).parent, "the export", "free space or pass another --out"):
+            if args.format == "diffusers":
+                out = export_diffusers(trained, args.out, args.title, args.base)
+            else:
+                out = export_single_file(trained, args.base, args.out, DTYPES[args.dtype], args.title)
+    except (ExportError, NoSpaceError) as e:  # a full disk leaves no partial output (temporary + rename)
         print(f"export failed: {e}", file=sys.stderr)
         return 2
     print(f"exported {trained.tag_dir} (step {trained.step}, {trained.weights} weights) -> {out}")

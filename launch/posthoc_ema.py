@@ -30,6 +30,7 @@ from ztsnr_ds.export import (  # noqa: E402
     export_metadata,
     save_safetensors,
 )
+from ztsnr_ds.integrity import NoSpaceError, no_space_guard  # noqa: E402
 from ztsnr_ds.posthoc import find_snapshots, reconstruct  # noqa: E402
 
 
@@ -63,11 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         dtype = DTYPES[args.dtype]
         trained = replace(settings, state_dict={k: v.to(dtype) for k, v in state.items()},
                           step=snapshots[-1].step, weights=f"post-hoc EMA sigma_rel {args.sigma_rel:g}")
-        if args.out.suffix == ".safetensors":
-            out = save_safetensors(trained.state_dict, args.out, {"format": "pt", **export_metadata(trained)})
-        else:
-            out = export_diffusers(trained, args.out, base=args.base)
-    except (EMAError, ExportError) as e:
+        with no_space_guard(args.out.parent, "the post-hoc EMA", "free space or pass another --out"):
+            if args.out.suffix == ".safetensors":
+                meta = {"format": "pt", **export_metadata(trained)}
+                out = save_safetensors(trained.state_dict, args.out, meta)
+            else:
+                out = export_diffusers(trained, args.out, base=args.base)
+    except (EMAError, ExportError, NoSpaceError) as e:  # a full disk leaves no partial output
         print(f"posthoc_ema failed: {e}", file=sys.stderr)
         return 2
     gamma = power_gamma(args.sigma_rel)

@@ -220,7 +220,7 @@ def save(engine, output_dir: Path, step: int, state: dict, keep_last: int, is_ma
         if write_extra is not None:
             write_extra(tag_dir)
         failed = None
-    except Exception as err:  # noqa: BLE001 (safetensors reports a full disk as SafetensorError)
+    except Exception as err:  # any type: safetensors reports a full disk as SafetensorError
         failed = err
     _raise_if_any_failed(failed, tag_dir, need, is_main)  # every rank's partition and RNG file is on disk
     marker = json.dumps(state, indent=1)  # its sha256 goes into checksums.json, written before it

@@ -44,6 +44,7 @@ from ztsnr_ds.data.cache_files import FORMAT, PARTS_DIR, SHARD_DIR
 from ztsnr_ds.data.cache_merge import merge_parts
 from ztsnr_ds.data.cache_parts import write_part
 from ztsnr_ds.data.cache_reuse import ReuseIndex
+from ztsnr_ds.data.caption_cap import bound_captions
 from ztsnr_ds.data.shards import ShardWriter
 from ztsnr_ds.data.sources import BadImage, ImageRecord, Problem, load_image, scan_share
 from ztsnr_ds.data.tags import parse_tags
@@ -97,7 +98,7 @@ def build_cache(
     root = Path(cfg.cache_dir)
     (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     (root / PARTS_DIR).mkdir(exist_ok=True)
-    scan = scan_share(cfg.source, rank, world_size)
+    scan = bound_captions(scan_share(cfg.source, rank, world_size), cfg.max_caption_bytes)
     fingerprint = settings_fingerprint(cfg, parts)
     reuse = ReuseIndex(root, fingerprint, cfg.cache_text, rank, world_size)
     writer = ShardWriter(root, rank, fingerprint, int(cfg.shard_max_mb * 2**20))
