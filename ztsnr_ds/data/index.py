@@ -212,10 +212,15 @@ class CacheIndex:
             raise CacheError(f"{root / INDEX} is damaged (bad field: {err}); {REBUILD_HINT}") from None
         names = [*_ROW_COLUMNS, "by_bucket", "key_offsets", "caption_offsets"]
         names += ["crc32_text"] if self.cache_text else []
-        self.columns = {name: self._column(folder, name) for name in names}
-        self.keys_blob = self._blob(folder / "keys.bin", self.columns["key_offsets"])
-        self.captions_blob = self._blob(folder / "captions.bin", self.columns["caption_offsets"])
-        self._check(starts)
+        try:
+            self.columns = {name: self._column(folder, name) for name in names}
+            self.keys_blob = self._blob(folder / "keys.bin", self.columns["key_offsets"])
+            self.captions_blob = self._blob(folder / "captions.bin", self.columns["caption_offsets"])
+            self._check(starts)
+        except CacheError as err:  # a damaged column names itself rather than its symptom
+            if damaged := self.column_problems():
+                raise CacheError(f"{root / INDEX}: {'; '.join(damaged)}") from err
+            raise
         by_bucket = self.columns["by_bucket"]
         self.buckets = {key: by_bucket[starts[i]:starts[i + 1]] for i, key in enumerate(self.bucket_keys)}
 
