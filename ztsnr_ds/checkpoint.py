@@ -326,7 +326,8 @@ def _verify_collectively(tag_dir: Path, universal: bool = False) -> None:
     torch.distributed.all_gather_object(problems, check(tag_dir, rank, world_size))  # short strings
     found = [p for part in problems for p in part]
     if found:
-        raise CheckpointError(f"cannot resume from {tag_dir}: {'; '.join(found)}")
+        fix = f"; delete {tag_dir} and resume again: it is converted anew" if universal else ""
+        raise CheckpointError(f"cannot resume from {tag_dir}: {'; '.join(found)}{fix}")
 
 
 def _state_folders(tag: Path) -> set[str]:
