@@ -41,8 +41,8 @@ def check_run(config) -> None:
         raise ValueError(f"trainer.output_dir = {config.trainer.output_dir} is a file, not a folder; "
                          "name a new or existing run folder")
     tag = check_resume(Path(config.trainer.output_dir), config.trainer.resume, config.trainer.overwrite)
-    check_ema_resume(config.ema, tag)
     check_buckets(config, tag)
+    check_ema_resume(config.ema, tag)
 
 
 def check_model(pretrained: str, unet_path: str | None) -> None:
