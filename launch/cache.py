@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> BuildStats | dict | int:
         parser.error("--config is required to build a cache")
     cfg, pretrained = read_sections(args.config)
     # Only barriers travel (gloo, even on GPUs); a long timeout because ranks may finish hours apart.
+    owned = not dist.is_initialized()  # called in a process that has its own group (tests): keep it
     dist_info = init_distributed(backend="gloo", timeout=timedelta(hours=48))
     rank, world_size, local_rank = dist_info.rank, dist_info.world_size, dist_info.local_rank
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> BuildStats | dict | int:
         print(f"launch/cache.py: {err}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if dist.is_initialized():
+        if owned and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -122,12 +123,14 @@ def convert(root: Path) -> int:
 
 def verify(root: Path, workers: int) -> dict:
     """Each rank checks every world_size-th shard; rank 0 joins the reports. Exit 1 on any problem."""
+    owned = not dist.is_initialized()
     dist_info = init_distributed(backend="gloo", timeout=timedelta(hours=48))
     report = verify_cache(root, dist_info.rank, dist_info.world_size, workers, progress=dist_info.rank == 0)
     if dist.is_initialized():
         reports = [None] * dist_info.world_size
         dist.all_gather_object(reports, report)
-        dist.destroy_process_group()
+        if owned:
+            dist.destroy_process_group()
         report = {"shards": sum(r["shards"] for r in reports), "bytes": sum(r["bytes"] for r in reports),
                   "samples": sum(r["samples"] for r in reports),
                   "problems": [p for r in reports for p in r["problems"]]}

@@ -18,6 +18,7 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageOps
 
 from ztsnr_ds import integrity
+from ztsnr_ds.data import index_sums
 from ztsnr_ds.data.buckets import BucketConfig, assign_bucket, make_buckets
 from ztsnr_ds.data.cache import CacheConfig, LatentCache
 from ztsnr_ds.data.cache_build import build_cache
@@ -459,11 +460,14 @@ def _rewrite_index(root: Path, edit) -> None:
 
 
 def _edit_column(root: Path, name: str, edit) -> None:
+    """Edit a column and record its new sha256: the structural checks behind the column checksums."""
     meta = json.loads((root / "index.json").read_text())
     path = root / meta["folder"] / f"{name}.npy"
     values = np.load(path)
     edit(values)
     np.save(path, values)
+    sums = index_sums.write_sums(path.parent)
+    _rewrite_index(root, lambda m: m.update({index_sums.SUMS_KEY: sums}))
 
 
 @pytest.mark.parametrize("damage, message", [
