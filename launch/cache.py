@@ -33,10 +33,11 @@ import yaml
 from jsonargparse import ArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+from ztsnr_ds import integrity  # noqa: E402
 from ztsnr_ds.config import CaptionConfig  # noqa: E402
 from ztsnr_ds.data.cache import CacheConfig  # noqa: E402
 from ztsnr_ds.data.cache_build import BuildStats, build_cache  # noqa: E402
-from ztsnr_ds.data.cache_files import CacheError, write_atomic  # noqa: E402
+from ztsnr_ds.data.cache_files import REBUILD_HINT, CacheError, write_atomic  # noqa: E402
 from ztsnr_ds.data.cache_merge import convert_legacy  # noqa: E402
 from ztsnr_ds.data.cache_verify import verify_cache  # noqa: E402
 from ztsnr_ds.engine import init_distributed  # noqa: E402
@@ -45,6 +46,7 @@ from ztsnr_ds.models import load_frozen  # noqa: E402
 from ztsnr_ds.text import MAX_CHUNKS  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SPACE_FIX = "free space or move data.cache_dir, then run the same command again (finished shards are kept)"
 
 
 def cli_parser() -> ArgumentParser:
@@ -96,8 +98,9 @@ def main(argv: list[str] | None = None) -> BuildStats | dict | int:
         root = Path(args.cache_dir or read_sections(args.config)[0].cache_dir)
         try:
             return verify(root, args.workers) if args.verify else convert(root)
-        except CacheError as err:
-            sys.exit(f"launch/cache.py: {err}")
+        except (CacheError, integrity.NoSpaceError) as err:
+            print(f"launch/cache.py: {err}", file=sys.stderr)
+            sys.exit(2)
     if args.config is None:
         parser.error("--config is required to build a cache")
     cfg, pretrained, max_chunks = read_sections(args.config)
@@ -114,16 +117,24 @@ def main(argv: list[str] | None = None) -> BuildStats | dict | int:
         parts.text_encoder.to(device)
         parts.text_encoder_2.to(device)
     try:
-        return build_cache(cfg, parts, rank, world_size, batch_size=args.batch_size, workers=args.workers,
-                           max_chunks=max_chunks,
-                           progress=rank == 0)
+        with integrity.no_space_guard(Path(cfg.cache_dir), "the cache build", SPACE_FIX):
+            return build_cache(cfg, parts, rank, world_size, batch_size=args.batch_size, workers=args.workers,
+                               max_chunks=max_chunks, progress=rank == 0)
+    except integrity.NoSpaceError as err:  # shards are written whole or not at all: re-run to resume
+        print(f"launch/cache.py: {err}", file=sys.stderr)
+        sys.exit(2)
     finally:
         if ours and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def convert(root: Path) -> int:
-    rows = convert_legacy(root)
+    with integrity.no_space_guard(root, "the index", SPACE_FIX):
+        try:
+            rows = convert_legacy(root)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:  # malformed rows
+            raise CacheError(f"{root}: manifest.jsonl or shards.json is malformed ({type(err).__name__}: "
+                             f"{err}); {REBUILD_HINT}") from None
     print(f"{root}: index written for {rows} rows")
     return rows
 

@@ -34,6 +34,7 @@ from ztsnr_ds.export import (  # noqa: E402
     load_checkpoint,
     single_file_loader,
 )
+from ztsnr_ds.integrity import NoSpaceError, no_space_guard  # noqa: E402
 from ztsnr_ds.vae_export import load_decoder_run, trained_vae, write_vae_folder  # noqa: E402
 
 
@@ -69,18 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         vae = trained_vae(load_decoder_run(args.vae, dtype, args.vae_weights), dtype,
                           args.base) if args.vae else None
-        if not args.checkpoint:
-            out = write_vae_folder(vae, Path(args.out) / "vae")
-            print(f"exported the decoder of {args.vae} ({args.vae_weights} weights) -> {out}")
-            return 0
-        trained = load_checkpoint(args.checkpoint, dtype, args.weights)
-        if args.format == "diffusers":
-            out = export_diffusers(trained, args.out, args.title, args.base)
-            if vae is not None:  # after the base's vae/ (with --base): the fine-tuned one replaces it
-                write_vae_folder(vae, out / "vae")
-        else:
-            out = export_single_file(trained, args.base, args.out, dtype, args.title, vae)
-    except ExportError as e:
+        with no_space_guard(Path(args.out).parent, "the export", "free space or pass another --out"):
+            if not args.checkpoint:
+                out = write_vae_folder(vae, Path(args.out) / "vae")
+                print(f"exported the decoder of {args.vae} ({args.vae_weights} weights) -> {out}")
+                return 0
+            trained = load_checkpoint(args.checkpoint, dtype, args.weights)
+            if args.format == "diffusers":
+                out = export_diffusers(trained, args.out, args.title, args.base)
+                if vae is not None:  # after the base's vae/ (with --base): the fine-tuned one replaces it
+                    write_vae_folder(vae, out / "vae")
+            else:
+                out = export_single_file(trained, args.base, args.out, dtype, args.title, vae)
+    except (ExportError, NoSpaceError) as e:  # a full disk leaves no partial output (temporary + rename)
         print(f"export failed: {e}", file=sys.stderr)
         return 2
     vae_note = f", VAE decoder of {args.vae} ({args.vae_weights})" if args.vae else ""

@@ -31,6 +31,7 @@ from ztsnr_ds.export import (  # noqa: E402
     export_metadata,
     save_safetensors,
 )
+from ztsnr_ds.integrity import NoSpaceError, no_space_guard  # noqa: E402
 from ztsnr_ds.posthoc import find_snapshots, reconstruct  # noqa: E402
 from ztsnr_ds.text_training import split_encoders  # noqa: E402
 
@@ -66,14 +67,17 @@ def main(argv: list[str] | None = None) -> int:
         state, encoders = split_encoders({k: v.to(dtype) for k, v in state.items()}, settings.encoder_names)
         trained = replace(settings, state_dict=state, encoders=encoders, step=snapshots[-1].step,
                           weights=f"post-hoc EMA sigma_rel {args.sigma_rel:g}")
-        if args.out.suffix == ".safetensors":
-            if encoders:  # a UNet file has no place for them
-                print(f"note: {args.out} holds the UNet only; the run also trained {', '.join(encoders)}: "
-                      "pass a folder as --out for a diffusers export with them", file=sys.stderr)
-            out = save_safetensors(trained.state_dict, args.out, {"format": "pt", **export_metadata(trained)})
-        else:
-            out = export_diffusers(trained, args.out, base=args.base)
-    except (EMAError, ExportError) as e:
+        with no_space_guard(args.out.parent, "the post-hoc EMA", "free space or pass another --out"):
+            if args.out.suffix == ".safetensors":
+                if encoders:  # a UNet file has no place for them
+                    print(f"note: {args.out} holds the UNet only; the run also trained "
+                          f"{', '.join(encoders)}: pass a folder as --out for a diffusers export with them",
+                          file=sys.stderr)
+                meta = {"format": "pt", **export_metadata(trained)}
+                out = save_safetensors(trained.state_dict, args.out, meta)
+            else:
+                out = export_diffusers(trained, args.out, base=args.base)
+    except (EMAError, ExportError, NoSpaceError) as e:  # a full disk leaves no partial output
         print(f"posthoc_ema failed: {e}", file=sys.stderr)
         return 2
     gamma = power_gamma(args.sigma_rel)

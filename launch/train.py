@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     cfg, config_dict = parse_or_exit(argv)
     from ztsnr_ds.checkpoint import CheckpointError
-    from ztsnr_ds.engine import init_distributed
+    from ztsnr_ds.data.cache_files import CacheError
+    from ztsnr_ds.ema import EMAError
+    from ztsnr_ds.engine import any_rank, init_distributed
+    from ztsnr_ds.integrity import IntegrityError
     from ztsnr_ds.locks import StaleLock
     from ztsnr_ds.trainer import StopTraining, Trainer
 
@@ -61,10 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, config_dict, dist)
         trainer.train()
+        if any_rank(trainer.cache.faults.stop):  # saved, then stopped: too many corrupt samples
+            if trainer.cache.faults.stop:
+                print(f"error: {trainer.cache.faults.message()}", file=sys.stderr)
+            return 2
     except StopTraining as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except CheckpointError as err:  # a checkpoint refused or damaged, or no room to save one
+    except (CheckpointError, IntegrityError, CacheError, EMAError) as err:  # damaged input, or a full disk
         print(f"error: {err}", file=sys.stderr)
         return 2
     except ConfigError as err:

@@ -17,6 +17,8 @@ import yaml
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageOps
 
+from ztsnr_ds import integrity
+from ztsnr_ds.data import index_sums
 from ztsnr_ds.data.buckets import BucketConfig, assign_bucket, make_buckets
 from ztsnr_ds.data.cache import CacheConfig, LatentCache
 from ztsnr_ds.data.cache_build import build_cache
@@ -541,17 +543,21 @@ def test_format_1_cache_names_its_command_and_converts(copied):
 
 
 def _rewrite_index(root: Path, edit) -> None:
+    """Edit index.json and seal it again: the structural checks behind the seal (docs/integrity.md)."""
     meta = json.loads((root / "index.json").read_text())
     edit(meta)
-    (root / "index.json").write_text(json.dumps(meta))
+    (root / "index.json").write_text(json.dumps(integrity.seal(meta)))
 
 
 def _edit_column(root: Path, name: str, edit) -> None:
+    """Edit a column and record its new sha256: the structural checks behind the column checksums."""
     meta = json.loads((root / "index.json").read_text())
     path = root / meta["folder"] / f"{name}.npy"
     values = np.load(path)
     edit(values)
     np.save(path, values)
+    sums = index_sums.write_sums(path.parent)
+    _rewrite_index(root, lambda m: m.update({index_sums.SUMS_KEY: sums}))
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -34,8 +34,8 @@ from ztsnr_ds.export import (
     single_file_loader,
     single_file_state,
 )
-from ztsnr_ds.generate import max_chunks_from_metadata, noise_from_metadata
 from ztsnr_ds.keymaps import OPENCLIP_PREFIX, openclip_to_sgm, sgm_to_unet, unet_to_sgm, vae_to_sgm
+from ztsnr_ds.model_metadata import noise_from_metadata, recorded
 from ztsnr_ds.models import SDXL_UNET_CONFIG, UNET_WEIGHTS, load_unet, load_unet_safetensors, unet_shapes
 from ztsnr_ds.sampling import ZTSNREulerDiscreteScheduler
 from ztsnr_ds.schedule import NoiseSchedule, diffusers_scheduler_config, ztsnr_sigmas
@@ -145,7 +145,7 @@ def test_single_file_markers_and_metadata(single_file, run_dir, tiny_sdxl):
     assert (meta["ztsnr_ds.ztsnr"], meta["ztsnr_ds.sigma_max"]) == ("terminal", "20000.0")
     assert meta["ztsnr_ds.step"] == "1"
     assert meta["ztsnr_ds.max_chunks"] == "3"  # captions.max_chunks of the run
-    assert max_chunks_from_metadata(meta) == 3  # what launch/sample.py reads back
+    assert recorded(meta, "max_chunks") == 3  # what launch/sample.py reads back
     assert meta["ztsnr_ds.base_area"] == "1048576" and meta["modelspec.resolution"] == "1024x1024"
     assert {
         "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",

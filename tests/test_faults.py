@@ -435,3 +435,267 @@ def test_a_skipped_micro_batch_frees_its_graph_before_the_replacement_forward():
         loss = Trainer.train_step(stub, iter([("64x64", [0, 1, 2, 3])] * 2))
     assert alive_at_forward == [0, 0] and stub.nonfinite_total == 1 and math.isfinite(loss)
     assert _Saved.alive == 0  # the good micro-batch's graph went with its backward
+# ------------------------------------------------------------------------------ integrity end to end
+# The fault table of docs/integrity.md, one test per row (data-side rows: tests/test_faults_data.py).
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data, indent=1))
+
+
+def test_marker_flip_that_stays_json_is_refused(first_run, tag, run_config, tmp_path):
+    """Row 'marker not covered': step 2 -> 3 (valid JSON) was a silently skipped step on resume."""
+    checkpoint.read_state(tag)  # intact
+    state_path = tag / checkpoint.STATE_FILE
+    state_path.write_text(state_path.read_text().replace('"step": 2', '"step": 3'))
+    message = f"{checkpoint.STATE_FILE} does not match its sha256 in {integrity.CHECKSUM_FILE}"
+    with pytest.raises(checkpoint.CheckpointError, match=message):
+        checkpoint.read_state(tag)
+    with pytest.raises(ExportError, match=message):
+        load_checkpoint(tag)
+    with pytest.raises(ConfigError, match=f"trainer.resume.*{message}"):
+        parse(["--config", str(run_config), "--trainer.output_dir", str(tag.parent.parent),
+               "--trainer.resume", str(tag)])
+    # A tag saved before the marker was covered still loads, with a one-line note.
+    _edit_json(tag / integrity.CHECKSUM_FILE, lambda sums: sums.pop(checkpoint.STATE_FILE))
+    with pytest.warns(UserWarning, match="not covered by checksums.json"):
+        assert checkpoint.read_state(tag)["step"] == 3
+
+
+@pytest.mark.parametrize("damage", ["torn_checksums", "torn_state", "checksums_not_a_map"])
+def test_torn_checksums_or_marker_is_a_named_error_in_every_tool(tag, run_config, tmp_path, capsys, damage):
+    path = tag / (checkpoint.STATE_FILE if damage == "torn_state" else integrity.CHECKSUM_FILE)
+    path.write_text('["a", "b"]' if damage == "checksums_not_a_map" else path.read_text()[:40])
+    export_main = runpy.run_path(str(ROOT / "launch" / "export.py"))["main"]
+    assert export_main(["--checkpoint", str(tag), "--format", "diffusers", "--out", str(tmp_path / "e")]) == 2
+    assert path.name in capsys.readouterr().err
+    sample_main = runpy.run_path(str(ROOT / "launch" / "sample.py"))["main"]
+    with pytest.raises(SystemExit) as exit_:
+        sample_main(["--model", str(tag), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s")])
+    assert exit_.value.code == 2 and path.name in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=f"trainer.resume.*{path.name}"):
+        parse(["--config", str(run_config), "--trainer.output_dir", str(tag.parent.parent),
+               "--trainer.resume", str(tag)])
+
+
+@pytest.mark.slow  # one ds_to_universal conversion in a subprocess
+def test_universal_folder_is_checksummed_and_checked_on_load(first_run, tag):
+    """Row 'universal/ excluded': made once, kept for every later resume; a damaged value loaded silently."""
+    with pytest.warns(UserWarning, match="converted by an older version"):  # an old universal/: again
+        (tag / checkpoint.UNIVERSAL_DIR).mkdir()
+        out = checkpoint.to_universal(tag, is_main=True)
+    sums = json.loads((out / integrity.CHECKSUM_FILE).read_text())
+    assert sums and checkpoint.verify_universal(out) == []
+    victim = out / sorted(n for n in sums if n.endswith(".pt"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 1
+    victim.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match=f"{victim.name} does not match its sha256"):
+        checkpoint.to_universal(tag, is_main=True)
+    (out / "extra.pt").write_bytes(b"")
+    assert any("extra.pt is not in its" in p for p in checkpoint.verify_universal(out))
+
+
+def test_rotation_never_deletes_the_last_tag_holding_state_the_run_does_not_write(tmp_path):
+    with_ema = _fake_tag(tmp_path, 1)
+    (with_ema / "ema").mkdir()
+    older = _fake_tag(tmp_path, 0)
+    (older / "ema").mkdir()
+    plain = [_fake_tag(tmp_path, step) for step in (2, 3)]
+    with pytest.warns(UserWarning, match=f"rotation keeps {with_ema}.*ema/"):
+        checkpoint._rotate(tmp_path, 1, plain[-1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [with_ema.name, plain[-1].name]
+    assert not older.exists()  # only the newest tag holding the EMA is kept
+
+
+def _write_ema_json(folder: Path, tracks: list[str]) -> None:
+    folder.mkdir(parents=True)
+    meta = {"format": 2, "updates": 2, "dtype": "fp32", "tracks": {t: {} for t in tracks},
+            "groups": [[["w", [2]]]], "partition": [2], "world_size": 1}
+    (folder / "ema.json").write_text(json.dumps(integrity.seal(meta)))
+
+
+@pytest.mark.parametrize("tracks, args, key", [
+    (["ema"], [], "ema.enabled"),
+    (["ema", "sigma_rel_0.05", "sigma_rel_0.1"], ["--ema.enabled", "true"], "ema.posthoc"),
+    (["ema", "sigma_rel_0.05", "sigma_rel_0.1"],
+     ["--ema.enabled", "true", "--ema.posthoc", "true", "--ema.sigma_rels", "[0.07]"], "ema.sigma_rels"),
+])
+def test_resume_that_would_drop_the_ema_is_refused(tag, run_config, tracks, args, key):
+    """Row 'EMA off on resume': refused, naming the key and the explicit override."""
+    _write_ema_json(tag / "ema", tracks)
+    argv = ["--config", str(run_config), "--trainer.output_dir", str(tag.parent.parent), *args]
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}: .*--ema\.discard_saved true"):
+        parse(argv)
+    parse([*argv, "--ema.discard_saved", "true"])  # dropped on purpose: allowed
+
+
+def _snapshots(first_run, out: Path, steps: tuple[int, ...]) -> list[Path]:
+    from ztsnr_ds.ema import EMAConfig, ShardedEMA
+
+    cfg = EMAConfig(enabled=True, posthoc=True, snapshot_dtype="fp32")
+    tracker = ShardedEMA(cfg, first_run.engine, first_run.optimizer, 0, 1)
+    folders = []
+    for step in steps:
+        tracker.update()
+        folders.append(tracker.snapshot(out, step))
+    return folders
+
+
+def test_snapshot_metadata_is_sealed_and_its_folder_must_match_its_step(first_run, tmp_path):
+    """Rows 'ema.json numbers not checksummed', 'swapped snapshot folders', 'ema.json without sha256/step',
+    'torn newest snapshot skipped without a word'."""
+    from ztsnr_ds.ema import EMAError
+    from ztsnr_ds.posthoc import find_snapshots
+
+    first, second = _snapshots(first_run, tmp_path, (2, 4))
+    assert [s.step for s in find_snapshots(tmp_path)] == [2, 4]
+    os.replace(second, tmp_path / "swap")  # swapped by name
+    os.replace(first, second)
+    os.replace(tmp_path / "swap", first)
+    with pytest.raises(EMAError, match="records step 4, but its folder is step00000002"):
+        find_snapshots(tmp_path)
+    os.replace(first, tmp_path / "swap")
+    os.replace(second, first)
+    os.replace(tmp_path / "swap", second)
+    text = (second / "ema.json").read_text()
+    (second / "ema.json").write_text(text.replace('"updates": 2', '"updates": 3'))  # one digit, valid JSON
+    with pytest.raises(EMAError, match="does not match its seal"):
+        find_snapshots(tmp_path)
+    (second / "ema.json").write_text(text)
+    for key in ("sha256", "step"):
+        meta = json.loads(text)
+        meta.pop(key)
+        (second / "ema.json").write_text(json.dumps(integrity.seal(meta)))
+        with pytest.raises(EMAError, match=f"lacks a valid '{key}'"):
+            find_snapshots(tmp_path)
+    (second / "ema.json").unlink()  # torn newest: skipped, but said
+    with pytest.warns(UserWarning, match=f"skipping {second}: no ema.json"):
+        assert [s.step for s in find_snapshots(tmp_path)] == [2]
+
+
+class _DiskFull:
+    """safetensors' save_file as a full disk meets it: part of the file written, then its error."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, tensors, filename, metadata=None) -> None:
+        from safetensors import SafetensorError
+
+        self.calls += 1
+        Path(filename).write_bytes(b"\0" * 1000)
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              '"No space left on device" })')
+
+
+def test_disk_full_while_writing_a_snapshot_or_the_ema_file(first_run, tmp_path, monkeypatch):
+    """Rows 'disk full during a snapshot / while a save writes its EMA file': the no-space message, no
+    partial output (was a SafetensorError traceback and a 60 MB partial tag)."""
+    from ztsnr_ds import ema
+
+    cfg = ema.EMAConfig(enabled=True, posthoc=True)
+    tracker = ema.ShardedEMA(cfg, first_run.engine, first_run.optimizer, 0, 1)
+    monkeypatch.setattr(ema, "save_file", full := _DiskFull())
+    with pytest.raises(integrity.NoSpaceError, match="no space left on .*ema_snapshots.*snapshot"):
+        tracker.snapshot(tmp_path, 2)
+    assert full.calls == 1 and list((tmp_path / ema.SNAPSHOT_DIR).iterdir()) == []
+    with pytest.raises(checkpoint.CheckpointError, match=r"no space left on .*partial step00000005 removed"):
+        checkpoint.save(first_run.engine, tmp_path, 5, first_run.state(), 1, True,
+                        lambda tag_dir: tracker.save(tag_dir / ema.EMA_DIR), tracker.nbytes())
+    assert checkpoint.complete_tags(tmp_path / "checkpoints") == []
+    assert not (tmp_path / "checkpoints" / checkpoint.tag_for(5)).exists()
+
+
+def test_first_save_estimate_counts_the_ema_and_snapshots_their_bytes(first_run, tmp_path, monkeypatch):
+    from ztsnr_ds import ema
+
+    params = sum(p.numel() for p in first_run.engine.module.parameters())
+    tracker = ema.ShardedEMA(ema.EMAConfig(enabled=True, posthoc=True, sigma_rels=[0.05, 0.1]),
+                             first_run.engine, first_run.optimizer, 0, 1)
+    padded = sum(tracker.layout.partition)
+    assert padded >= params and tracker.nbytes() == 3 * 4 * padded  # ema + two power tracks, fp32
+    assert checkpoint._estimate_size(first_run.engine, tmp_path, tracker.nbytes()) == \
+        integrity.BYTES_PER_PARAM * params + 12 * padded
+    need = 2 * 2 * padded  # the two power tracks in the snapshot dtype, bf16
+    assert tracker.nbytes(("sigma_rel_0.05", "sigma_rel_0.1"), torch.bfloat16) == need
+    monkeypatch.setattr(integrity, "free_bytes", lambda path: need - 1)
+    with pytest.raises(integrity.NoSpaceError, match=rf"a snapshot needs ~{need / 2**20:.1f} MiB"):
+        tracker.snapshot(tmp_path, 2)
+    assert not (tmp_path / ema.SNAPSHOT_DIR).exists()
+
+
+def test_full_disk_during_export_and_posthoc_exits_2_with_nothing_left(first_run, tmpfs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(first_run.output_dir, run)
+    _snapshots(first_run, run, (2,))
+    disk = tmpfs("1m")
+    export_main = runpy.run_path(str(ROOT / "launch" / "export.py"))["main"]
+    assert export_main(["--checkpoint", str(run), "--format", "diffusers", "--out", str(disk / "e")]) == 2
+    assert "no space left on" in capsys.readouterr().err and list(disk.iterdir()) == []
+    posthoc_main = runpy.run_path(str(ROOT / "launch" / "posthoc_ema.py"))["main"]
+    assert posthoc_main(["--run", str(run), "--sigma-rel", "0.07", "--out", str(disk / "p.safetensors")]) == 2
+    assert "no space left on" in capsys.readouterr().err and list(disk.iterdir()) == []
+
+
+@pytest.mark.parametrize("text", ["/elsewhere/run/checkpoints/step00000002", "../other/step00000002",
+                                  "step2", ""])
+def test_latest_must_name_a_plain_tag_of_its_own_folder(tag, text):
+    """Row '`latest` holding an absolute path exported another run's tag'."""
+    (tag.parent / checkpoint.LATEST_FILE).write_text(text)
+    with pytest.raises(ExportError, match="not a tag name like step00000100 of its own folder"):
+        load_checkpoint(tag.parent.parent)
+
+
+def test_startup_check_racing_a_live_runs_rotation_takes_the_newest_tag(tag, monkeypatch):
+    """Row 'a second run's start-up check racing a live run's rotation reported a damaged tag'."""
+    from ztsnr_ds import preflight
+
+    newer = tag.parent / checkpoint.tag_for(4)
+    shutil.copytree(tag, newer)
+    real = safe_load.check_files
+
+    def rotated_meanwhile(paths):
+        paths = list(paths)
+        if paths and paths[0].parent == newer:  # the live run deletes it while this run reads it
+            shutil.rmtree(newer)
+        return real(paths)
+    monkeypatch.setattr(safe_load, "check_files", rotated_meanwhile)
+    assert preflight.check_resume(tag.parent.parent, "auto", False) == tag
+    assert not newer.exists()
+
+
+def test_bad_model_paths_and_output_dir_fail_before_any_model_loads(run_config, tiny_sdxl, tmp_path):
+    """Rows 'forged --model.unet_path found after the text encoders load', 'model.pretrained not a model',
+    'output_dir that is a file'."""
+    from safetensors.torch import save_file
+
+    base = ["--config", str(run_config), "--trainer.output_dir", str(tmp_path / "out")]
+    forged = tmp_path / "forged.safetensors"
+    forged.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ConfigError, match="model.unet_path: .*forged.safetensors is not a readable"):
+        parse([*base, "--model.unet_path", str(forged)])
+    save_file({"something.else": torch.zeros(2)}, str(forged))
+    with pytest.raises(ConfigError, match="model.unet_path: .*holds no SDXL UNet weights"):
+        parse([*base, "--model.unet_path", str(forged)])
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    with pytest.raises(ConfigError, match="model.pretrained = .* is not a diffusers SDXL folder .*vae"):
+        parse([*base, "--model.pretrained", str(not_a_model)])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="trainer.output_dir = .* is a file"):
+        parse(["--config", str(run_config), "--trainer.output_dir", str(tmp_path / "file")])
+
+
+@pytest.mark.parametrize("key, value", [("sigma_max", "nan"), ("sigma_max", "abc"), ("ztsnr", "bogus"),
+                                        ("base_area", "-4"), ("dropout_mode", "x" * 10000)])
+def test_hostile_metadata_in_a_model_is_a_named_error(tmp_path, capsys, key, value):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "unet.safetensors"
+    save_file({"conv_in.weight": torch.zeros(1)}, str(path), metadata={f"ztsnr_ds.{key}": value})
+    sample_main = runpy.run_path(str(ROOT / "launch" / "sample.py"))["main"]
+    with pytest.raises(SystemExit) as exit_:
+        sample_main(["--model", str(path), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"ztsnr_ds.{key}" in err and "Traceback" not in err and len(err) < 2000

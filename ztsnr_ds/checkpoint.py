@@ -9,19 +9,24 @@ Layout of a run:
     <output_dir>/checkpoints/latest           name of the newest complete tag
 
 `ztsnr_state.json` is written last, after a barrier and after checksums.json (sha256 of every
-file, see integrity.py), so its presence marks a tag as complete; a run killed mid-save leaves
-a tag without it, and resume skips that tag. A tag saved again loses its marker before anything
-is rewritten. Older tags are deleted only after the new one is complete, and never the one just
-written. Every .pt file is checked against an allow-list before DeepSpeed unpickles it, with
-weights_only forced (safe_load.py): a shared checkpoint cannot run code.
+file, the marker's own bytes included: see integrity.py), so its presence marks a tag as complete; a
+run killed mid-save leaves a tag without it, and resume skips that tag. A tag saved again loses its
+marker before anything is rewritten. Older tags are deleted only after the new one is complete, never
+the one just written, and never the last one holding a state folder (ema/) the new tags lack.
+`universal/` gets its own checksums.json before it is renamed into place, checked on every load.
+`latest` must hold a plain tag name of its own folder. Every .pt file is checked against an
+allow-list before DeepSpeed unpickles it, with weights_only forced (safe_load.py): a shared checkpoint
+cannot run code.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -54,11 +59,14 @@ def tag_for(step: int) -> str:
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename: readers see the old or the new file, never half."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the write failed (a full disk)
 
 
 def _encode_tensor_state(state: torch.Tensor) -> str:
@@ -122,16 +130,43 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used or written; the message names the file and the fix."""
 
 
+OLDER_TAG = "pass an older complete tag folder"
+
+
 def read_state(tag_dir: Path) -> dict:
+    """The marker's state, its bytes checked against their sha256 in checksums.json (a tag saved before
+    the marker was covered loads with a one-line warning)."""
     path = Path(tag_dir) / STATE_FILE
     try:
-        state = json.loads(path.read_text())
+        data = path.read_bytes()
+        state = json.loads(data)
     except (OSError, ValueError) as err:  # ValueError: bad JSON or bytes that are not UTF-8
-        raise CheckpointError(f"{path} is unreadable ({err}); the tag is damaged: pass an older "
-                              "complete tag folder") from err
+        raise CheckpointError(f"{path} is unreadable ({err}); the tag is damaged: {OLDER_TAG}") from err
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds {type(state).__name__}, not the state object save() writes")
+    try:
+        expected = (integrity.read_checksums(Path(tag_dir), OLDER_TAG) or {}).get(STATE_FILE)
+    except integrity.IntegrityError as err:
+        raise CheckpointError(str(err)) from None
+    if expected is None:
+        warnings.warn(f"{path} is not covered by {integrity.CHECKSUM_FILE} (saved by an older version): "
+                      "its step and settings cannot be verified", stacklevel=2)
+    elif hashlib.sha256(data).hexdigest() != expected:
+        raise CheckpointError(f"{path} does not match its sha256 in {integrity.CHECKSUM_FILE} (damaged or "
+                              f"edited); {OLDER_TAG}")
     return state
+
+
+def read_latest(checkpoint_dir: Path) -> Path | None:
+    """The tag `latest` names (None without the file): a plain tag name of this folder, nothing else."""
+    path = Path(checkpoint_dir) / LATEST_FILE
+    if not path.is_file():
+        return None
+    name = path.read_text(errors="replace").strip()
+    if not re.fullmatch(rf"{TAG_PREFIX}\d{{8,}}", name):
+        raise CheckpointError(f"{path} holds {name[:80]!r}, not a tag name like {tag_for(100)} of its own "
+                              "folder; write the newest complete tag's name into it, or pass that tag folder")
+    return Path(checkpoint_dir) / name
 
 
 def foreign_tags(output_dir: Path, resume: str) -> list[Path]:
@@ -179,20 +214,20 @@ def move_aside(output_dir: Path, paths: list[Path]) -> Path:
     return dest
 
 
-def save(engine, output_dir: Path, step: int, state: dict,
-         keep_last: int, is_main: bool, write_extra: Callable[[Path], None] | None = None) -> Path:
+def save(engine, output_dir: Path, step: int, state: dict, keep_last: int, is_main: bool,
+         write_extra: Callable[[Path], None] | None = None, extra_bytes: int = 0) -> Path:
     """Collective save of tag step<N>: DeepSpeed files, every rank's RNG, checksums, then the state marker.
 
     `state` is this trainer's JSON-able state (STEP, SAMPLER, CONFIG, ...). Every rank calls this.
-    `write_extra(tag_dir)` writes more of this rank's files into the tag (the EMA slices), covered by the
-    same checksums and marker.
-    Raises CheckpointError (on every rank) when the disk lacks room, before writing or when a write
+    `write_extra(tag_dir)` writes more of this rank's files into the tag (the EMA slices, `extra_bytes`
+    on all ranks together), covered by the same checksums and marker.
+    Raises CheckpointError (on every rank) when the disk lacks room, before writing or when any write
     fails for lack of space; the partial tag is then removed.
     """
     checkpoint_dir = Path(output_dir) / "checkpoints"
     tag = tag_for(step)
     tag_dir = checkpoint_dir / tag
-    need = _check_space(engine, checkpoint_dir)
+    need = _check_space(engine, checkpoint_dir, extra_bytes)
     if is_main and tag_dir.exists():  # saved again (e.g. after a resume): unmark it before rewriting
         (tag_dir / STATE_FILE).unlink(missing_ok=True)
         shutil.rmtree(tag_dir)
@@ -205,30 +240,38 @@ def save(engine, output_dir: Path, step: int, state: dict,
         if write_extra is not None:
             write_extra(tag_dir)
         failed = None
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # any type: safetensors reports a full disk as SafetensorError
         failed = err
     _raise_if_any_failed(failed, tag_dir, need, is_main)  # every rank's partition and RNG file is on disk
-    checksums = _gather_checksums(tag_dir)
+    marker = json.dumps(state, indent=1)  # its sha256 goes into checksums.json, written before it
+    checksums = _gather_checksums(tag_dir) | {STATE_FILE: hashlib.sha256(marker.encode()).hexdigest()}
+    failed = None
     if is_main:
-        write_atomic(tag_dir / integrity.CHECKSUM_FILE, json.dumps(checksums, indent=1))
-        write_atomic(tag_dir / STATE_FILE, json.dumps(state, indent=1))
-        write_atomic(checkpoint_dir / LATEST_FILE, tag)
+        try:
+            write_atomic(tag_dir / integrity.CHECKSUM_FILE, json.dumps(checksums, indent=1))
+            write_atomic(tag_dir / STATE_FILE, marker)
+            write_atomic(checkpoint_dir / LATEST_FILE, tag)
+        except OSError as err:
+            failed = err
+    _raise_if_any_failed(failed, tag_dir, need, is_main)
+    if is_main:
         _rotate(checkpoint_dir, keep_last, tag_dir)
     torch.distributed.barrier()
     return tag_dir
 
 
-def _estimate_size(engine, checkpoint_dir: Path) -> int:
-    """Bytes the next tag takes: the newest complete tag's size, else integrity.BYTES_PER_PARAM each."""
+def _estimate_size(engine, checkpoint_dir: Path, extra_bytes: int) -> int:
+    """Bytes the next tag takes: the newest complete tag's size, else integrity.BYTES_PER_PARAM each
+    plus `extra_bytes` (the EMA: 4 bytes per parameter and track in fp32)."""
     tags = complete_tags(checkpoint_dir)
     if tags:
         return integrity.dir_size(tags[-1]) - integrity.dir_size(tags[-1] / UNIVERSAL_DIR)
-    return integrity.BYTES_PER_PARAM * sum(p.numel() for p in engine.module.parameters())
+    return integrity.BYTES_PER_PARAM * sum(p.numel() for p in engine.module.parameters()) + extra_bytes
 
 
-def _check_space(engine, checkpoint_dir: Path) -> int:
+def _check_space(engine, checkpoint_dir: Path, extra_bytes: int) -> int:
     """Fail on every rank, before writing, if any rank sees less free space than a tag needs."""
-    need = _estimate_size(engine, checkpoint_dir)
+    need = _estimate_size(engine, checkpoint_dir, extra_bytes)
     if any_rank(integrity.free_bytes(checkpoint_dir) < need):  # host sync, once per save
         raise CheckpointError(integrity.no_space_message(checkpoint_dir, need))
     return need
@@ -264,7 +307,10 @@ def verify(tag_dir: Path, rank: int = 0, world_size: int = 1) -> list[str]:
     A tag saved before checksums were recorded is only checked for unsafe files (with a warning).
     """
     tag_dir = Path(tag_dir)
-    expected = integrity.read_checksums(tag_dir)
+    try:
+        expected = integrity.read_checksums(tag_dir)
+    except integrity.IntegrityError as err:  # torn or not a map of sha256s
+        return [str(err)]
     if expected is None:
         warnings.warn(f"{tag_dir} has no {integrity.CHECKSUM_FILE} (saved by an older version): "
                       "its files cannot be verified", stacklevel=2)
@@ -281,23 +327,49 @@ def verify(tag_dir: Path, rank: int = 0, world_size: int = 1) -> list[str]:
     return []
 
 
-def _verify_collectively(tag_dir: Path) -> None:
+def verify_universal(folder: Path, rank: int = 0, world_size: int = 1) -> list[str]:
+    """Problems in this rank's share of a universal/ folder: every file must be listed and match."""
+    try:
+        expected = integrity.read_checksums(folder, f"delete {folder}; a resume converts it again") or {}
+    except integrity.IntegrityError as err:
+        return [str(err)]
+    names = integrity.tag_files(folder, skip=(integrity.CHECKSUM_FILE,))
+    extra = [f"{folder / n} is not in its {integrity.CHECKSUM_FILE}" for n in names if n not in expected]
+    return extra[rank::world_size] + integrity.mismatches(folder, expected, rank, world_size)
+
+
+def _verify_collectively(tag_dir: Path, universal: bool = False) -> None:
     """Every rank checks its share of the files; all raise the same CheckpointError if any failed."""
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     problems: list = [None] * world_size
-    torch.distributed.all_gather_object(problems, verify(tag_dir, rank, world_size))  # short strings
+    check = verify_universal if universal else verify
+    torch.distributed.all_gather_object(problems, check(tag_dir, rank, world_size))  # short strings
     found = [p for part in problems for p in part]
     if found:
-        raise CheckpointError(f"cannot resume from {tag_dir}: {'; '.join(found)}")
+        fix = f"; delete {tag_dir} and resume again: it is converted anew" if universal else ""
+        raise CheckpointError(f"cannot resume from {tag_dir}: {'; '.join(found)}{fix}")
+
+
+def _state_folders(tag: Path) -> set[str]:
+    """Top-level folders of a tag that hold state (ema/, rng/), universal/ (derived) left out."""
+    return {p.name for p in tag.iterdir() if p.is_dir() and p.name != UNIVERSAL_DIR}
 
 
 def _rotate(checkpoint_dir: Path, keep_last: int, current: Path) -> None:
-    """Keep `current` and the keep_last - 1 newest complete tags before it; delete older tags.
+    """Keep `current` and the keep_last - 1 newest complete tags before it; delete older tags, except the
+    newest one holding a state folder no kept tag has (the EMA of a run resumed with ema.enabled false).
 
     Tags newer than `current` (which trainer start-up refuses or moves aside) are never touched.
     """
     older = [t for t in complete_tags(checkpoint_dir) if t.name < current.name]
     keep = {current, *older[max(0, len(older) - keep_last + 1):]}
+    held = set().union(*map(_state_folders, keep))
+    for tag in reversed(older):  # newest first
+        if tag not in keep and (only := _state_folders(tag) - held):
+            keep.add(tag)
+            held |= only
+            warnings.warn(f"rotation keeps {tag}: the last tag holding {', '.join(sorted(only))}/, which "
+                          "this run does not write; delete it by hand once it is not needed", stacklevel=2)
     for tag in checkpoint_dir.glob(f"{TAG_PREFIX}*"):
         if tag.is_dir() and tag not in keep and tag.name < current.name:
             shutil.rmtree(tag, ignore_errors=True)
@@ -324,6 +396,10 @@ def to_universal(tag_dir: Path, is_main: bool) -> Path:
     temporary folder and renamed, so a crash mid-conversion never leaves a half folder in use.
     """
     out = Path(tag_dir) / UNIVERSAL_DIR
+    if is_main and out.is_dir() and not (out / integrity.CHECKSUM_FILE).is_file():
+        warnings.warn(f"{out} has no {integrity.CHECKSUM_FILE} (converted by an older version): converting "
+                      "it again", stacklevel=2)
+        shutil.rmtree(out)
     if is_main and not out.is_dir():
         tmp = out.with_name(UNIVERSAL_DIR + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -331,10 +407,13 @@ def to_universal(tag_dir: Path, is_main: bool) -> Path:
                         "--input_folder",
                         str(tag_dir), "--output_folder", str(tmp), "--inject_missing_state"],
                        check=True, stdout=subprocess.DEVNULL)
+        sums = {name: integrity.sha256(tmp / name) for name in integrity.tag_files(tmp, skip=())}
+        write_atomic(tmp / integrity.CHECKSUM_FILE, json.dumps(sums, indent=1))  # before the rename
         os.replace(tmp, out)
     # Nobody loads before the folder is complete. Converting an SDXL tag takes minutes: wait in gloo with
     # a long timeout (engine.wait_group), not in an NCCL barrier that the watchdog would abort.
     torch.distributed.barrier(group=wait_group())
+    _verify_collectively(out, universal=True)
     return out
 
 

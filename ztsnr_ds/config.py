@@ -208,6 +208,9 @@ class TrainerConfig:
     """Steps between metric logs (each log is one host sync)."""
     max_nonfinite: int = 10
     """Consecutive skipped non-finite micro-batches after which the run stops."""
+    max_bad_samples: int = 16
+    """Corrupt cache samples a rank skips mid-run (weight 0, each reported) before the run saves a checkpoint
+    and stops with the rebuild command (exit 2); 0 stops at the first. See docs/integrity.md."""
     deterministic: bool = False
     """Deterministic kernels (torch.use_deterministic_algorithms, cuDNN, cuBLAS workspace): on GPUs, runs
     and resumes then repeat bit for bit, at some speed; the CPU is deterministic without it."""
@@ -216,6 +219,7 @@ class TrainerConfig:
         for key in ("micro_batch", "grad_accum", "max_steps", "save_every", "log_every", "max_nonfinite"):
             _check_positive(f"trainer.{key}", getattr(self, key))
         _check_positive("trainer.warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_positive("trainer.max_bad_samples", self.max_bad_samples, allow_zero=True)
         _check_choice("trainer.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("trainer.resume_data", self.resume_data, RESUME_DATA)
         if self.keep_last < 1:

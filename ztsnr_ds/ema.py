@@ -12,7 +12,8 @@ costs 4/N bytes per parameter (fp32) instead of a full copy per rank. Tracks:
                            launch/posthoc_ema.py rebuild an EMA of any sigma_rel after training (posthoc.py).
 
 Files (a checkpoint's ema/ folder, and each snapshot folder): ema.json (layout: parameter names and shapes
-of each group in flat order, the partition size, world size, tracks, updates) and rank{r:05d}.safetensors
+of each group in flat order, the partition size, world size, tracks, updates; sealed with the sha256 of
+its canonical JSON, integrity.seal: format 2; format 1 loads with a warning) and rank{r:05d}.safetensors
 holding that rank's slice of every track (keys "<track>/<group>"). The layout is what DeepSpeed's
 zero_to_fp32 uses for the weights, so `read_named` joins the slices into a UNet state dict, and a run on
 another number of ranks re-cuts them (`ShardedEMA.load`): the EMA survives a change of world size.
@@ -28,6 +29,8 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,9 +43,12 @@ from safetensors.torch import save_file
 
 from ztsnr_ds import integrity
 from ztsnr_ds.data.cache_files import sync_dir, write_atomic
+from ztsnr_ds.engine import any_rank
 from ztsnr_ds.optim import copy_stochastic_
 
 LAYOUT_FILE = "ema.json"
+FORMAT = 2  # 2: ema.json sealed (integrity.seal); 1: unsealed, read with a warning
+SNAPSHOT_FIX = "free space or move trainer.output_dir (ema_snapshots/), or raise ema.snapshot_every"
 EMA_DIR = "ema"
 SNAPSHOT_DIR = "ema_snapshots"
 MAIN_TRACK = "ema"
@@ -74,6 +80,9 @@ class EMAConfig:
     """Steps between post-hoc snapshots (<output_dir>/ema_snapshots/step<N>/)."""
     snapshot_dtype: str = "bf16"
     """Precision of snapshot files: bf16 (half the disk) or fp32."""
+    discard_saved: bool = False
+    """Resume a tag whose EMA tracks this config does not keep (enabled or posthoc now false): drop them on
+    purpose. Without it such a resume is refused; with it, rotation keeps the last tag holding them."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.decay < 1.0:
@@ -173,14 +182,21 @@ def rank_file(folder: Path, rank: int) -> Path:
 
 
 def read_layout(folder: Path) -> tuple[Layout, dict]:
-    """The Layout and the whole ema.json of an EMA folder."""
+    """The Layout and the whole ema.json of an EMA folder, its seal checked (format 1: a warning)."""
     path = Path(folder) / LAYOUT_FILE
+    fix = "the EMA files of this folder cannot be used (export --weights model, or resume from another tag)"
     try:
         data = json.loads(path.read_text())
+        if data.get("format") == 1:
+            warnings.warn(f"{path} is not sealed (written by an older version): its numbers cannot be "
+                          "verified", stacklevel=2)
+        else:
+            data = integrity.check_seal(data, path, fix)
         return Layout.from_json(data), data
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise EMAError(f"{path} is missing or unreadable ({err}); the EMA files of {folder} cannot be used "
-                       "(export --weights model, or resume from another tag)") from err
+    except integrity.IntegrityError as err:
+        raise EMAError(str(err)) from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise EMAError(f"{path} is missing or unreadable ({err}); {fix}") from err
 
 
 def read_flat(folder: Path, layout: Layout, track: str, group: int, start: int, stop: int) -> torch.Tensor:
@@ -287,9 +303,16 @@ class ShardedEMA:
         return path
 
     def _write_meta(self, folder: Path, names: tuple[str, ...], **extra) -> None:
-        meta = {"format": 1, "updates": self.updates, "dtype": self.cfg.dtype,
+        meta = {"format": FORMAT, "updates": self.updates, "dtype": self.cfg.dtype,
                 "tracks": {n: self.tracks[n] for n in names}, **self.layout.to_json(), **extra}
-        write_atomic(Path(folder) / LAYOUT_FILE, json.dumps(meta, indent=1).encode())
+        write_atomic(Path(folder) / LAYOUT_FILE, json.dumps(integrity.seal(meta), indent=1).encode())
+
+    def nbytes(self, names: tuple[str, ...] | None = None, dtype: torch.dtype | None = None) -> int:
+        """Bytes of the named tracks (default: all, in their dtype) over every rank's slice: what a save
+        (or, for the power tracks in the snapshot dtype, a snapshot) writes."""
+        names = tuple(self.state) if names is None else names
+        size = (dtype or self.dtype).itemsize
+        return sum(self.layout.partition) * self.layout.world_size * len(names) * size
 
     def save(self, folder: Path) -> None:
         """Every track: this rank's slices into folder/rank{r}.safetensors, and ema.json from rank 0.
@@ -306,14 +329,31 @@ class ShardedEMA:
         ema.json is written last, with every rank file's sha256, so its presence marks a whole snapshot.
         """
         folder = Path(output_dir) / SNAPSHOT_DIR / f"step{step:08d}"
-        (folder / LAYOUT_FILE).unlink(missing_ok=True)
         power = tuple(n for n, spec in self.tracks.items() if spec["kind"] == "power")
-        path = self._write_slices(folder, power, DTYPES[self.cfg.snapshot_dtype])
+        need = self.nbytes(power, DTYPES[self.cfg.snapshot_dtype])
+        if any_rank(integrity.free_bytes(folder) < need):  # host sync, once per snapshot
+            raise integrity.NoSpaceError(integrity.no_space_message(folder, need, "a snapshot", SNAPSHOT_FIX))
+        try:
+            (folder / LAYOUT_FILE).unlink(missing_ok=True)
+            path = self._write_slices(folder, power, DTYPES[self.cfg.snapshot_dtype])
+            digest, failed = integrity.sha256(path), None
+        except Exception as err:  # any type: safetensors reports a full disk as SafetensorError
+            digest, failed = None, err
         digests: list = [None] * self.layout.world_size
-        torch.distributed.all_gather_object(digests, integrity.sha256(path))  # one short string per rank
-        if self.rank == 0:
-            self._write_meta(folder, power, step=step,
-                             sha256={rank_file(folder, r).name: d for r, d in enumerate(digests)})
+        torch.distributed.all_gather_object(digests, digest)  # one short string per rank
+        if None not in digests and self.rank == 0:
+            try:
+                self._write_meta(folder, power, step=step,
+                                 sha256={rank_file(folder, r).name: d for r, d in enumerate(digests)})
+            except OSError as err:
+                failed = err
+        if any_rank(failed is not None):  # host sync: rank 0's marker write can fail alone
+            if self.rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+            if integrity.is_no_space(failed or OSError(), folder.parent):
+                raise integrity.NoSpaceError(integrity.no_space_message(folder.parent, need, "a snapshot",
+                                                                        SNAPSHOT_FIX) + " (partial removed)")
+            raise EMAError(f"writing snapshot {folder} failed: {failed or 'on another rank'}")
         return folder
 
     def load(self, folder: Path) -> None:

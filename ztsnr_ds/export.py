@@ -94,7 +94,10 @@ def resolve_tag(path: str | Path) -> Path:
     for folder in (path / "checkpoints", path):
         latest = folder / checkpoint.LATEST_FILE
         if latest.is_file():
-            tag_dir = folder / latest.read_text().strip()
+            try:
+                tag_dir = checkpoint.read_latest(folder)
+            except checkpoint.CheckpointError as e:
+                raise ExportError(str(e)) from None
             if not (tag_dir / checkpoint.STATE_FILE).is_file():
                 raise ExportError(f"{latest} names {tag_dir.name}, which is missing or incomplete "
                                   f"(no {checkpoint.STATE_FILE}); pass a complete tag folder instead")

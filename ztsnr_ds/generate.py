@@ -33,13 +33,14 @@ from ztsnr_ds import checkpoint
 from ztsnr_ds.export import ExportError, load_checkpoint, resolve_tag, save_safetensors
 from ztsnr_ds.keymaps import CLIP_L_PREFIX, UNET_PREFIX
 from ztsnr_ds.metrics import image_grid
+from ztsnr_ds.model_metadata import NOISE_SETTINGS, noise_from_metadata
+from ztsnr_ds.model_metadata import recorded as recorded_value
 from ztsnr_ds.models import (
     UNET_WEIGHTS,
     FrozenParts,
     is_single_file,
     load_frozen,
     load_unet,
-    noise_from_metadata,
     unet_from_state,
 )
 from ztsnr_ds.sampling import SDXLDenoiser, sample_euler
@@ -48,7 +49,6 @@ from ztsnr_ds.text import PromptEncoder
 from ztsnr_ds.text_training import load_encoders
 
 MODEL_KINDS = ("checkpoint", "diffusers", "single_file")
-NOISE_SETTINGS = ("ztsnr", "sigma_max", "base_area")  # base_area None: no resolution scaling
 LATENTS_FILE = "latents.safetensors"
 GRID_FILE = "grid.png"
 
@@ -74,14 +74,13 @@ class ModelSource:
 
 
 # ---------------------------------------------------------------------------------------- the model
-def dropout_mode_from_metadata(metadata: dict[str, str]) -> str | None:
-    """captions.dropout_mode from the ztsnr_ds.* metadata of `export.export_metadata` (None if absent)."""
-    return metadata.get("ztsnr_ds.dropout_mode")
-
-
-def max_chunks_from_metadata(metadata: dict[str, str]) -> int | None:
-    """captions.max_chunks from the ztsnr_ds.* metadata of `export.export_metadata` (None if absent)."""
-    return int(metadata["ztsnr_ds.max_chunks"]) if "ztsnr_ds.max_chunks" in metadata else None
+def _file_metadata(metadata: dict[str, str]) -> tuple[dict, str | None, int | None]:
+    """(noise settings, dropout_mode, max_chunks) a model file records; a hostile value names itself."""
+    try:
+        return (noise_from_metadata(metadata), recorded_value(metadata, "dropout_mode"),
+                recorded_value(metadata, "max_chunks"))
+    except ValueError as e:
+        raise SampleInputError("--model", str(e)) from None
 
 
 def _inspect_checkpoint(path: Path) -> ModelSource:
@@ -115,17 +114,17 @@ def _inspect_folder(path: Path) -> ModelSource:
     weights = folder / UNET_WEIGHTS  # sharded or variant files carry no ztsnr_ds metadata
     metadata = _read_header(weights)[0] if weights.is_file() else {}
     base = path if (path / "model_index.json").is_file() else None
-    return ModelSource("diffusers", path, noise_from_metadata(metadata), base,
-                       dropout_mode_from_metadata(metadata), max_chunks_from_metadata(metadata))
+    noise, dropout_mode, max_chunks = _file_metadata(metadata)
+    return ModelSource("diffusers", path, noise, base, dropout_mode, max_chunks)
 
 
 def _inspect_file(path: Path) -> ModelSource:
     metadata, keys = _read_header(path)
     sgm = any(k.startswith(UNET_PREFIX) for k in keys)
     whole = sgm and any(k.startswith(CLIP_L_PREFIX) for k in keys)  # a full SDXL is its own base
-    return ModelSource("single_file" if sgm else "diffusers", path, noise_from_metadata(metadata),
-                       path if whole else None, dropout_mode_from_metadata(metadata),
-                       max_chunks_from_metadata(metadata))
+    noise, dropout_mode, max_chunks = _file_metadata(metadata)
+    return ModelSource("single_file" if sgm else "diffusers", path, noise, path if whole else None,
+                       dropout_mode, max_chunks)
 
 
 def inspect_model(path: str | Path) -> ModelSource:

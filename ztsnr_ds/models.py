@@ -29,6 +29,7 @@ from ztsnr_ds.keymaps import (
     sgm_to_unet,
     sgm_to_vae,
 )
+from ztsnr_ds.model_metadata import noise_from_metadata
 from ztsnr_ds.tokenizers import sdxl_tokenizers
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -347,20 +348,6 @@ def file_unet_shapes(path: str | Path, config: dict) -> dict[str, torch.Size]:
     with safe_open(str(path), "pt") as f:
         shapes = {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(UNET_PREFIX)}
     return sgm_to_unet(shapes, config)
-
-
-def noise_from_metadata(metadata: dict[str, str]) -> dict:
-    """ztsnr, sigma_max, base_area (None: no resolution scaling) from the ztsnr_ds.* metadata of
-    `export.export_metadata`."""
-    noise = {}
-    if "ztsnr_ds.ztsnr" in metadata:
-        noise["ztsnr"] = metadata["ztsnr_ds.ztsnr"]
-    if "ztsnr_ds.sigma_max" in metadata:
-        noise["sigma_max"] = float(metadata["ztsnr_ds.sigma_max"])
-    if "ztsnr_ds.base_area" in metadata:
-        area = metadata["ztsnr_ds.base_area"]
-        noise["base_area"] = None if area == "None" else int(area)
-    return noise
 
 
 def base_noise_notes(path: str | Path, noise: dict) -> list[str]:

@@ -24,6 +24,7 @@ normalised x) says how well the snapshots cover the target; `mass` is the sum be
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,23 +104,42 @@ class Snapshot:
 
 
 def find_snapshots(run_dir: Path) -> list[Snapshot]:
-    """The complete snapshots of a run (ema.json written, every rank file matching its sha256), by step."""
+    """The complete snapshots of a run (ema.json written, every rank file matching its sha256), by step;
+    a folder without ema.json (cut short by a kill or a full disk) is skipped with a warning."""
     root = Path(run_dir) / SNAPSHOT_DIR
     if not root.is_dir():
         raise EMAError(f"{run_dir} has no {SNAPSHOT_DIR}/: train with ema.enabled and ema.posthoc: true "
                        "(snapshots every ema.snapshot_every steps)")
     found = []
-    for folder in sorted(p for p in root.iterdir() if (p / LAYOUT_FILE).is_file()):
-        layout, meta = read_layout(folder)
-        for r in range(layout.world_size):
-            path = rank_file(folder, r)
-            if not path.is_file() or integrity.sha256(path) != meta["sha256"][path.name]:
-                raise EMAError(f"{path} is missing or does not match its sha256 in {folder / LAYOUT_FILE}; "
-                               f"delete {folder} to rebuild without it")
-        found.append(Snapshot(folder, int(meta["step"]), int(meta["updates"]), layout, meta["tracks"]))
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if (folder / LAYOUT_FILE).is_file():
+            found.append(checked_snapshot(folder))
+        else:
+            warnings.warn(f"skipping {folder}: no {LAYOUT_FILE} (a snapshot cut short); delete it",
+                          stacklevel=2)
     if not found:
         raise EMAError(f"{root} holds no complete snapshot (a run killed before its first one?)")
     return found
+
+
+def checked_snapshot(folder: Path) -> Snapshot:
+    """One snapshot folder: its sealed ema.json with step and sha256s, the step its folder's name, every
+    rank file matching; EMAError naming the file and the fix otherwise."""
+    layout, meta = read_layout(folder)
+    fix = f"delete {folder} to rebuild without it"
+    try:
+        step, updates, sums = int(meta["step"]), int(meta["updates"]), dict(meta["sha256"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise EMAError(f"{folder / LAYOUT_FILE} lacks a valid {err} (not a snapshot's ema.json); "
+                       f"{fix}") from None
+    if folder.name != f"step{step:08d}":
+        raise EMAError(f"{folder / LAYOUT_FILE} records step {step}, but its folder is {folder.name} (moved "
+                       f"or swapped snapshots); rename it step{step:08d}, or {fix}")
+    for r in range(layout.world_size):
+        path = rank_file(folder, r)
+        if not path.is_file() or integrity.sha256(path) != sums.get(path.name):
+            raise EMAError(f"{path} is missing or does not match its sha256 in {folder / LAYOUT_FILE}; {fix}")
+    return Snapshot(folder, step, updates, layout, meta["tracks"])
 
 
 def reconstruct(snapshots: list[Snapshot], sigma_rel: float,

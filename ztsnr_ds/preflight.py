@@ -2,7 +2,9 @@
 
 Each raises ValueError naming the key to change (config.check_inputs turns it into ConfigError, exit 2):
 the DeepSpeed JSON (readable, batch sizes that agree with trainer.*, a ZeRO stage this trainer runs),
-trainer.resume (a complete tag; never a silent mix of two runs in one output_dir), validation.holdout
+the model paths (model.pretrained a diffusers SDXL folder, model.unet_path a readable UNet: checked from
+headers, before any text encoder loads), trainer.output_dir (a folder), trainer.resume (a complete tag;
+never a silent mix of two runs in one output_dir; never a silent drop of its EMA), validation.holdout
 (images left to train on; the held-out images of the checkpoint resumed) and whether the sampler can plan
 an epoch on the cache's buckets less the held-out images (every rank needs a sample in every step).
 """
@@ -14,12 +16,16 @@ import os
 import warnings
 from pathlib import Path
 
-from ztsnr_ds import checkpoint, safe_load
+from safetensors import SafetensorError, safe_open
+
+from ztsnr_ds import checkpoint, ema, safe_load
 from ztsnr_ds.data.cache_files import REPORT, CacheError
 from ztsnr_ds.data.index import CacheIndex
 from ztsnr_ds.engine import build_ds_config
 from ztsnr_ds.holdout import holdout_count, holdout_ids, training_buckets
+from ztsnr_ds.keymaps import UNET_PREFIX
 from ztsnr_ds.mixing import caption_control, sampler_options
+from ztsnr_ds.models import FROZEN_PARTS, UNET_WEIGHTS, is_single_file
 
 ZERO_STAGES = (0, 1, 2)  # validation and export read full weights from every rank: no ZeRO-3
 
@@ -32,9 +38,61 @@ def world_size() -> int:
 def check_run(config) -> None:
     """All checks below, for a parsed TrainConfig."""
     check_deepspeed_json(config.deepspeed_config, config.trainer.micro_batch, config.trainer.grad_accum)
+    check_model(config.model.pretrained, config.model.unet_path)
+    if Path(config.trainer.output_dir).exists() and not Path(config.trainer.output_dir).is_dir():
+        raise ValueError(f"trainer.output_dir = {config.trainer.output_dir} is a file, not a folder; "
+                         "name a new or existing run folder")
     tag = check_resume(Path(config.trainer.output_dir), config.trainer.resume, config.trainer.overwrite)
     check_buckets(config, tag)
     check_text_encoders(config, tag)
+    check_ema_resume(config.ema, tag)
+
+
+def check_model(pretrained: str, unet_path: str | None) -> None:
+    """model.pretrained holds every frozen part (and the UNet unless unet_path); model.unet_path is a UNet
+    folder or .safetensors whose header names UNet weights. Headers only: nothing is loaded."""
+    folder = Path(pretrained)
+    if is_single_file(folder) and unet_path is None:
+        return  # its parts: config.check_base_file reads the header
+    needed = [] if is_single_file(folder) else [*FROZEN_PARTS, *([] if unet_path else ["unet/config.json"])]
+    missing = [name for name in needed if not (folder / name).exists()]
+    if missing:
+        raise ValueError(f"model.pretrained = {pretrained} is not a diffusers SDXL folder (missing "
+                         f"{', '.join(missing)}) nor a single-file SDXL .safetensors; pass an SDXL model "
+                         "folder in diffusers layout or its single file")
+    unet = Path(unet_path or folder / "unet")
+    weights = unet / UNET_WEIGHTS if unet.is_dir() else unet
+    key = "model.unet_path" if unet_path else "model.pretrained"
+    if unet.is_dir() and not (unet / "config.json").is_file():
+        raise ValueError(f"{key}: {unet} has no config.json; pass a diffusers UNet folder or a .safetensors")
+    if not weights.is_file():
+        return  # sharded or .bin UNet folders: diffusers checks them when it loads
+    try:
+        with safe_open(str(weights), "pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{key}: {weights} is not a readable .safetensors file ({err}); pass a UNet "
+                         "folder or .safetensors") from None
+    if not any(k in ("conv_in.weight", f"{UNET_PREFIX}input_blocks.0.0.weight") for k in keys):
+        raise ValueError(f"{key}: {weights} holds no SDXL UNet weights (no conv_in); pass a UNet folder or "
+                         ".safetensors (diffusers or single-file SDXL keys)")
+
+
+def check_ema_resume(cfg: ema.EMAConfig, tag: Path | None) -> None:
+    """A tag whose EMA tracks this config would not carry on is refused, unless ema.discard_saved."""
+    folder = tag / ema.EMA_DIR if tag is not None else None
+    if folder is None or not folder.is_dir() or cfg.discard_saved:
+        return
+    try:
+        saved = set(ema.read_layout(folder)[1].get("tracks", {}))
+    except ema.EMAError as err:
+        raise ValueError(f"trainer.resume: {err}") from None
+    kept = {ema.MAIN_TRACK, *(ema.track_name(s) for s in cfg.sigma_rels if cfg.posthoc)}
+    if dropped := sorted(saved - (kept if cfg.enabled else set())):
+        key = "ema.sigma_rels" if cfg.posthoc else "ema.posthoc" if cfg.enabled else "ema.enabled"
+        raise ValueError(f"{key}: {tag} holds the EMA tracks {', '.join(dropped)}, which this run would "
+                         f"drop (and rotation delete); set {key} as the run had it to carry them on, or "
+                         "--ema.discard_saved true to drop them on purpose (the last tag holding them stays)")
 
 
 def check_deepspeed_json(path: str, micro_batch: int, grad_accum: int) -> None:
@@ -65,11 +123,17 @@ def check_resume(output_dir: Path, resume: str, overwrite: bool) -> Path | None:
     if resume not in ("auto", "none") and not (Path(resume) / checkpoint.STATE_FILE).is_file():
         raise ValueError(f"trainer.resume = {resume}: not a complete checkpoint tag folder (no "
                          f"{checkpoint.STATE_FILE}); use 'auto' or a folder like checkpoints/step00000100")
-    tag = checkpoint.find_resume_tag(output_dir, resume)
-    try:
-        safe_load.check_files(sorted(tag.glob("*.pt")) if tag else [])  # reads pickle opcodes, runs nothing
-    except safe_load.UnsafeCheckpoint as err:
-        raise ValueError(f"trainer.resume = {resume}: {err}") from err
+    for _ in range(3):  # a live run's rotation may delete the newest tag while it is checked: look again
+        tag = checkpoint.find_resume_tag(output_dir, resume)
+        try:
+            safe_load.check_files(sorted(tag.glob("*.pt")) if tag else [])  # reads opcodes, runs nothing
+            if tag is not None:
+                checkpoint.read_state(tag)  # its bytes against checksums.json
+            break
+        except (safe_load.UnsafeCheckpoint, checkpoint.CheckpointError) as err:
+            if resume == "auto" and tag is not None and not (tag / checkpoint.STATE_FILE).is_file():
+                continue  # rotated away meanwhile: resume auto takes the newest complete tag now
+            raise ValueError(f"trainer.resume = {resume}: {err}") from err
     foreign = checkpoint.foreign_tags(output_dir, resume) + checkpoint.foreign_snapshots(output_dir, resume)
     if foreign and not overwrite:
         raise ValueError(

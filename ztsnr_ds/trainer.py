@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ztsnr_ds import checkpoint, init_from, kernels
 from ztsnr_ds.config import TrainConfig, TrainerConfig
-from ztsnr_ds.data.cache import LatentCache
+from ztsnr_ds.data_checks import open_cache
 from ztsnr_ds.device import to_device
 from ztsnr_ds.ema import EMA_DIR, ShardedEMA
 from ztsnr_ds.engine import DistInfo, any_rank, build_ds_config, initialize, is_pure_bf16, wait_group
@@ -81,7 +81,7 @@ class Trainer:
         self.wait_group = wait_group()  # collective: every rank, here
         self.output_dir = Path(cfg.trainer.output_dir)
         self.device = torch.device(get_accelerator().device_name(dist.local_rank))
-        self.cache = LatentCache(cfg.data.cache_dir)
+        self.cache = open_cache(cfg.data.cache_dir, cfg.trainer.max_bad_samples, dist)  # checked, collective
         self.schedule = NoiseSchedule(cfg.noise.ztsnr, cfg.noise.sigma_max,
                                       cfg.noise.base_area if cfg.noise.resolution_scaling else None)
         self.objective = VObjective(cfg.loss.weighting, cfg.loss.gamma, cfg.loss.terminal_weight,
@@ -150,9 +150,9 @@ class Trainer:
 
     def save(self) -> Path:
         # The per-sample streams are a function of (seed, epoch, id): no generator state to save.
-        write_ema = (lambda tag_dir: self.ema.save(tag_dir / EMA_DIR)) if self.ema else None
+        ema = (lambda tag_dir: self.ema.save(tag_dir / EMA_DIR), self.ema.nbytes()) if self.ema else (None, 0)
         return checkpoint.save(self.engine, self.output_dir, self.step, self.state(),
-                               self.cfg.trainer.keep_last, self.dist.is_main, write_ema)
+                               self.cfg.trainer.keep_last, self.dist.is_main, *ema)
 
     def resume(self) -> None:
         """Load the tag found at start-up (self.resume_tag), if any: weights, optimizer, step, sampler."""
@@ -335,7 +335,7 @@ class Trainer:
             tqdm.write(f"signal {signum}: finishing this step, saving a checkpoint, then exiting")
 
     def _agree_to_stop(self) -> bool:
-        return any_rank(self.stop_requested)  # host sync once per step: all ranks save and stop together
+        return any_rank(self.stop_requested or self.cache.faults.stop)  # host sync per step: all save, stop
 
     def _report_sampler(self) -> None:
         """Rank 0: the per-bucket batching table on stdout and in <output_dir>/sampler_summary.json."""

@@ -44,6 +44,7 @@ from ztsnr_ds.data.cache_files import FORMAT, PARTS_DIR, SHARD_DIR
 from ztsnr_ds.data.cache_merge import merge_parts
 from ztsnr_ds.data.cache_parts import write_part
 from ztsnr_ds.data.cache_reuse import ReuseIndex
+from ztsnr_ds.data.caption_cap import bound_captions
 from ztsnr_ds.data.caption_control import canonical_caption
 from ztsnr_ds.data.packed import load_record, read_bytes
 from ztsnr_ds.data.shards import ShardWriter
@@ -104,6 +105,7 @@ def build_cache(
     (root / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     (root / PARTS_DIR).mkdir(exist_ok=True)
     scan = scan_sources(cfg.source_list(), rank, world_size, root / PARTS_DIR)
+    scan = bound_captions(scan, cfg.max_caption_bytes)  # no per-use cost grows with a runaway caption
     fingerprint = settings_fingerprint(cfg, parts, max_chunks)
     text = PromptEncoder.from_parts(parts, max_chunks)
     reuse = ReuseIndex(root, fingerprint, cfg.cache_text, rank, world_size)

@@ -1,5 +1,6 @@
-"""``launch/cache.py --verify``: every shard's sha256 and every sample's CRC-32, read once, on threads
-(and split over ranks when launched on several), with a progress bar and a report."""
+"""``launch/cache.py --verify``: every index column file's sha256 (data/index_sums.py), every shard's
+sha256 and every sample's CRC-32, read once, on threads (and split over ranks when launched on several),
+with a progress bar and a report."""
 
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ def verify_cache(root: Path, rank: int = 0, world_size: int = 1, workers: int = 
         ids = order[starts[s]:starts[s + 1]]
         return _check_shard(root, index, s, ids)
 
-    problems: list[dict] = []
+    problems: list[dict] = [{"column": p} for p in index.column_problems(rank, world_size)]
+    if index.column_sums is None and rank == 0:
+        problems.append({"column": f"{index.folder}: no column checksums (indexed by an older version); "
+                                   f"write them with `python launch/cache.py --cache_dir {root} --convert`"})
     samples = 0
     with ThreadPoolExecutor(workers) as pool:
         for checked, found in tqdm(pool.map(check, mine), total=len(mine), disable=not progress,
@@ -50,8 +54,13 @@ def _check_shard(root: Path, index: CacheIndex, s: int, ids: np.ndarray) -> tupl
     except Exception as err:  # a damaged header: nothing in the shard can be checked
         return 0, found + [{"shard": info["name"], "reason": f"unreadable: {err}"}]
     columns = [c for c in CHECKSUMS if c in index.columns]
+    count = len(tensors.get("latents", ()))
     for i in ids:
         position = int(index.columns["index"][i])
+        if not 0 <= position < count:  # a shard swapped for another of fewer samples
+            found.append({"shard": info["name"], "reason": f"sample {position} beyond the shard's {count}",
+                          "id": int(i), "key": index.key(i), "index": position})
+            continue
         actual = sample_checksums(tensors, position)
         found += [{"shard": info["name"], "reason": f"{column} mismatch", "id": int(i), "key": index.key(i),
                    "index": position}

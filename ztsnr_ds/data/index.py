@@ -6,7 +6,8 @@ fixed-width columns need nothing more, and captions and keys are one UTF-8 blob 
 offsets -- the layout of an Arrow string column -- so no extra dependency is needed to read them).
 
 ``index.json`` names the current column folder ``index-<id>/``; a rewrite fills a new folder and then
-swaps the pointer atomically, so a crash leaves the old index or the new one.
+swaps the pointer atomically, so a crash leaves the old index or the new one. Every file of the folder
+has its sha256 in ``index-<id>/checksums.json`` and index.json is sealed (data/index_sums.py).
 
 Columns (N rows, id = row number, rows sorted by key):
     shard (N,) int32       position in index.json "shards"      index (N,) int32   sample in its shard
@@ -34,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ztsnr_ds import integrity
+from ztsnr_ds.data import index_sums
 from ztsnr_ds.data.cache_files import (
     INDEX,
     INDEX_FORMAT,
@@ -126,11 +129,13 @@ def _finish(root: Path, folder: Path, columns: dict[str, np.ndarray], shards: li
     for name, values in columns.items():
         with synced(folder / f"{name}.npy") as f:
             np.save(f, values)
+    sums = index_sums.write_sums(folder)  # every file of the folder, before the marker index.json
     sync_dir(folder)
     meta = {"format": INDEX_FORMAT, "folder": folder.name, "rows": len(bucket), "fingerprint": fingerprint,
             "cache_text": cache_text, "shards": shards, "buckets": bucket_keys,
-            "bucket_starts": starts.tolist(), **({"sources": sources} if sources is not None else {})}
-    write_atomic(root / INDEX, json.dumps(meta, indent=1).encode())
+            "bucket_starts": starts.tolist(), index_sums.SUMS_KEY: sums,
+            **({"sources": sources} if sources is not None else {})}
+    write_atomic(root / INDEX, json.dumps(integrity.seal(meta), indent=1).encode())
     for old in root.glob("index-*"):
         if old.name != folder.name:
             shutil.rmtree(old, ignore_errors=True)
@@ -199,6 +204,7 @@ class CacheIndex:
                              "`python launch/cache.py --config <your yaml>`")
         meta = read_json(root / INDEX, "latent cache index")
         try:
+            meta, self.column_sums = index_sums.unseal(root, root / meta["folder"], meta)
             if meta["format"] != INDEX_FORMAT:
                 raise CacheError(f"{root / INDEX}: index format {meta['format']}, this version reads "
                                  f"{INDEX_FORMAT}; {REBUILD_HINT}")
@@ -209,18 +215,23 @@ class CacheIndex:
             self.shard_names = [s["name"] for s in self.shards]
             self.bucket_keys: list[str] = meta["buckets"]
             starts = np.asarray(meta["bucket_starts"], dtype=np.int64)
-            folder = root / meta["folder"]
+            self.folder = folder = root / meta["folder"]
             self.sources: list[str] = list(meta.get("sources", [""]))
         except (KeyError, TypeError, ValueError) as err:
             raise CacheError(f"{root / INDEX} is damaged (bad field: {err}); {REBUILD_HINT}") from None
         names = [*_ROW_COLUMNS, "by_bucket", "key_offsets", "caption_offsets"]
         names += ["crc32_text"] if self.cache_text else []
         names += ["source"] if "sources" in meta else []
-        self.columns = {name: self._column(folder, name) for name in names}
+        try:
+            self.columns = {name: self._column(folder, name) for name in names}
+            self.keys_blob = self._blob(folder / "keys.bin", self.columns["key_offsets"])
+            self.captions_blob = self._blob(folder / "captions.bin", self.columns["caption_offsets"])
+            self._check(starts)
+        except CacheError as err:  # a damaged column names itself rather than its symptom
+            if damaged := self.column_problems():
+                raise CacheError(f"{root / INDEX}: {'; '.join(damaged)}") from err
+            raise
         self.columns.setdefault("source", np.broadcast_to(np.int16(0), (self.rows,)))  # no memory per row
-        self.keys_blob = self._blob(folder / "keys.bin", self.columns["key_offsets"])
-        self.captions_blob = self._blob(folder / "captions.bin", self.columns["caption_offsets"])
-        self._check(starts)
         by_bucket = self.columns["by_bucket"]
         self.buckets = {key: by_bucket[starts[i]:starts[i + 1]] for i, key in enumerate(self.bucket_keys)}
 
@@ -230,8 +241,8 @@ class CacheIndex:
             values = np.load(path, mmap_mode="r", allow_pickle=False)
         except FileNotFoundError:
             raise CacheError(f"{path} is missing; {REBUILD_HINT}") from None
-        except ValueError as err:
-            raise CacheError(f"{path} is damaged ({err}); {REBUILD_HINT}") from None
+        except (ValueError, EOFError) as err:  # EOFError: an empty file
+            raise CacheError(f"{path} is damaged ({type(err).__name__}: {err}); {REBUILD_HINT}") from None
         expected = self.rows + 1 if name.endswith("_offsets") else self.rows
         if len(values) != expected:
             raise CacheError(f"{path}: {len(values)} rows, index.json says {expected}; {REBUILD_HINT}")
@@ -279,6 +290,10 @@ class CacheIndex:
                 col["bucket"][by_bucket] != np.repeat(np.arange(n_buckets), np.diff(starts))).any():
             problems.append("by_bucket does not group the ids by their bucket")
         return problems
+
+    def column_problems(self, rank: int = 0, world_size: int = 1) -> list[str]:
+        """This rank's share of the column files checked against their sha256s (none recorded: none)."""
+        return index_sums.problems(self.folder, self.column_sums or {}, rank, world_size)
 
     def key(self, i: int) -> str:
         offsets = self.columns["key_offsets"]
