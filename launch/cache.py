@@ -25,12 +25,16 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import yaml
-from jsonargparse import ArgumentParser
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+from ztsnr_ds.machine import one_thread_per_process  # noqa: E402
+
+one_thread_per_process()  # before torch is imported
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import yaml  # noqa: E402
+from jsonargparse import ArgumentParser  # noqa: E402
+
 from ztsnr_ds.data.cache import CacheConfig  # noqa: E402
 from ztsnr_ds.data.cache_build import BuildStats, build_cache  # noqa: E402
 from ztsnr_ds.data.cache_files import CacheError, write_atomic  # noqa: E402

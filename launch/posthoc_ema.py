@@ -19,6 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ztsnr_ds.machine import one_thread_per_process  # noqa: E402
+
+one_thread_per_process()  # before torch is imported
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ztsnr_ds.ema import EMAError, power_gamma  # noqa: E402

@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ztsnr_ds.machine import bf16_on_slow_cpu, is_main_process, one_thread_per_process  # noqa: E402
+
+one_thread_per_process()  # before torch is imported
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -46,6 +49,8 @@ def start(cfg) -> None:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     cfg, config_dict = parse_or_exit(argv)
+    if is_main_process() and (warning := bf16_on_slow_cpu(cfg.deepspeed_config)):
+        print(warning, file=sys.stderr, flush=True)
     from ztsnr_ds.checkpoint import CheckpointError
     from ztsnr_ds.engine import init_distributed
     from ztsnr_ds.locks import StaleLock

@@ -7,13 +7,15 @@ validated by `parse()` before a model is loaded or a process group is joined.
 
 from __future__ import annotations
 
+import difflib
+import re
 import sys
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from ztsnr_ds.data.cache import CacheConfig
 from ztsnr_ds.data.sampler import BucketBatchSampler
@@ -280,6 +282,7 @@ class TrainConfig:
 
 
 def build_parser() -> ArgumentParser:
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help prints each field's docstring
     parser = ArgumentParser(description="Train an SDXL UNet with the NAI V3 ZTSNR recipe under DeepSpeed.",
                             exit_on_error=False, default_env=False)
     parser.add_argument("--config", action=ActionConfigFile, help="Training YAML (configs/*.yaml).")
@@ -290,6 +293,23 @@ def build_parser() -> ArgumentParser:
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key and the fix."""
+
+
+UNKNOWN_KEY = (re.compile(r"Group '(?P<group>[\w.]+)' does not accept option '(?P<key>[\w.]+)'"),
+               re.compile(r"unrecognized arguments: --(?P<key>[\w.]+)"),
+               re.compile(r"Option '(?P<key>[\w.]+)' is not accepted"))
+"""jsonargparse's messages for a key it does not know (in a YAML section, on the command line, at the top)."""
+
+
+def did_you_mean(message: str, keys: Sequence[str]) -> str:
+    """`message` plus "did you mean ..." with the known keys nearest to the unknown key it names."""
+    for pattern in UNKNOWN_KEY:
+        if match := pattern.search(message):
+            key = ".".join(filter(None, (match.groupdict().get("group"), match["key"])))
+            close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+            if close:
+                return f"{message}; did you mean {' or '.join(close)}?"
+    return message
 
 
 def check_inputs(config: TrainConfig) -> None:
@@ -321,7 +341,9 @@ def parse(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict]:
         init = parser.instantiate(namespace)
         config = TrainConfig(**{k: getattr(init, k) for k in TrainConfig.__dataclass_fields__})
     except (ArgumentError, ValueError, TypeError) as err:
-        raise ConfigError(str(err)) from err
+        dests = [action.dest for action in parser._actions]
+        keys = [d for d in dests if not d.endswith("help") and not any(o.startswith(f"{d}.") for o in dests)]
+        raise ConfigError(did_you_mean(str(err), keys)) from err
     check_inputs(config)
     return config, to_dict(config, namespace)
 
