@@ -172,6 +172,9 @@ class TrainerConfig:
     """Steps between metric logs (each log is one host sync)."""
     max_nonfinite: int = 10
     """Consecutive skipped non-finite micro-batches after which the run stops."""
+    allow_recipe_change: bool = False
+    """Let a resumed run change recipe keys (noise.*, loss.*, data.buckets.*) of its checkpoint; without
+    it such a change exits 2 naming the keys. Every change is kept in the checkpoint's config history."""
     deterministic: bool = False
     """Deterministic kernels (torch.use_deterministic_algorithms, cuDNN, cuBLAS workspace): on GPUs, runs
     and resumes then repeat bit for bit, at some speed; the CPU is deterministic without it."""
@@ -345,7 +348,28 @@ def parse(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict]:
         keys = [d for d in dests if not d.endswith("help") and not any(o.startswith(f"{d}.") for o in dests)]
         raise ConfigError(did_you_mean(str(err), keys)) from err
     check_inputs(config)
-    return config, to_dict(config, namespace)
+    return config, check_drift(config, to_dict(config, namespace), namespace)
+
+
+def check_drift(config: TrainConfig, config_dict: dict, namespace: Namespace) -> dict:
+    """data.* against the cache's build, and a resume's config against its checkpoint's (drift.py);
+    returns ``config_dict`` with the history of changes the next checkpoint records."""
+    from ztsnr_ds import checkpoint, drift  # the checkpoint module imports torch
+    from ztsnr_ds.data.cache_settings import check_cache
+
+    yaml_path = namespace.get("config") or "<your yaml>"
+    yaml_path = str(yaml_path[-1]) if isinstance(yaml_path, list) and yaml_path else str(yaml_path)
+    try:
+        check_cache(config.data, yaml_path)
+        tag = checkpoint.find_resume_tag(Path(config.trainer.output_dir), config.trainer.resume)
+        if tag is None:
+            return config_dict
+        drift.check_precision(tag, config.deepspeed_config)
+        state = checkpoint.read_state(tag)
+        return drift.check_resume(state[checkpoint.CONFIG], config_dict, state[checkpoint.STEP],
+                                  config.trainer.allow_recipe_change)
+    except (ValueError, checkpoint.CheckpointError) as err:
+        raise ConfigError(str(err)) from err
 
 
 def parse_or_exit(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict]:

@@ -29,6 +29,7 @@ from ztsnr_ds.data.cache_files import (
     write_atomic,
 )
 from ztsnr_ds.data.cache_parts import merged_rows, part_rows, read_summaries
+from ztsnr_ds.data.cache_settings import write_cache_settings
 from ztsnr_ds.data.index import IndexWriter, key_hash, write_index
 from ztsnr_ds.data.shards import CHECKSUMS, fill_checksums, shard_checksums
 from ztsnr_ds.data.sources import Problem, summarize_problems
@@ -82,6 +83,7 @@ def merge_parts(cfg: CacheConfig, world_size: int) -> dict:
             path.unlink()
     for path in (root / PARTS_DIR).iterdir():
         path.unlink()
+    write_cache_settings(cfg)  # last: what training compares its data.* with (drift.py)
     _log_report(report)
     return report
 

@@ -1,0 +1,120 @@
+"""A newcomer's mistakes are named: misspelt keys, a stale cache, a changed recipe on resume, CPU threads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ztsnr_ds import checkpoint, drift, machine
+from ztsnr_ds.config import ConfigError, build_parser, parse
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_config(make_run_config) -> Path:
+    return make_run_config("newcomer", 8, {"micro_batch": 2, "max_steps": 2}, {"every": 0})
+
+
+def test_help_prints_each_fields_docstring():
+    text = " ".join(build_parser().format_help().split())  # argparse wraps lines
+    assert "Zero terminal SNR: terminal (NAI: sigma_999 := sigma_max)" in text  # noise.ztsnr's docstring
+    assert "Let a resumed run change recipe keys" in text  # trainer.allow_recipe_change's
+
+
+@pytest.mark.parametrize("typo, section, expected", [
+    (["--noise.ztnsr", "off"], None, "noise.ztsnr"),  # command line
+    ([], {"optimizer": {"lrr": 0.1}}, "optimizer.lr"),  # a key inside a YAML section
+    ([], {"trainr": {"max_steps": 3}}, "trainer.max_steps"),  # a misspelt section
+])
+def test_misspelt_key_gets_did_you_mean(run_config, tmp_path, typo, section, expected):
+    argv = ["--config", str(run_config), *typo]
+    if section:
+        (extra := tmp_path / "extra.yaml").write_text(yaml.safe_dump(section))
+        argv += ["--config", str(extra)]
+    with pytest.raises(ConfigError, match=rf"did you mean {expected.replace('.', '[.]')}\b"):
+        parse(argv)
+
+
+def test_stale_cache_stops_naming_the_keys_and_the_command(run_config, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        parse(["--config", str(run_config), "--trainer.output_dir", str(tmp_path),
+               "--data.buckets.max_side", "512", "--data.crop", "random"])
+    message = str(err.value)
+    assert "data.buckets.max_side 256 -> 512" in message and "data.crop 'center' -> 'random'" in message
+    assert f"python launch/cache.py --config {run_config}" in message
+    parse(["--config", str(run_config), "--trainer.output_dir", str(tmp_path),
+           "--data.shard_max_mb", "8"])  # how shards are cut does not change what training reads
+
+
+def fake_checkpoint(output_dir: Path, config_dict: dict, step: int = 10) -> Path:
+    """A tag with just the completeness marker: all the config checks read."""
+    tag = output_dir / "checkpoints" / f"step{step:08d}"
+    tag.mkdir(parents=True)
+    state = {checkpoint.STEP: step, checkpoint.CONFIG: config_dict}
+    (tag / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    return tag
+
+
+def test_resume_with_changed_recipe_exits_naming_the_keys(run_config, tmp_path, capsys):
+    base = ["--config", str(run_config), "--trainer.output_dir", str(tmp_path)]
+    _, saved = parse(base)
+    fake_checkpoint(tmp_path, saved)
+    with pytest.raises(ConfigError) as err:
+        parse([*base, "--noise.ztsnr", "off", "--loss.gamma", "1"])
+    assert "noise.ztsnr 'terminal' -> 'off'" in str(err.value) and "loss.gamma 5.0 -> 1.0" in str(err.value)
+    assert "--trainer.allow_recipe_change true" in str(err.value)
+
+    _, allowed = parse([*base, "--noise.ztsnr", "off", "--trainer.allow_recipe_change", "true"])
+    assert allowed["noise"]["ztsnr"] == "off"
+    assert allowed[drift.HISTORY] == [{"step": 10, "changed": {"noise.ztsnr": ["terminal", "off"]}}]
+
+    capsys.readouterr()
+    _, warned = parse([*base, "--optimizer.lr", "0.002", "--validation.cfg_scale", "3"])  # not recipe: warns
+    assert "optimizer.lr 0.001 -> 0.002" in capsys.readouterr().err
+    assert warned[drift.HISTORY][-1]["changed"] == {"optimizer.lr": [0.001, 0.002],
+                                                    "validation.cfg_scale": [4.0, 3.0]}
+
+
+def test_history_accumulates_over_resumes():
+    saved = {"optimizer": {"lr": 1.0}, drift.HISTORY: [{"step": 5, "changed": {"x": [1, 2]}}]}
+    new = drift.check_resume(saved, {"optimizer": {"lr": 2.0}, "trainer": {"resume": "auto"}}, 9, False)
+    assert new[drift.HISTORY] == [{"step": 5, "changed": {"x": [1, 2]}},
+                                  {"step": 9, "changed": {"optimizer.lr": [1.0, 2.0]}}]
+    same = drift.check_resume(new, {"optimizer": {"lr": 2.0}, "trainer": {"resume": "none"}}, 12, False)
+    assert same[drift.HISTORY] == new[drift.HISTORY]  # nothing changed (trainer.resume is how, not what)
+
+
+def test_bf16_tag_resumed_with_fp32_json_is_refused_first(tmp_path):
+    (tmp_path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="saved in bf16"):
+        drift.check_precision(tmp_path, str(ROOT / "ds_configs" / "zero2_fp32.json"))
+    drift.check_precision(tmp_path, str(ROOT / "ds_configs" / "zero2_bf16.json"))
+
+
+def test_one_openmp_thread_on_a_cpu_only_machine_unless_set(monkeypatch, capsys):
+    monkeypatch.setattr(machine, "cpu_only", lambda: True)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    machine.one_thread_per_process()
+    assert machine.os.environ["OMP_NUM_THREADS"] == "1" and "OMP_NUM_THREADS=1" in capsys.readouterr().err
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    machine.one_thread_per_process()
+    assert machine.os.environ["OMP_NUM_THREADS"] == "4" and capsys.readouterr().err == ""
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(machine, "cpu_only", lambda: False)  # GPUs: torch's default threads
+    machine.one_thread_per_process()
+    assert "OMP_NUM_THREADS" not in machine.os.environ
+
+
+def test_bf16_json_on_a_cpu_without_bf16_units_warns_with_the_fp32_json(monkeypatch):
+    monkeypatch.setattr(machine, "cpu_only", lambda: True)
+    bf16, fp32 = str(ROOT / "ds_configs" / "zero2_bf16.json"), str(ROOT / "ds_configs" / "zero2_fp32.json")
+    warning = machine.bf16_on_slow_cpu(bf16, cpuinfo="flags\t\t: fpu sse avx2 fma")
+    assert machine.FP32_JSON in warning and "per step" in warning
+    assert machine.bf16_on_slow_cpu(fp32, cpuinfo="flags\t\t: fpu sse avx2") is None
+    assert machine.bf16_on_slow_cpu(bf16, cpuinfo="flags\t\t: avx2 avx512_bf16 amx_tile") is None
+    assert machine.bf16_on_slow_cpu(bf16, cpuinfo="Features\t: fp asimd bf16 i8mm") is None  # Arm
