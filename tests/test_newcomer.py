@@ -118,3 +118,28 @@ def test_bf16_json_on_a_cpu_without_bf16_units_warns_with_the_fp32_json(monkeypa
     assert machine.bf16_on_slow_cpu(fp32, cpuinfo="flags\t\t: fpu sse avx2") is None
     assert machine.bf16_on_slow_cpu(bf16, cpuinfo="flags\t\t: avx2 avx512_bf16 amx_tile") is None
     assert machine.bf16_on_slow_cpu(bf16, cpuinfo="Features\t: fp asimd bf16 i8mm") is None  # Arm
+
+
+def test_cache_report_counts_the_upscaled_images(tiny_sdxl, tmp_path):
+    import torch
+    from PIL import Image
+
+    from ztsnr_ds.data.buckets import BucketConfig
+    from ztsnr_ds.data.cache import CacheConfig
+    from ztsnr_ds.data.cache_build import build_cache
+    from ztsnr_ds.models import load_frozen
+
+    sizes = {"small.png": (50, 40), "wide.png": (300, 60), "big.png": (400, 400)}  # (w, h)
+    for name, size in sizes.items():
+        Image.new("RGB", size, (200, 30, 30)).save(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text("red")
+    buckets = BucketConfig(max_area=16384, step=64, min_side=64, max_side=256, max_aspect=4.0)
+    cfg = CacheConfig(source=str(tmp_path), cache_dir=str(tmp_path / "cache"), buckets=buckets)
+    report = build_cache(cfg, load_frozen(tiny_sdxl, dtype=torch.float32), progress=False).report
+    lines = (tmp_path / "cache/manifest.jsonl").read_text().splitlines()
+    rows = {r["key"]: r for r in map(json.loads, lines)}
+    # cover scale of each image: max(bucket_h / h, bucket_w / w), from the buckets the build chose
+    scale = {k: max(int(b) / o for o, b in zip(r["orig_hw"], r["bucket"].split("x"), strict=True))
+             for k, r in rows.items()}
+    assert scale["big.png"] < 1 < scale["wide.png"] < scale["small.png"]
+    assert report["upscaled"] == {"images": 2, "max_factor": round(scale["small.png"], 3)}
