@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"exported {trained.tag_dir} (step {trained.step}, {trained.weights} weights) -> {out}")
     if args.format == "single_file":
-        print(f"diffusers, with the scheduler it was trained for:\n{single_file_loader(out, args.base)}")
+        loader = single_file_loader(out, args.base, trained.dropout_mode)
+        print(f"diffusers, with the scheduler and the unconditional it was trained for:\n{loader}")
     return 0
 
 
