@@ -28,7 +28,8 @@ class CacheConfig:
     """What goes into the latent cache (the ``data`` section of the YAML)."""
 
     source: str
-    """Dataset: a folder tree of images with same-stem .txt captions, or a .jsonl manifest."""
+    """Dataset: a folder tree of images (jpg, png, webp, gif: first frame, bmp) with same-stem .txt captions,
+    or a .jsonl / .parquet manifest of {"image", "caption"} (docs/data-and-captions.md)."""
     cache_dir: str
     """Output folder (manifest.jsonl, shards.json, report.json, shards/)."""
     buckets: BucketConfig = field(default_factory=BucketConfig)
@@ -46,7 +47,8 @@ class CacheConfig:
     cache_text: bool = False
     """Also store the caption's text embeddings (bf16); live tag shuffling then has no effect on them."""
     min_image_side: int = 0
-    """Images whose smaller side is below this many pixels are skipped as too small (0: keep all)."""
+    """Images whose smaller side is below this many pixels are skipped as too small (0: keep all). Kept
+    images smaller than their bucket are enlarged to cover it; report.json counts them ("upscaled")."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images above this many pixels are skipped before decoding (decompression-bomb guard)."""
 
