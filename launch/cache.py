@@ -26,9 +26,11 @@ from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+from ztsnr_ds.console import PORT_HINT, port_in_use, quiet_deepspeed  # noqa: E402
 from ztsnr_ds.machine import one_thread_per_process  # noqa: E402
 
 one_thread_per_process()  # before torch is imported
+quiet_deepspeed()  # before DeepSpeed's first warning
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -88,7 +90,12 @@ def main(argv: list[str] | None = None) -> BuildStats | dict | int:
         parser.error("--config is required to build a cache")
     cfg, pretrained = read_sections(args.config)
     # Only barriers travel (gloo, even on GPUs); a long timeout because ranks may finish hours apart.
-    dist_info = init_distributed(backend="gloo", timeout=timedelta(hours=48))
+    try:
+        dist_info = init_distributed(backend="gloo", timeout=timedelta(hours=48))
+    except Exception as err:
+        if port_in_use(err):
+            sys.exit(f"launch/cache.py: {PORT_HINT}\n({type(err).__name__}: {err})")
+        raise
     rank, world_size, local_rank = dist_info.rank, dist_info.world_size, dist_info.local_rank
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(levelname)s %(message)s")
@@ -99,11 +106,27 @@ def main(argv: list[str] | None = None) -> BuildStats | dict | int:
         parts.text_encoder.to(device)
         parts.text_encoder_2.to(device)
     try:
-        return build_cache(cfg, parts, rank, world_size, batch_size=args.batch_size, workers=args.workers,
-                           progress=rank == 0)
+        stats = build_cache(cfg, parts, rank, world_size, batch_size=args.batch_size, workers=args.workers,
+                            progress=rank == 0)
+        if stats.report is not None:
+            print(where_things_are(Path(cfg.cache_dir), stats.report, args.config))
+        return stats
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def where_things_are(root: Path, report: dict, config: str) -> str:
+    """The end of a build: what the cache holds, where the report is, and the next command."""
+    skipped = len(report["bad"]) + len(report["scan_problems"])
+    lines = [f"cache: {report['images']} images in {len(report['buckets'])} buckets, {report['shards']} "
+             f"shards ({report['bytes'] / 2**20:.1f} MiB) in {root}",
+             f"  report: {root / 'report.json'} ({skipped} files skipped or kept with a warning, each with "
+             f"its reason; {report['upscaled']['images']} images enlarged to their bucket)"]
+    if report["images"] == 0:
+        lines.append("  no image was cached: see the report's reasons (supported formats, sizes, captions)")
+    lines.append(f"next: python launch/train.py --config {config}")
+    return "\n".join(lines)
 
 
 def convert(root: Path) -> int:

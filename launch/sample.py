@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -78,6 +79,12 @@ def _base_area(text: str) -> int | None:
     return None if text.lower() == "none" else _positive_int(text)
 
 
+def base_side(base_area: int | None) -> int:
+    """The side of the square the model trained at (its base area, to the 64-px bucket step); 1024 for a
+    model trained without resolution scaling."""
+    return max(64, math.isqrt(base_area) // 64 * 64) if base_area else 1024
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint, diffusers folder or .safetensors")
@@ -93,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(used as given: not resolution-scaled)")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1: off)")
     p.add_argument("--cfg-rescale", type=float, default=0.7, help="CFG-rescale phi in [0, 1] (0: off)")
-    p.add_argument("--width", type=_side, default=1024)
-    p.add_argument("--height", type=_side, default=1024)
+    p.add_argument("--width", type=_side, help="default: the side of the model's base area (its square "
+                                               "training bucket: 1024 for SDXL), else 1024")
+    p.add_argument("--height", type=_side, help="default: as --width")
     p.add_argument("--seed", type=int, default=0, help="image i of prompt p uses seed + p * n + i")
     p.add_argument("--n", type=_positive_int, default=1, help="images per prompt")
     p.add_argument("--out", type=Path, default=Path("samples"))
@@ -153,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     for module in (unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
         module.to(device)
     dropout_mode = getattr(args, "dropout_mode", source.dropout_mode) or "empty"
+    if args.width is None or args.height is None:
+        side = base_side(schedule.base_area)
+        args.width, args.height = args.width or side, args.height or side
+        print(f"size {args.width}x{args.height} (the model's base area; --width / --height to change)",
+              file=sys.stderr)
     spec = SampleSpec(args.prompt, args.negative, args.n, args.seed,
                       None if args.sigmas else args.steps, args.sigmas or args.schedule,
                       args.cfg, args.cfg_rescale, args.width, args.height, dropout_mode)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -143,3 +144,51 @@ def test_cache_report_counts_the_upscaled_images(tiny_sdxl, tmp_path):
              for k, r in rows.items()}
     assert scale["big.png"] < 1 < scale["wide.png"] < scale["small.png"]
     assert report["upscaled"] == {"images": 2, "max_factor": round(scale["small.png"], 3)}
+
+
+def test_labelled_grid_writes_each_prompt_under_its_image():
+    import torch
+
+    from ztsnr_ds.metrics import labelled_grid
+
+    images = torch.zeros(3, 3, 64, 48)  # mid grey
+    grid = np.asarray(labelled_grid(images, ["red circle", "", "blue square, dark background"]))
+    assert grid.shape[1] == 3 * 48 and grid.shape[0] > 64  # one row: no blank cell for 3 prompts
+    band = grid[64:]
+    inked = [(band[:, c * 48:(c + 1) * 48] < 128).any() for c in range(3)]
+    assert inked == [True, False, True]  # text where there is a label
+    assert (grid[:64] == 128).all()  # the images themselves untouched
+
+
+def test_sample_default_size_is_the_models_base_area():
+    import runpy
+
+    base_side = runpy.run_path(str(ROOT / "launch" / "sample.py"))["base_side"]
+    assert base_side(16384) == 128  # configs/demo.yaml's base area: 128 x 128 images
+    assert base_side(1024 * 1024) == 1024 and base_side(None) == 1024  # SDXL; no resolution scaling
+    assert base_side(832 * 1216) == 960  # not a square: its side, to the 64-px step
+
+
+def test_port_in_use_gets_the_master_port_hint():
+    from ztsnr_ds import console
+
+    err = RuntimeError("The server socket has failed to listen on any local network address. port: 29500, "
+                       "useIpv6: false, code: -98, name: EADDRINUSE, message: address already in use")
+    assert console.port_in_use(err) and not console.port_in_use(RuntimeError("connection refused"))
+    assert "--master_port" in console.PORT_HINT
+
+
+def test_deepspeed_noise_is_one_line(monkeypatch, capsys):
+    import logging
+
+    from ztsnr_ds import console
+
+    monkeypatch.delenv("RANK", raising=False)
+    noise = console._DeepSpeedNoise()
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("DeepSpeed", logging.WARNING, "x.py", 1, message, None, None)
+
+    assert not noise.filter(record("Setting accelerator to CPU. If you have GPU ..."))
+    assert not noise.filter(record("**** You are using ZeRO with an untested optimizer, proceed with care"))
+    assert noise.filter(record("a warning that matters"))
+    assert capsys.readouterr().err.count("\n") == 1  # one line for both hidden warnings
