@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         loader = single_file_loader(out, args.base, trained.dropout_mode)
         print(f"diffusers, with the scheduler and the unconditional it was trained for:\n{loader}")
         print(f"ComfyUI: copy it to ComfyUI/models/checkpoints/; this `{trained.noise['ztsnr']}` model "
-              "samples "
-              "on its training table with the ZTSNR Model Sampling node of comfyui/ "
+              "samples on its training table with the ZTSNR Model Sampling node of comfyui/ "
               "(docs/export-and-clients.md)")
     return 0
 
