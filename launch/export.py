@@ -40,11 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run dir, its checkpoints/ dir, or a tag folder")
-    parser.add_argument("--format", required=True, choices=("diffusers", "single_file"))
+    parser.add_argument("--format", required=True, choices=("diffusers", "single_file"),
+                        help="diffusers: a UNet folder (a whole pipeline with --base); single_file: one "
+                             "SGM-keyed SDXL .safetensors for ComfyUI, A1111, Forge (needs --base)")
     parser.add_argument("--out", required=True, help="output folder (diffusers) or .safetensors file")
     parser.add_argument("--base", help="diffusers SDXL folder the run trained from: its VAE and text "
                                        "encoders (needed by single_file; diffusers: a whole pipeline)")
-    parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPES),
+                        help="precision of the written weights")
     parser.add_argument("--weights", default="model", choices=WEIGHTS,
                         help="the trained weights, or their EMA (runs with ema.enabled)")
     parser.add_argument("--title", help="modelspec.title (default: '<run name> step <N>')")

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-sigma-rels", type=float, nargs="+",
                    help="use only the tracks of these widths (default: every tracked one)")
     p.add_argument("--base", help="diffusers SDXL folder: with a folder --out, write a whole pipeline")
-    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="precision of the written weights")
     return p
 
 

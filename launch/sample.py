@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", default="", help="negative prompt (unconditional CFG branch); empty: the "
                                                   "model's unconditional, see --dropout-mode")
     p.add_argument("--steps", type=_positive_int, default=28, help="sampler steps (ignored with a list)")
-    p.add_argument("--schedule", default="trailing", choices=(*INFERENCE_SCHEDULES, "list"))
+    p.add_argument("--schedule", default="trailing", choices=(*INFERENCE_SCHEDULES, "list"),
+                   help="sigma schedule: trailing or karras (resolution-scaled, first step at sigma_max), or "
+                        "list with --sigmas")
     p.add_argument("--sigmas", type=_sigmas, help="--schedule list: descending levels, e.g. '20000,17.8,...' "
                                                   "(used as given: not resolution-scaled)")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1: off)")
@@ -105,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=_side, help="default: as --width")
     p.add_argument("--seed", type=int, default=0, help="image i of prompt p uses seed + p * n + i")
     p.add_argument("--n", type=_positive_int, default=1, help="images per prompt")
-    p.add_argument("--out", type=Path, default=Path("samples"))
+    p.add_argument("--out", type=Path, default=Path("samples"),
+                   help="folder for NNNN-seedS.png, grid.png (and latents.safetensors)")
     p.add_argument("--save-latents", action="store_true", help="also write latents.safetensors")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--weights", choices=("model", "ema"), default="model",

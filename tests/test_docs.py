@@ -124,3 +124,17 @@ def test_every_command_in_the_docs_parses_runs_or_says_why_not(monkeypatch):
             pytest.fail(f"{page}: `{command}`: {script} refuses these arguments (exit {err.code})")
     assert set(NOT_RUN) == reasons_used, f"stale NOT_RUN entries: {set(NOT_RUN) - reasons_used}"
     assert "python launch/train.py --help" in ran
+
+
+def test_every_option_of_the_launch_scripts_has_help(monkeypatch):
+    """`--help` explains every option: train.py's from the config fields' docstrings, the others' help=."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    from ztsnr_ds.config import build_parser
+
+    scripts = {"cache.py": "cli_parser", "export.py": "build_parser", "sample.py": "build_parser",
+               "posthoc_ema.py": "build_parser"}
+    parsers = {name: runpy.run_path(str(ROOT / "launch" / name))[fn]() for name, fn in scripts.items()}
+    parsers["train.py"] = build_parser()
+    silent = {name: [a.dest for a in p._actions if not a.help and not a.dest.endswith("help")]
+              for name, p in parsers.items()}
+    assert silent == {name: [] for name in parsers}
