@@ -357,3 +357,11 @@ def test_share_digest_follows_the_source(tmp_path):
     assert scan_share(tmp_path, 1, 2).digest != before
     with pytest.raises(ValueError, match="rank 2 outside world_size 2"):
         scan_share(tmp_path, 2, 2)
+
+
+def test_manifest_with_a_byte_order_mark_reads_its_first_line(tmp_path):
+    _touch_image(tmp_path / "a.png")
+    line = json.dumps({"image": "a.png", "caption": "x"}).encode()
+    (tmp_path / "m.jsonl").write_bytes(b"\xef\xbb\xbf" + line)  # Notepad's UTF-8
+    records, problems = scan_source(tmp_path / "m.jsonl")
+    assert [(r.key, r.caption) for r in records] == [("a.png", "x")] and problems == []

@@ -267,9 +267,10 @@ def _add_unique(records: dict[str, ImageRecord], record: ImageRecord, where: str
 
 
 def _decode_line(raw: bytes) -> str:
-    """One manifest line as text; a line that is not UTF-8 is refused (its path could be anything)."""
+    """One manifest line as text; a line that is not UTF-8 is refused (its path could be anything). A
+    UTF-8 byte-order mark (line 1 of a manifest saved by a Windows editor) is dropped."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
         raise ValueError(f"not UTF-8: byte {raw[err.start]:#04x} at column {err.start + 1}") from err
 
