@@ -87,6 +87,8 @@ def test_history_accumulates_over_resumes():
                                   {"step": 9, "changed": {"optimizer.lr": [1.0, 2.0]}}]
     same = drift.check_resume(new, {"optimizer": {"lr": 2.0}, "trainer": {"resume": "none"}}, 12, False)
     assert same[drift.HISTORY] == new[drift.HISTORY]  # nothing changed (trainer.resume is how, not what)
+    added = drift.check_resume(same, {"optimizer": {"lr": 2.0}, "noise": {"new_key": 1}}, 13, False)
+    assert added[drift.HISTORY][-1] == {"step": 13, "changed": {"noise.new_key": [None, 1]}}  # a warning
 
 
 def test_bf16_tag_resumed_with_fp32_json_is_refused_first(tmp_path):

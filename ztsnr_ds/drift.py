@@ -27,11 +27,12 @@ def check_resume(saved: dict, new: dict, step: int, allow_recipe_change: bool) -
 
     Raises ValueError for a changed recipe key unless ``allow_recipe_change``; warns for the others.
     """
-    changed = {k: v for k, v in changed_keys(flatten(saved), flatten(json.loads(json.dumps(new)))).items()
-               if not k.startswith(RUN_KEYS)}  # json: tuples read back as lists
+    old, now = flatten(saved), flatten(json.loads(json.dumps(new)))  # json: tuples read back as lists
+    changed = {k: v for k, v in changed_keys(old, now).items() if not k.startswith(RUN_KEYS)}
     history = list(saved.get(HISTORY, []))
     if changed:
-        recipe = {k: v for k, v in changed.items() if k.startswith(RECIPE_KEYS)}
+        # a key the checkpoint lacks is a setting added to ztsnr_ds since: its default, not a recipe change
+        recipe = {k: v for k, v in changed.items() if k.startswith(RECIPE_KEYS) and k in old}
         if recipe and not allow_recipe_change:
             raise ValueError(f"the checkpoint resumed (step {step}) was trained with other recipe settings: "
                              f"{describe(recipe)}. Set them back, start a new trainer.output_dir, or pass "
