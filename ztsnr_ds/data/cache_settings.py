@@ -41,9 +41,9 @@ def check_cache(data, config_path: str = "<your yaml>") -> None:
             "records them")
         return
     built = flatten(json.loads(path.read_text()), "data.")
-    # a key the build did not record is a setting added to ztsnr_ds since that build: not a change
+    # a key only one side has was added or removed in ztsnr_ds since that build: not a change of the user's
     now = flatten(cache_settings(data), "data.")
-    changed = {k: v for k, v in changed_keys(built, now).items() if k in built}
+    changed = {k: v for k, v in changed_keys(built, now).items() if k in built and k in now}
     if changed:
         raise ValueError(f"data.cache_dir {data.cache_dir} was built with other settings: "
                          f"{describe(changed)}. Rebuild it (`python launch/cache.py --config {config_path}`: "
