@@ -31,8 +31,8 @@ def check_resume(saved: dict, new: dict, step: int, allow_recipe_change: bool) -
     changed = {k: v for k, v in changed_keys(old, now).items() if not k.startswith(RUN_KEYS)}
     history = list(saved.get(HISTORY, []))
     if changed:
-        # a key the checkpoint lacks is a setting added to ztsnr_ds since: its default, not a recipe change
-        recipe = {k: v for k, v in changed.items() if k.startswith(RECIPE_KEYS) and k in old}
+        # a key only one side has was added or removed in ztsnr_ds since: not a recipe change (a warning)
+        recipe = {k: v for k, v in changed.items() if k.startswith(RECIPE_KEYS) and k in old and k in now}
         if recipe and not allow_recipe_change:
             raise ValueError(f"the checkpoint resumed (step {step}) was trained with other recipe settings: "
                              f"{describe(recipe)}. Set them back, start a new trainer.output_dir, or pass "
