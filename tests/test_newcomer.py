@@ -194,3 +194,22 @@ def test_deepspeed_noise_is_one_line(monkeypatch, capsys):
     assert not noise.filter(record("**** You are using ZeRO with an untested optimizer, proceed with care"))
     assert noise.filter(record("a warning that matters"))
     assert capsys.readouterr().err.count("\n") == 1  # one line for both hidden warnings
+
+
+def test_a_folder_of_unsupported_files_is_reported_and_training_says_why(run_config, tiny_sdxl, tmp_path):
+    import torch
+
+    from ztsnr_ds.data.cache import CacheConfig
+    from ztsnr_ds.data.cache_build import build_cache
+    from ztsnr_ds.models import load_frozen
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "scan.tiff").write_bytes(b"II*\0")
+    (tmp_path / "data" / "scan.txt").write_text("a scan")
+    cfg = CacheConfig(source=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    report = build_cache(cfg, load_frozen(tiny_sdxl, dtype=torch.float32), progress=False).report
+    assert report["images"] == 0
+    assert [p["reason"].split(":")[0] for p in report["scan_problems"]] == ["unsupported format"]
+    with pytest.raises(ConfigError, match="holds no images.*report.json"):
+        parse(["--config", str(run_config), "--trainer.output_dir", str(tmp_path / "run"),
+               "--data.source", cfg.source, "--data.cache_dir", cfg.cache_dir])
