@@ -213,3 +213,14 @@ def test_a_folder_of_unsupported_files_is_reported_and_training_says_why(run_con
     with pytest.raises(ConfigError, match="holds no images.*report.json"):
         parse(["--config", str(run_config), "--trainer.output_dir", str(tmp_path / "run"),
                "--data.source", cfg.source, "--data.cache_dir", cfg.cache_dir])
+
+
+def test_run_folder_config_yaml_is_the_resolved_config_and_valid_as_config(run_config, tmp_path):
+    from ztsnr_ds.run_folder import write_config
+
+    _, resolved = parse(["--config", str(run_config), "--trainer.output_dir", str(tmp_path),
+                         "--optimizer.lr", "0.003"])
+    path = write_config(tmp_path, resolved | {drift.HISTORY: [{"step": 4, "changed": {"a": [1, 2]}}]})
+    _, again = parse(["--config", str(path)])
+    assert again == resolved  # the same config: sections, sampler, deepspeed_config, paths
+    assert '#   {"step": 4, "changed": {"a": [1, 2]}}' in path.read_text()

@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 from ztsnr_ds.data.cache_files import write_atomic
+from ztsnr_ds.drift import HISTORY
 from ztsnr_ds.generate import Samples, SampleSpec, png_info, sigmas_text
 from ztsnr_ds.metrics import labelled_grid
 
@@ -23,10 +24,15 @@ SAMPLES_DIR = "samples"
 
 
 def write_config(output_dir: Path, config_dict: dict) -> Path:
-    """<output_dir>/config.yaml: the resolved config, readable, valid as `--config` (keys in YAML order)."""
+    """<output_dir>/config.yaml: the resolved config, valid as `--config`; the history of changes on
+    resume (drift.py) follows as comments, since it is a record, not a setting."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in json.loads(json.dumps(config_dict)).items() if k != HISTORY}
+    text = yaml.safe_dump(settings, sort_keys=False)
+    if history := config_dict.get(HISTORY):
+        text += "# changes on resume (drift.py):\n" + "".join(f"#   {json.dumps(h)}\n" for h in history)
     path = output_dir / CONFIG_FILE
-    write_atomic(path, yaml.safe_dump(json.loads(json.dumps(config_dict)), sort_keys=False).encode())
+    write_atomic(path, text.encode())
     return path
 
 
