@@ -22,8 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from argparse import ArgumentError
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 from ztsnr_ds.console import PORT_HINT, port_in_use, quiet_deepspeed  # noqa: E402
@@ -37,13 +39,14 @@ import torch.distributed as dist  # noqa: E402
 import yaml  # noqa: E402
 from jsonargparse import ArgumentParser  # noqa: E402
 
+from ztsnr_ds.config import did_you_mean, leaf_keys  # noqa: E402
 from ztsnr_ds.data.cache import CacheConfig  # noqa: E402
-from ztsnr_ds.data.cache_build import BuildStats, build_cache  # noqa: E402
 from ztsnr_ds.data.cache_files import CacheError, write_atomic  # noqa: E402
-from ztsnr_ds.data.cache_merge import convert_legacy  # noqa: E402
-from ztsnr_ds.data.cache_verify import verify_cache  # noqa: E402
-from ztsnr_ds.engine import init_distributed  # noqa: E402
-from ztsnr_ds.models import load_frozen  # noqa: E402
+
+if TYPE_CHECKING:
+    from ztsnr_ds.data.cache_build import BuildStats
+# The build's modules (diffusers, DeepSpeed: seconds to import) are imported once the config is read, so a
+# config error shows at once.
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,12 +69,15 @@ def read_sections(path: str | Path) -> tuple[CacheConfig, str]:
     """(CacheConfig from ``data``, ``model.pretrained``) of a YAML file, validated by jsonargparse."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
     model = raw.get("model") or {}
-    parser = ArgumentParser(prog=f"{Path(__file__).name} (sections of {path})")
+    parser = ArgumentParser(prog=f"{Path(__file__).name} (sections of {path})", exit_on_error=False)
     parser.add_class_arguments(CacheConfig, "data")
     parser.add_argument("--model.pretrained", type=str, required=True, help="diffusers SDXL folder")
     sections = {"data": raw.get("data") or {}, "model": {"pretrained": model.get("pretrained")}}
-    namespace = parser.parse_object(sections)
-    init = parser.instantiate(namespace)
+    try:
+        init = parser.instantiate(parser.parse_object(sections))
+    except (ArgumentError, ValueError, TypeError) as err:
+        print(f"config error: {did_you_mean(str(err), leaf_keys(parser))}", file=sys.stderr)
+        raise SystemExit(2) from None
     return init.data, init.model.pretrained
 
 
@@ -89,6 +95,10 @@ def main(argv: list[str] | None = None) -> BuildStats | dict | int:
     if args.config is None:
         parser.error("--config is required to build a cache")
     cfg, pretrained = read_sections(args.config)
+    from ztsnr_ds.data.cache_build import build_cache
+    from ztsnr_ds.engine import init_distributed
+    from ztsnr_ds.models import load_frozen
+
     # Only barriers travel (gloo, even on GPUs); a long timeout because ranks may finish hours apart.
     try:
         dist_info = init_distributed(backend="gloo", timeout=timedelta(hours=48))
@@ -130,6 +140,8 @@ def where_things_are(root: Path, report: dict, config: str) -> str:
 
 
 def convert(root: Path) -> int:
+    from ztsnr_ds.data.cache_merge import convert_legacy
+
     rows = convert_legacy(root)
     print(f"{root}: index written for {rows} rows")
     return rows
@@ -137,6 +149,9 @@ def convert(root: Path) -> int:
 
 def verify(root: Path, workers: int) -> dict:
     """Each rank checks every world_size-th shard; rank 0 joins the reports. Exit 1 on any problem."""
+    from ztsnr_ds.data.cache_verify import verify_cache
+    from ztsnr_ds.engine import init_distributed
+
     dist_info = init_distributed(backend="gloo", timeout=timedelta(hours=48))
     report = verify_cache(root, dist_info.rank, dist_info.world_size, workers, progress=dist_info.rank == 0)
     if dist.is_initialized():

@@ -304,6 +304,12 @@ UNKNOWN_KEY = (re.compile(r"Group '(?P<group>[\w.]+)' does not accept option '(?
 """jsonargparse's messages for a key it does not know (in a YAML section, on the command line, at the top)."""
 
 
+def leaf_keys(parser: ArgumentParser) -> list[str]:
+    """The dotted keys a parser takes values for (not its sections, not --help)."""
+    dests = [action.dest for action in parser._actions]
+    return [d for d in dests if not d.endswith("help") and not any(o.startswith(f"{d}.") for o in dests)]
+
+
 def did_you_mean(message: str, keys: Sequence[str]) -> str:
     """`message` plus "did you mean ..." with the known keys nearest to the unknown key it names."""
     for pattern in UNKNOWN_KEY:
@@ -344,9 +350,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict]:
         init = parser.instantiate(namespace)
         config = TrainConfig(**{k: getattr(init, k) for k in TrainConfig.__dataclass_fields__})
     except (ArgumentError, ValueError, TypeError) as err:
-        dests = [action.dest for action in parser._actions]
-        keys = [d for d in dests if not d.endswith("help") and not any(o.startswith(f"{d}.") for o in dests)]
-        raise ConfigError(did_you_mean(str(err), keys)) from err
+        raise ConfigError(did_you_mean(str(err), leaf_keys(parser))) from err
     check_inputs(config)
     return config, check_drift(config, to_dict(config, namespace), namespace)
 
