@@ -224,3 +224,14 @@ def test_run_folder_config_yaml_is_the_resolved_config_and_valid_as_config(run_c
     _, again = parse(["--config", str(path)])
     assert again == resolved  # the same config: sections, sampler, deepspeed_config, paths
     assert '#   {"step": 4, "changed": {"a": [1, 2]}}' in path.read_text()
+
+
+def test_cache_py_names_a_misspelt_data_key(tmp_path, capsys):
+    import runpy
+
+    config = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    config["data"]["cache_txet"] = config["data"].pop("cache_text")
+    (path := tmp_path / "typo.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as err:
+        runpy.run_path(str(ROOT / "launch" / "cache.py"))["read_sections"](path)
+    assert err.value.code == 2 and "did you mean data.cache_text" in capsys.readouterr().err
