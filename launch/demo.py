@@ -20,11 +20,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from ztsnr_ds.console import quiet_deepspeed  # noqa: E402
 from ztsnr_ds.machine import one_thread_per_process  # noqa: E402
 
 # One thread per process (inherited by every stage): the tiny model is op-overhead bound, and OpenMP threads
 # spinning on a busy 2-core machine made a training step 30x slower (3 s vs 0.1-0.2 s, measured).
 one_thread_per_process()
+quiet_deepspeed()  # DeepSpeed's expected warnings: one line
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -24,9 +24,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ztsnr_ds.console import quiet_deepspeed  # noqa: E402
 from ztsnr_ds.machine import one_thread_per_process  # noqa: E402
 
 one_thread_per_process()  # before torch is imported
+quiet_deepspeed()  # DeepSpeed's expected warnings: one line
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
