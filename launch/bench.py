@@ -12,9 +12,15 @@ import importlib
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+from ztsnr_ds.console import quiet_deepspeed  # noqa: E402
+from ztsnr_ds.machine import one_thread_per_process  # noqa: E402
+
+one_thread_per_process()  # before torch is imported
+quiet_deepspeed()  # DeepSpeed's expected warnings: one line
+
+import torch  # noqa: E402
+
 from launch.benches import BENCHMARKS, machine  # noqa: E402
 
 MODULES = ("optim", "step", "memory", "mfu", "data", "sampler", "merge", "scan", "vae", "sources", "captions")

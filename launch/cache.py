@@ -23,27 +23,34 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from argparse import ArgumentError
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
-
-import torch
-import torch.distributed as dist
-import yaml
-from jsonargparse import ArgumentParser
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+from ztsnr_ds.console import PORT_HINT, port_in_use, quiet_deepspeed  # noqa: E402
+from ztsnr_ds.machine import one_thread_per_process  # noqa: E402
+
+one_thread_per_process()  # before torch is imported
+quiet_deepspeed()  # before DeepSpeed's first warning
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import yaml  # noqa: E402
+from jsonargparse import ArgumentParser  # noqa: E402
+
 from ztsnr_ds import integrity  # noqa: E402
-from ztsnr_ds.config import CaptionConfig  # noqa: E402
+from ztsnr_ds.config import CaptionConfig, did_you_mean, leaf_keys  # noqa: E402
 from ztsnr_ds.data.cache import CacheConfig  # noqa: E402
-from ztsnr_ds.data.cache_build import BuildStats, build_cache  # noqa: E402
 from ztsnr_ds.data.cache_files import REBUILD_HINT, CacheError, write_atomic  # noqa: E402
-from ztsnr_ds.data.cache_merge import convert_legacy  # noqa: E402
-from ztsnr_ds.data.cache_verify import verify_cache  # noqa: E402
-from ztsnr_ds.engine import init_distributed  # noqa: E402
-from ztsnr_ds.mixing import caption_control  # noqa: E402
-from ztsnr_ds.models import load_frozen  # noqa: E402
 from ztsnr_ds.text import MAX_CHUNKS  # noqa: E402
+
+if TYPE_CHECKING:
+    from ztsnr_ds.data.cache_build import BuildStats
+# The build's modules (diffusers, DeepSpeed: seconds to import) are imported once the config is read, so a
+# config error shows at once.
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SPACE_FIX = "free space or move data.cache_dir, then run the same command again (finished shards are kept)"
@@ -68,24 +75,25 @@ def read_sections(path: str | Path) -> tuple[CacheConfig, str, int]:
     by jsonargparse (max_chunks: for cached text and the caption report; default 3 as in training)."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
     model = raw.get("model") or {}
-    parser = ArgumentParser(prog=f"{Path(__file__).name} (sections of {path})")
+    parser = ArgumentParser(prog=f"{Path(__file__).name} (sections of {path})", exit_on_error=False)
     parser.add_class_arguments(CacheConfig, "data")
     parser.add_argument("--model.pretrained", type=str, required=True, help="SDXL folder or single file")
     parser.add_argument("--captions.max_chunks", type=int, default=3, help="75-token chunks per caption")
     captions = {k: v for k, v in (raw.get("captions") or {}).items() if k == "max_chunks"}
     sections = {"data": raw.get("data") or {}, "model": {"pretrained": model.get("pretrained")},
                 "captions": captions}
-    namespace = parser.parse_object(sections)
-    init = parser.instantiate(namespace)
-    if not 1 <= init.captions.max_chunks <= MAX_CHUNKS:  # before any model loads
-        parser.error(f"captions.max_chunks = {init.captions.max_chunks} must lie in 1..{MAX_CHUNKS}")
-    if init.data.cache_text:  # caption edits a cached embedding cannot follow: refused before any work
-        try:
+    try:
+        init = parser.instantiate(parser.parse_object(sections))
+        if not 1 <= init.captions.max_chunks <= MAX_CHUNKS:  # before any model loads
+            raise ValueError(f"captions.max_chunks = {init.captions.max_chunks} must lie in 1..{MAX_CHUNKS}")
+        if init.data.cache_text:  # caption edits a cached embedding cannot follow: refused before any work
+            from ztsnr_ds.mixing import caption_control
+
             caption_control(SimpleNamespace(data=init.data,
                                             captions=CaptionConfig(**(raw.get("captions") or {}))), [])
-        except (TypeError, ValueError) as err:
-            print(f"config error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+    except (ArgumentError, ValueError, TypeError) as err:
+        print(f"config error: {did_you_mean(str(err), leaf_keys(parser))}", file=sys.stderr)
+        raise SystemExit(2) from None
     return init.data, init.model.pretrained, init.captions.max_chunks
 
 
@@ -104,9 +112,18 @@ def main(argv: list[str] | None = None) -> BuildStats | dict | int:
     if args.config is None:
         parser.error("--config is required to build a cache")
     cfg, pretrained, max_chunks = read_sections(args.config)
+    from ztsnr_ds.data.cache_build import build_cache
+    from ztsnr_ds.engine import init_distributed
+    from ztsnr_ds.models import load_frozen
+
     # Only barriers travel (gloo, even on GPUs); a long timeout because ranks may finish hours apart.
     ours = not dist.is_initialized()  # a caller's group (a test, a notebook) is left as it was
-    dist_info = init_distributed(backend="gloo", timeout=timedelta(hours=48))
+    try:
+        dist_info = init_distributed(backend="gloo", timeout=timedelta(hours=48))
+    except Exception as err:
+        if port_in_use(err):
+            sys.exit(f"launch/cache.py: {PORT_HINT}\n({type(err).__name__}: {err})")
+        raise
     rank, world_size, local_rank = dist_info.rank, dist_info.world_size, dist_info.local_rank
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(levelname)s %(message)s")
@@ -118,8 +135,11 @@ def main(argv: list[str] | None = None) -> BuildStats | dict | int:
         parts.text_encoder_2.to(device)
     try:
         with integrity.no_space_guard(Path(cfg.cache_dir), "the cache build", SPACE_FIX):
-            return build_cache(cfg, parts, rank, world_size, batch_size=args.batch_size, workers=args.workers,
-                               max_chunks=max_chunks, progress=rank == 0)
+            stats = build_cache(cfg, parts, rank, world_size, batch_size=args.batch_size,
+                                workers=args.workers, max_chunks=max_chunks, progress=rank == 0)
+        if stats.report is not None:
+            print(where_things_are(Path(cfg.cache_dir), stats.report, args.config))
+        return stats
     except integrity.NoSpaceError as err:  # shards are written whole or not at all: re-run to resume
         print(f"launch/cache.py: {err}", file=sys.stderr)
         sys.exit(2)
@@ -128,7 +148,22 @@ def main(argv: list[str] | None = None) -> BuildStats | dict | int:
             dist.destroy_process_group()
 
 
+def where_things_are(root: Path, report: dict, config: str) -> str:
+    """The end of a build: what the cache holds, where the report is, and the next command."""
+    skipped = len(report["bad"]) + len(report["scan_problems"])
+    lines = [f"cache: {report['images']} images in {len(report['buckets'])} buckets, {report['shards']} "
+             f"shards ({report['bytes'] / 2**20:.1f} MiB) in {root}",
+             f"  report: {root / 'report.json'} ({skipped} files skipped or kept with a warning, each with "
+             f"its reason; {report['upscaled']['images']} images enlarged to their bucket)"]
+    if report["images"] == 0:
+        lines.append("  no image was cached: see the report's reasons (supported formats, sizes, captions)")
+    lines.append(f"next: python launch/train.py --config {config}")
+    return "\n".join(lines)
+
+
 def convert(root: Path) -> int:
+    from ztsnr_ds.data.cache_merge import convert_legacy
+
     with integrity.no_space_guard(root, "the index", SPACE_FIX):
         try:
             rows = convert_legacy(root)
@@ -141,6 +176,9 @@ def convert(root: Path) -> int:
 
 def verify(root: Path, workers: int) -> dict:
     """Each rank checks every world_size-th shard; rank 0 joins the reports. Exit 1 on any problem."""
+    from ztsnr_ds.data.cache_verify import verify_cache
+    from ztsnr_ds.engine import init_distributed
+
     ours = not dist.is_initialized()
     dist_info = init_distributed(backend="gloo", timeout=timedelta(hours=48))
     report = verify_cache(root, dist_info.rank, dist_info.world_size, workers, progress=dist_info.rank == 0)

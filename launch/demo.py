@@ -18,20 +18,23 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import yaml
-from PIL import Image, ImageDraw
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from ztsnr_ds.console import quiet_deepspeed  # noqa: E402
+from ztsnr_ds.machine import one_thread_per_process  # noqa: E402
+
 # One thread per process (inherited by every stage): the tiny model is op-overhead bound, and OpenMP threads
 # spinning on a busy 2-core machine made a training step 30x slower (3 s vs 0.1-0.2 s, measured).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+one_thread_per_process()
+quiet_deepspeed()  # DeepSpeed's expected warnings: one line
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
 from diffusers import AutoencoderKL  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 from ztsnr_ds import demo_scores  # noqa: E402
 from ztsnr_ds.data.synthetic import write_dataset  # noqa: E402

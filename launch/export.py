@@ -23,6 +23,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ztsnr_ds.console import quiet_deepspeed  # noqa: E402
+from ztsnr_ds.machine import one_thread_per_process  # noqa: E402
+
+one_thread_per_process()  # before torch is imported
+quiet_deepspeed()  # DeepSpeed's expected warnings: one line
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ztsnr_ds.export import (  # noqa: E402
@@ -42,11 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="run dir, its checkpoints/ dir, or a tag folder")
-    parser.add_argument("--format", required=True, choices=("diffusers", "single_file"))
+    parser.add_argument("--format", required=True, choices=("diffusers", "single_file"),
+                        help="diffusers: a UNet folder (a whole pipeline with --base); single_file: one "
+                             "SGM-keyed SDXL .safetensors for ComfyUI, A1111, Forge (needs --base)")
     parser.add_argument("--out", required=True, help="output folder (diffusers) or .safetensors file")
     parser.add_argument("--base", help="SDXL folder or single file the run trained from: its VAE and text "
                                        "encoders (needed by single_file; diffusers: a whole pipeline)")
-    parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    parser.add_argument("--dtype", default="bf16", choices=tuple(DTYPES),
+                        help="precision of the written weights")
     parser.add_argument("--weights", default="model", choices=WEIGHTS,
                         help="the trained weights, or their EMA (runs with ema.enabled)")
     parser.add_argument("--title", help="modelspec.title (default: '<run name> step <N>')")
@@ -87,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     vae_note = f", VAE decoder of {args.vae} ({args.vae_weights})" if args.vae else ""
     print(f"exported {trained.tag_dir} (step {trained.step}, {trained.weights} weights{vae_note}) -> {out}")
-    if args.format == "single_file" and Path(args.base).is_dir():  # diffusers reads configs from a folder
-        print(f"diffusers, with the scheduler it was trained for:\n{single_file_loader(out, args.base)}")
+    if args.format == "single_file":
+        if Path(args.base).is_dir():  # diffusers reads the parts' configs from a folder
+            loader = single_file_loader(out, args.base, trained.dropout_mode)
+            print(f"diffusers, with the scheduler and the unconditional it was trained for:\n{loader}")
+        print(f"ComfyUI: copy it to ComfyUI/models/checkpoints/; this `{trained.noise['ztsnr']}` model "
+              "samples on its training table with the ZTSNR Model Sampling node of comfyui/ "
+              "(docs/export-and-clients.md)")
     return 0
 
 

@@ -55,6 +55,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from ztsnr_ds.console import quiet_deepspeed  # noqa: E402
+from ztsnr_ds.machine import one_thread_per_process  # noqa: E402  (no dependencies: safe on a bare machine)
+
+one_thread_per_process()  # --dry-run on a CPU: before torch is imported
+quiet_deepspeed()  # DeepSpeed's expected warnings: one line
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -20,6 +20,11 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ztsnr_ds.console import quiet_deepspeed  # noqa: E402
+from ztsnr_ds.machine import one_thread_per_process  # noqa: E402
+
+one_thread_per_process()  # before torch is imported
+quiet_deepspeed()  # DeepSpeed's expected warnings: one line
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ztsnr_ds.ema import EMAError, power_gamma  # noqa: E402
@@ -45,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-sigma-rels", type=float, nargs="+",
                    help="use only the tracks of these widths (default: every tracked one)")
     p.add_argument("--base", help="diffusers SDXL folder: with a folder --out, write a whole pipeline")
-    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="precision of the written weights")
     return p
 
 

@@ -20,11 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ztsnr_ds.console import quiet_deepspeed  # noqa: E402
+from ztsnr_ds.machine import one_thread_per_process  # noqa: E402
+
+one_thread_per_process()  # before torch is imported
+quiet_deepspeed()  # DeepSpeed's expected warnings: one line
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -80,6 +86,12 @@ def _base_area(text: str) -> int | None:
     return None if text.lower() == "none" else _positive_int(text)
 
 
+def base_side(base_area: int | None) -> int:
+    """The side of the square the model trained at (its base area, to the 64-px bucket step); 1024 for a
+    model trained without resolution scaling."""
+    return max(64, math.isqrt(base_area) // 64 * 64) if base_area else 1024
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint, diffusers folder or .safetensors")
@@ -91,16 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", default="", help="negative prompt (unconditional CFG branch); empty: the "
                                                   "model's unconditional, see --dropout-mode")
     p.add_argument("--steps", type=_positive_int, default=28, help="sampler steps (ignored with a list)")
-    p.add_argument("--schedule", default="trailing", choices=(*INFERENCE_SCHEDULES, "list"))
+    p.add_argument("--schedule", default="trailing", choices=(*INFERENCE_SCHEDULES, "list"),
+                   help="sigma schedule: trailing or karras (resolution-scaled, first step at sigma_max), or "
+                        "list with --sigmas")
     p.add_argument("--sigmas", type=_sigmas, help="--schedule list: descending levels, e.g. '20000,17.8,...' "
                                                   "(used as given: not resolution-scaled)")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1: off)")
     p.add_argument("--cfg-rescale", type=float, default=0.7, help="CFG-rescale phi in [0, 1] (0: off)")
-    p.add_argument("--width", type=_side, default=1024)
-    p.add_argument("--height", type=_side, default=1024)
+    p.add_argument("--width", type=_side, help="default: the side of the model's base area (its square "
+                                               "training bucket: 1024 for SDXL), else 1024")
+    p.add_argument("--height", type=_side, help="default: as --width")
     p.add_argument("--seed", type=int, default=0, help="image i of prompt p uses seed + p * n + i")
     p.add_argument("--n", type=_positive_int, default=1, help="images per prompt")
-    p.add_argument("--out", type=Path, default=Path("samples"))
+    p.add_argument("--out", type=Path, default=Path("samples"),
+                   help="folder for NNNN-seedS.png, grid.png (and latents.safetensors)")
     p.add_argument("--save-latents", action="store_true", help="also write latents.safetensors")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--weights", choices=("model", "ema"), default="model",
@@ -166,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     for module in (unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
         module.to(device)
     dropout_mode = getattr(args, "dropout_mode", source.dropout_mode) or "empty"
+    if args.width is None or args.height is None:
+        side = base_side(schedule.base_area)
+        args.width, args.height = args.width or side, args.height or side
+        print(f"size {args.width}x{args.height} (the model's base area; --width / --height to change)",
+              file=sys.stderr)
     spec = SampleSpec(args.prompt, args.negative, args.n, args.seed,
                       None if args.sigmas else args.steps, args.sigmas or args.schedule,
                       args.cfg, args.cfg_rescale, args.width, args.height, dropout_mode,

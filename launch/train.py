@@ -15,6 +15,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ztsnr_ds.console import PORT_HINT, port_in_use, quiet_deepspeed  # noqa: E402
+from ztsnr_ds.machine import bf16_on_slow_cpu, is_main_process, one_thread_per_process  # noqa: E402
+
+one_thread_per_process()  # before torch is imported
+quiet_deepspeed()  # before DeepSpeed's first warning
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -29,9 +34,10 @@ def _exit_on_signal(signum: int, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def start(cfg) -> None:
-    """Rank 0: hold output_dir's run lock, move the tags and snapshots trainer.overwrite replaces aside."""
-    from ztsnr_ds import checkpoint, locks
+def start(cfg, config_dict: dict) -> None:
+    """Rank 0: hold output_dir's run lock, move the tags and snapshots trainer.overwrite replaces aside,
+    write config.yaml."""
+    from ztsnr_ds import checkpoint, locks, run_folder
 
     if os.environ.get("RANK", "0") != "0":
         return
@@ -42,11 +48,14 @@ def start(cfg) -> None:
     if foreign and cfg.trainer.overwrite:
         print(f"trainer.overwrite: moved {checkpoint.folder_names(foreign)} to "
               f"{checkpoint.move_aside(output_dir, foreign)}", flush=True)
+    run_folder.write_config(output_dir, config_dict)
 
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     cfg, config_dict = parse_or_exit(argv)
+    if is_main_process() and (warning := bf16_on_slow_cpu(cfg.deepspeed_config)):
+        print(warning, file=sys.stderr, flush=True)
     from ztsnr_ds.checkpoint import CheckpointError
     from ztsnr_ds.data.cache_files import CacheError
     from ztsnr_ds.ema import EMAError
@@ -56,10 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     from ztsnr_ds.trainer import StopTraining, Trainer
 
     try:
-        start(cfg)
+        start(cfg, config_dict)
         dist = init_distributed()
     except StaleLock as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if not port_in_use(err):
+            raise
+        print(f"error: {PORT_HINT}\n({type(err).__name__}: {err})", file=sys.stderr)
         return 2
     try:
         trainer = Trainer(cfg, config_dict, dist)
@@ -78,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if dist.is_main:
-        print(f"done: step {trainer.step}; checkpoints in {trainer.output_dir / 'checkpoints'}")
+        from ztsnr_ds.run_folder import summary
+
+        print(summary(trainer.output_dir, trainer.step, cfg.model.pretrained))
     return 0
 
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from ztsnr_ds.vae_trainer import StopTraining, VAETrainer
 
     try:
-        start(cfg)  # the run lock; trainer.overwrite moves other runs' tags aside
+        start(cfg, config_dict)  # the run lock, config.yaml; trainer.overwrite moves other runs' tags aside
         dist = init_distributed()
     except StaleLock as err:
         print(f"error: {err}", file=sys.stderr)

@@ -121,6 +121,15 @@ def _merged(tmp_path: Path, world_size: int, cache_text: bool) -> tuple[CacheCon
     return cfg, report, rows, shards, [bad, problems, crcs]
 
 
+def _upscaled(rows: list[dict]) -> dict:
+    """Images with a side shorter than their bucket's (enlarged to cover it) and the largest such factor."""
+    factors = [max(int(b) / o for o, b in zip(row["orig_hw"], row["bucket"].split("x"), strict=True))
+               for row in rows]
+    small = [f for f, row in zip(factors, rows, strict=True)
+             if any(o < int(b) for o, b in zip(row["orig_hw"], row["bucket"].split("x"), strict=True))]
+    return {"images": len(small), "max_factor": round(max(small, default=1.0), 3)}
+
+
 @pytest.mark.parametrize("cache_text", [False, True], ids=["latents", "cached_text"])
 def test_streamed_merge_equals_in_memory_reference(tmp_path, cache_text):
     outputs = {}
@@ -159,6 +168,7 @@ def test_streamed_merge_equals_in_memory_reference(tmp_path, cache_text):
             "scan_problems": sorted(problems, key=lambda p: (p["key"], p["path"], p["reason"])),
             "corrupt_shards": [],
             "captions": None,  # these hand-made rows carry no caption counts (cache_build adds them)
+            "upscaled": _upscaled(rows),
         }
         kept = ["128x128-legacy", "64x256-0000"] if not cache_text else ["64x256-0000"]
         assert sorted(p.stem for p in (root / "shards").iterdir()) == kept  # the stale shard is deleted

@@ -36,9 +36,17 @@ from ztsnr_ds.export import (
 )
 from ztsnr_ds.keymaps import OPENCLIP_PREFIX, openclip_to_sgm, sgm_to_unet, unet_to_sgm, vae_to_sgm
 from ztsnr_ds.model_metadata import noise_from_metadata, recorded
-from ztsnr_ds.models import SDXL_UNET_CONFIG, UNET_WEIGHTS, load_unet, load_unet_safetensors, unet_shapes
+from ztsnr_ds.models import (
+    SDXL_UNET_CONFIG,
+    UNET_WEIGHTS,
+    load_frozen,
+    load_unet,
+    load_unet_safetensors,
+    unet_shapes,
+)
 from ztsnr_ds.sampling import ZTSNREulerDiscreteScheduler
 from ztsnr_ds.schedule import NoiseSchedule, diffusers_scheduler_config, ztsnr_sigmas
+from ztsnr_ds.text import PromptEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = checkpoint.tag_for(1)
@@ -350,10 +358,27 @@ def test_pipeline_export_of_a_private_base_is_readable(run_dir, tiny_sdxl, tmp_p
 def test_single_file_loads_in_diffusers_with_its_scheduler(single_file, reference, tiny_sdxl):
     """The lines launch/export.py prints after a single-file export run as printed."""
     scope: dict = {}
-    exec(single_file_loader(single_file, tiny_sdxl), scope)
+    exec(single_file_loader(single_file, tiny_sdxl, "empty"), scope)
     pipe = scope["pipe"]
     assert_state_equal(pipe.unet.state_dict(), reference)
     ours = diffusers_scheduler_config(NoiseSchedule("terminal"))
     assert pipe.scheduler.config.trained_betas == ours["trained_betas"]
     assert (pipe.scheduler.config.prediction_type, pipe.scheduler.config.timestep_spacing) == (
         "v_prediction", "trailing")
+
+
+@pytest.mark.parametrize("dropout_mode", ["empty", "zeros"])
+def test_printed_loader_gives_the_unconditional_our_sampler_uses(single_file, tiny_sdxl, dropout_mode):
+    """Without a negative prompt, the pipeline launch/export.py's lines build encodes the same negative
+    (embeddings and pooled) as ztsnr_ds' sampler for that dropout_mode."""
+    scope: dict = {}
+    exec(single_file_loader(single_file, tiny_sdxl, dropout_mode), scope)
+    pipe = scope["pipe"]
+    # from_single_file takes the tiny bigG (CLIP-L's width) for a CLIP-L (see the test above); SDXL's is not
+    pipe.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(tiny_sdxl / "text_encoder_2")
+    _, negative, _, negative_pooled = pipe.encode_prompt("1girl", do_classifier_free_guidance=True)
+    prompts = PromptEncoder.from_parts(load_frozen(tiny_sdxl, torch.float32))
+    embeds, pooled = prompts.unconditional(1, dropout_mode)
+    assert (negative.abs().max() > 0) == (dropout_mode == "empty")
+    torch.testing.assert_close(negative, embeds, rtol=0, atol=1e-5)
+    torch.testing.assert_close(negative_pooled, pooled, rtol=0, atol=1e-5)

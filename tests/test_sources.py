@@ -13,6 +13,7 @@ from PIL import Image
 
 from ztsnr_ds.data.sources import (
     MISSING_CAPTION,
+    UNSUPPORTED,
     BadImage,
     ImageRecord,
     Problem,
@@ -173,7 +174,7 @@ def test_scan_folder(tmp_path):
     (tmp_path / "b.txt").write_text("Blue_Sky, cloud\n")
     (tmp_path / "sub/a.txt").write_text("girl, solo")
     (tmp_path / "sub/deeper/c.txt").write_text("")
-    (tmp_path / "notes.md").write_text("ignored")
+    (tmp_path / "notes.md").write_text("not an image")
     records, problems = scan_source(tmp_path)
     assert records == [
         ImageRecord(tmp_path / "b.png", "Blue_Sky, cloud", "b.png"),
@@ -181,7 +182,36 @@ def test_scan_folder(tmp_path):
         ImageRecord(tmp_path / "sub/a.JPG", "girl, solo", "sub/a.JPG"),
         ImageRecord(tmp_path / "sub/deeper/c.webp", "", "sub/deeper/c.webp"),
     ]
-    assert problems == [Problem("nocap.jpeg", tmp_path / "nocap.jpeg", MISSING_CAPTION)]
+    assert problems == [Problem("nocap.jpeg", tmp_path / "nocap.jpeg", MISSING_CAPTION),
+                        Problem("notes.md", tmp_path / "notes.md", f"{UNSUPPORTED}; skipped")]
+    assert ".bmp, .gif, .jpeg, .jpg, .png, .webp" in UNSUPPORTED
+
+
+def test_gif_first_frame_and_bmp_are_read(tmp_path):
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    red.save(tmp_path / "anim.gif", save_all=True, append_images=[blue])
+    blue.save(tmp_path / "b.bmp")
+    (tmp_path / "scan.tiff").write_bytes(b"II*\0")
+    records, problems = scan_source(tmp_path)
+    assert [r.key for r in records] == ["anim.gif", "b.bmp"]
+    assert [(p.key, p.reason.split(":")[0]) for p in problems] == [
+        ("anim.gif", MISSING_CAPTION), ("b.bmp", MISSING_CAPTION), ("scan.tiff", "unsupported format")]
+    assert np.asarray(load_image(tmp_path / "anim.gif"))[0, 0].tolist() == [255, 0, 0]  # the first frame
+    assert np.asarray(load_image(tmp_path / "b.bmp"))[0, 0].tolist() == [0, 0, 255]
+
+
+@pytest.mark.parametrize("raw, problem", [
+    ("\ufeff1girl, café".encode(), None),  # UTF-8 with a BOM (Notepad): the BOM must not stick to "1girl"
+    ("1girl, café".encode("utf-16"), None),  # UTF-16 with its BOM (the platform's byte order)
+    (b"\xfe\xff" + "1girl, café".encode("utf-16-be"), None),  # big-endian
+    ("1girl, cafe".encode("utf-16-le"), "caption holds NUL bytes"),  # no BOM: NULs reported and removed
+])
+def test_caption_codec_follows_the_byte_order_mark(tmp_path, raw, problem):
+    _touch_image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes(raw)
+    records, problems = scan_source(tmp_path)
+    assert records[0].caption == ("1girl, cafe" if problem else "1girl, café")
+    assert [p.reason.split(" (")[0] for p in problems] == ([problem] if problem else [])
 
 
 def test_scan_manifest_refuses_escapes_and_reports(tmp_path):
@@ -327,3 +357,11 @@ def test_share_digest_follows_the_source(tmp_path):
     assert scan_share(tmp_path, 1, 2).digest != before
     with pytest.raises(ValueError, match="rank 2 outside world_size 2"):
         scan_share(tmp_path, 2, 2)
+
+
+def test_manifest_with_a_byte_order_mark_reads_its_first_line(tmp_path):
+    _touch_image(tmp_path / "a.png")
+    line = json.dumps({"image": "a.png", "caption": "x"}).encode()
+    (tmp_path / "m.jsonl").write_bytes(b"\xef\xbb\xbf" + line)  # Notepad's UTF-8
+    records, problems = scan_source(tmp_path / "m.jsonl")
+    assert [(r.key, r.caption) for r in records] == [("a.png", "x")] and problems == []

@@ -84,7 +84,8 @@ def test_validation_grid_is_written(run_config, tmp_path):
     grids = []
     for name in ("step00000001.png", "step00000001_ema.png"):
         with Image.open(tmp_path / "samples" / name) as img:  # two 64x64 prompts side by side
-            assert img.size == (128, 64)
+            assert img.size[0] == 128 and img.size[1] > 64  # each prompt in a band under its image
+            assert json.loads(img.text["prompts"]) == trainer.cfg.validation.prompts
             assert len(set(img.getdata())) > 1
             grids.append(list(img.getdata()))
     assert grids[0] != grids[1]  # the EMA (half the initial weights) draws other images

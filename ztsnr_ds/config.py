@@ -7,14 +7,16 @@ validated by `parse()` before a model is loaded or a process group is joined.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import sys
 from argparse import ArgumentError
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from ztsnr_ds.data.cache import CacheConfig
 from ztsnr_ds.data.sampler import RESUME_DATA, BucketBatchSampler
@@ -211,6 +213,9 @@ class TrainerConfig:
     max_bad_samples: int = 16
     """Corrupt cache samples a rank skips mid-run (weight 0, each reported) before the run saves a checkpoint
     and stops with the rebuild command (exit 2); 0 stops at the first. See docs/integrity.md."""
+    allow_recipe_change: bool = False
+    """Let a resumed run change recipe keys (noise.*, loss.*, data.buckets.*) of its checkpoint; without
+    it such a change exits 2 naming the keys. Every change is kept in the checkpoint's config history."""
     deterministic: bool = False
     """Deterministic kernels (torch.use_deterministic_algorithms, cuDNN, cuBLAS workspace): on GPUs, runs
     and resumes then repeat bit for bit, at some speed; the CPU is deterministic without it."""
@@ -325,6 +330,7 @@ class TrainConfig:
 
 
 def build_parser() -> ArgumentParser:
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # --help prints each field's docstring
     parser = ArgumentParser(description="Train an SDXL UNet with the NAI V3 ZTSNR recipe under DeepSpeed.",
                             exit_on_error=False, default_env=False)
     parser.add_argument("--config", action=ActionConfigFile, help="Training YAML (configs/*.yaml).")
@@ -349,6 +355,29 @@ def check_sections(config: TrainConfig) -> None:
                           "data.cache_text: true feeds the UNet cached embeddings that no encoder gradient "
                           "reaches; set data.cache_text: false (the cache's latents stay usable) or "
                           "text_encoders.train: []")
+
+
+UNKNOWN_KEY = (re.compile(r"Group '(?P<group>[\w.]+)' does not accept option '(?P<key>[\w.]+)'"),
+               re.compile(r"unrecognized arguments: --(?P<key>[\w.]+)"),
+               re.compile(r"Option '(?P<key>[\w.]+)' is not accepted"))
+"""jsonargparse's messages for a key it does not know (in a YAML section, on the command line, at the top)."""
+
+
+def leaf_keys(parser: ArgumentParser) -> list[str]:
+    """The dotted keys a parser takes values for (not its sections, not --help)."""
+    dests = [action.dest for action in parser._actions]
+    return [d for d in dests if not d.endswith("help") and not any(o.startswith(f"{d}.") for o in dests)]
+
+
+def did_you_mean(message: str, keys: Sequence[str]) -> str:
+    """`message` plus "did you mean ..." with the known keys nearest to the unknown key it names."""
+    for pattern in UNKNOWN_KEY:
+        if match := pattern.search(message):
+            key = ".".join(filter(None, (match.groupdict().get("group"), match["key"])))
+            close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+            if close:
+                return f"{message}; did you mean {' or '.join(close)}?"
+    return message
 
 
 def check_inputs(config: TrainConfig) -> None:
@@ -415,10 +444,31 @@ def parse(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict]:
         init = parser.instantiate(namespace)
         config = TrainConfig(**{k: getattr(init, k) for k in TrainConfig.__dataclass_fields__})
     except (ArgumentError, ValueError, TypeError) as err:
-        raise ConfigError(str(err)) from err
+        raise ConfigError(did_you_mean(str(err), leaf_keys(parser))) from err
     check_sections(config)
     check_inputs(config)
-    return config, to_dict(config, namespace) | run_lineage(config)
+    return config, check_drift(config, to_dict(config, namespace) | run_lineage(config), namespace)
+
+
+def check_drift(config: TrainConfig, config_dict: dict, namespace: Namespace) -> dict:
+    """data.* against the cache's build, and a resume's config against its checkpoint's (drift.py);
+    returns ``config_dict`` with the history of changes the next checkpoint records."""
+    from ztsnr_ds import checkpoint, drift  # the checkpoint module imports torch
+    from ztsnr_ds.data.cache_settings import check_cache
+
+    yaml_path = namespace.get("config") or "<your yaml>"
+    yaml_path = str(yaml_path[-1]) if isinstance(yaml_path, list) and yaml_path else str(yaml_path)
+    try:
+        check_cache(config.data, yaml_path)
+        tag = checkpoint.find_resume_tag(Path(config.trainer.output_dir), config.trainer.resume)
+        if tag is None:
+            return config_dict
+        drift.check_precision(tag, config.deepspeed_config)
+        state = checkpoint.read_state(tag)
+        return drift.check_resume(state[checkpoint.CONFIG], config_dict, state[checkpoint.STEP],
+                                  config.trainer.allow_recipe_change)
+    except (ValueError, checkpoint.CheckpointError) as err:
+        raise ConfigError(str(err)) from err
 
 
 def parse_or_exit(argv: Sequence[str] | None = None) -> tuple[TrainConfig, dict]:

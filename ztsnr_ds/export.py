@@ -356,13 +356,16 @@ def single_file_state(trained: TrainedUNet, parts: FrozenParts,
     return {k: v.to(dtype).contiguous() for k, v in state.items()}
 
 
-def single_file_loader(path: str | Path, base: str | Path) -> str:
+def single_file_loader(path: str | Path, base: str | Path, dropout_mode: str) -> str:
     """Python that loads a single-file export into diffusers with the scheduler it was trained for (the
-    file's ztsnr_ds.scheduler_config metadata); `base` gives the configs and tokenizers, offline."""
+    file's ztsnr_ds.scheduler_config metadata) and the unconditional it learned: diffusers zeroes the
+    negative embeddings when none is given iff force_zeros_for_empty_prompt, and a base SDXL folder's
+    model_index.json says true. `base` gives the configs and tokenizers, offline."""
     return ("import json, safetensors\n"
             "from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline\n"
             f"pipe = StableDiffusionXLPipeline.from_single_file({str(path)!r}, config={str(base)!r}, "
-            "local_files_only=True)\n"
+            f"local_files_only=True,\n    force_zeros_for_empty_prompt={dropout_mode == 'zeros'})  "
+            f"# captions.dropout_mode {dropout_mode}: {EMPTY_PROMPT[dropout_mode]}\n"
             f"pipe.scheduler = EulerDiscreteScheduler.from_config(json.loads(safetensors.safe_open("
             f"{str(path)!r}, 'pt').metadata()['ztsnr_ds.scheduler_config']))")
 

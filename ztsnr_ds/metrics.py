@@ -8,15 +8,18 @@ and the low-noise bands train, which a single mean loss hides.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 # Upper edges of the sigma bands for the loss breakdown (the last band is sigma_max itself).
 SIGMA_BAND_EDGES = (0.5, 2.0, 10.0, 100.0)
 SIGMA_BAND_NAMES = ("lt0.5", "0.5-2", "2-10", "10-100", "ge100")
+LABELLED_ROW = 6  # labelled grids of up to this many images are one row
+LABEL_LINES, LINE_PX = 4, 12  # a label's most lines under its image, and their pitch (PIL's default font)
 
 
 def sigma_band(sigma: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
@@ -95,3 +98,26 @@ class MetricLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def labelled_grid(images: torch.Tensor, labels: list[str], columns: int | None = None) -> Image.Image:
+    """image_grid with each cell's label (its prompt) wrapped in a white band under it. Shape: (N, 3, H, W).
+
+    Without ``columns``: one row for up to LABELLED_ROW images (no blank cell), else a near-square grid.
+    """
+    n, _, h, w = images.shape
+    columns = columns or (n if n <= LABELLED_ROW else math.ceil(math.sqrt(n)))
+    font = ImageFont.load_default()
+    chars = max(8, w // 6)  # the default bitmap font is ~6 px per character
+    wrapped = [textwrap.wrap(label, chars)[:LABEL_LINES] or [""] for label in labels]
+    band = LINE_PX * max(len(lines) for lines in wrapped) + 4
+    tiles = image_grid(images, columns)
+    rows = math.ceil(n / columns)
+    grid = Image.new("RGB", (columns * w, rows * (h + band)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, lines in enumerate(wrapped):
+        r, c = divmod(i, columns)
+        grid.paste(tiles.crop((c * w, r * h, (c + 1) * w, (r + 1) * h)), (c * w, r * (h + band)))
+        draw.multiline_text((c * w + 2, r * (h + band) + h + 2), "\n".join(lines), fill="black", font=font,
+                            spacing=LINE_PX - 10)
+    return grid

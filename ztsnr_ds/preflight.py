@@ -152,6 +152,10 @@ def check_buckets(config, tag: Path | None) -> None:
         index = CacheIndex(Path(config.data.cache_dir))
     except CacheError as err:
         raise ValueError(f"data.cache_dir: {err}") from err
+    if index.rows == 0:
+        raise ValueError(f"data.cache_dir {config.data.cache_dir} holds no images: the build skipped every "
+                         "file of data.source; its report.json lists each with the reason "
+                         "(docs/data-and-captions.md)")
     check_cached_text(config, index)
     val = config.validation
     count = holdout_count(val.holdout, index.rows)

@@ -35,10 +35,11 @@ from ztsnr_ds.ema import EMA_DIR, ShardedEMA
 from ztsnr_ds.engine import DistInfo, any_rank, build_ds_config, initialize, is_pure_bf16, wait_group
 from ztsnr_ds.generate import SampleSpec, generate
 from ztsnr_ds.holdout import HoldoutLoss, holdout_count, holdout_ids, training_buckets
-from ztsnr_ds.metrics import BandMeter, MetricLogger, image_grid
+from ztsnr_ds.metrics import BandMeter, MetricLogger
 from ztsnr_ds.mixing import caption_control, sampler_options
 from ztsnr_ds.models import load_frozen, load_unet
 from ztsnr_ds.objective import VObjective, add_noise, append_dims, c_in
+from ztsnr_ds.run_folder import SAMPLES_DIR, save_validation_grid
 from ztsnr_ds.schedule import NoiseSchedule
 from ztsnr_ds.text import PromptEncoder, TextConditioning
 from ztsnr_ds.text_training import TextTraining
@@ -288,11 +289,9 @@ class Trainer:
         unet.eval()
         samples = generate(unet, self.parts, self.schedule, spec, progress=False)
         unet.train()
-        grid = image_grid(samples.images)
         suffix = "" if weights == "model" else f"_{weights}"
-        out = self.output_dir / "samples" / f"step{self.step:08d}{suffix}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(out)
+        out = self.output_dir / SAMPLES_DIR / f"step{self.step:08d}{suffix}.png"
+        grid = save_validation_grid(samples, spec, out, self.step)  # labelled, with PNG text chunks
         self.logger.image(f"validation{suffix}", grid, self.step, caption=" | ".join(val.prompts))
         return out
 

@@ -50,6 +50,7 @@ def synthetic_latent_cache(root: Path, n: int, side: int, shard_mb: float) -> No
     from ztsnr_ds.data.cache import CacheConfig
     from ztsnr_ds.data.cache_merge import merge_parts
     from ztsnr_ds.data.cache_parts import write_part
+    from ztsnr_ds.data.cache_settings import CACHE_SETTINGS
 
     rows, infos = write_shards(root, n, side, shard_mb)
     summary = {"rank": 0, "world_size": 1, "fingerprint": "bench", "scan": "bench", "cache_text": False,
@@ -57,6 +58,7 @@ def synthetic_latent_cache(root: Path, n: int, side: int, shard_mb: float) -> No
                "reused": 0}
     write_part(root, 0, 1, summary, rows)
     merge_parts(CacheConfig(source=str(root / "images"), cache_dir=str(root), shard_max_mb=shard_mb), 1)
+    (root / CACHE_SETTINGS).unlink()  # random latents, from no source or buckets: nothing to compare
 
 
 def sdxl_folder(root: Path, unet_config: dict, device) -> Path:

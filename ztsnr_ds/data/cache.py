@@ -34,8 +34,9 @@ class CacheConfig:
     cache_dir: str
     """Output folder (manifest.jsonl, shards.json, report.json, shards/)."""
     source: str | None = None
-    """One dataset: a folder tree of images with same-stem .txt captions, or a .jsonl / .parquet
-    manifest. The same as one data.sources entry with name "" and repeats 1."""
+    """One dataset: a folder tree of images (jpg, png, webp, gif: first frame, bmp) with same-stem .txt
+    captions, or a .jsonl / .parquet manifest of {"image", "caption"} (docs/data-and-captions.md). The same
+    as one data.sources entry with name "" and repeats 1."""
     sources: list[SourceConfig] = field(default_factory=list)
     """Several datasets in one cache, each with its repeats per epoch and caption overrides
     (docs/sources.md); instead of data.source."""
@@ -54,7 +55,8 @@ class CacheConfig:
     cache_text: bool = False
     """Also store the caption's text embeddings (bf16); live tag shuffling then has no effect on them."""
     min_image_side: int = 0
-    """Images whose smaller side is below this many pixels are skipped as too small (0: keep all)."""
+    """Images whose smaller side is below this many pixels are skipped as too small (0: keep all). Kept
+    images smaller than their bucket are enlarged to cover it; report.json counts them ("upscaled")."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     """Images above this many pixels are skipped before decoding (decompression-bomb guard)."""
     max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ztsnr_ds.data.buckets import parse_bucket_key
 from ztsnr_ds.data.cache import CacheConfig
 from ztsnr_ds.data.cache_files import (
     FORMAT,
@@ -29,6 +30,7 @@ from ztsnr_ds.data.cache_files import (
     write_atomic,
 )
 from ztsnr_ds.data.cache_parts import merged_rows, part_rows, read_summaries
+from ztsnr_ds.data.cache_settings import write_cache_settings
 from ztsnr_ds.data.index import IndexWriter, key_hash, write_index
 from ztsnr_ds.data.shards import CHECKSUMS, fill_checksums, shard_checksums
 from ztsnr_ds.data.sources import Problem, summarize_problems
@@ -49,6 +51,8 @@ class _Counts:
     shards: set[str] = field(default_factory=set)
     unchecked: set[str] = field(default_factory=set)  # shards of rows reused from a format-1 build
     captions: Counter = field(default_factory=Counter)  # caption chunking (_caption_report)
+    upscaled: int = 0  # images smaller than their bucket on a side: resized up to cover it
+    max_upscale: float = 1.0  # the largest such factor
 
 
 def merge_parts(cfg: CacheConfig, world_size: int) -> dict:
@@ -87,6 +91,7 @@ def merge_parts(cfg: CacheConfig, world_size: int) -> dict:
             path.unlink()
     for path in (root / PARTS_DIR).iterdir():
         path.unlink()
+    write_cache_settings(cfg)  # last: what training compares its data.* with (drift.py)
     _log_report(report)
     return report
 
@@ -104,7 +109,16 @@ def _count(rows: Iterable[dict]) -> _Counts:
             counts.captions.update({f"chunks {row['chunks']}": 1, "tags_cut": row["tags_cut"],
                                     "truncated": row["tags_cut"] > 0,
                                     **{f"over {n}": row["tokens"] > n for n in CAPTION_THRESHOLDS}})
+        if (factor := upscale_factor(row["orig_hw"], row["bucket"])) > 1:
+            counts.upscaled += 1
+            counts.max_upscale = max(counts.max_upscale, factor)
     return counts
+
+
+def upscale_factor(orig_hw: list[int], bucket: str) -> float:
+    """How much an image was enlarged to cover its bucket: max(H_b / h, W_b / w) (1 or less: not enlarged)."""
+    height, width = parse_bucket_key(bucket)
+    return max(height / orig_hw[0], width / orig_hw[1])
 
 
 def _merge_rows(root: Path, world_size: int, shards: dict[str, dict], counts: _Counts, cfg: TagWeightConfig,
@@ -184,6 +198,7 @@ def _report(source: str | list[str], parts: list[dict], counts: _Counts, shards:
         "encoded": sum(p["encoded"] for p in parts), "reused": sum(p["reused"] for p in parts),
         "shards": len(shards), "bytes": sum(info["bytes"] for info in shards.values()),
         "buckets": dict(sorted(counts.buckets.items())),
+        "upscaled": {"images": counts.upscaled, "max_factor": round(counts.max_upscale, 3)},
         "bad": sorted((b for p in parts for b in p["bad"]), key=in_order),
         "scan_problems": sorted((s for p in parts for s in p["scan_problems"]), key=in_order),
         "corrupt_shards": [c for p in parts for c in p["corrupt_shards"]],
@@ -213,6 +228,10 @@ def _log_report(report: dict) -> None:
                            ", ".join(f"{reason}: {n}" for reason, n in counts.items()))
     if report["corrupt_shards"]:
         logger.warning("%d corrupt shards were rebuilt", len(report["corrupt_shards"]))
+    if upscaled := report["upscaled"]["images"]:
+        logger.warning("%d images smaller than their bucket were enlarged to cover it (up to %.2fx; "
+                       "report.json \"upscaled\"); data.min_image_side skips images below a side length",
+                       upscaled, report["upscaled"]["max_factor"])
     if (cap := report["captions"]) is None:
         return
     logger.info("captions: over %s tokens: %s; chunks (75 tokens each) per caption: %s",

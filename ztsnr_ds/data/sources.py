@@ -32,7 +32,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"})
+"""Image files a source may hold (a GIF gives its first frame)."""
+CAPTION_EXTENSION = ".txt"
+UNSUPPORTED = f"unsupported format: supported are {', '.join(sorted(IMAGE_EXTENSIONS))} (and .txt captions)"
+BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+"""Byte-order marks a caption file may start with (Windows editors write them), and their codec."""
 DEFAULT_MAX_PIXELS = 8192 * 8192
 """Refuse images above this many pixels before decoding (decompression-bomb guard). It sits below
 PIL's own global guard (``Image.MAX_IMAGE_PIXELS`` ~ 89.5 MP), which this module never changes."""
@@ -155,13 +160,17 @@ def scan_folder(root: Path, share: _Share) -> tuple[list[ImageRecord], list[Prob
     records: list[ImageRecord] = []
     problems: list[Problem] = []
     for folder, names in _walk(root, share, problems):
-        captions = {Path(n).stem: n for n in names if Path(n).suffix.lower() == ".txt"}
+        captions = {Path(n).stem: n for n in names if Path(n).suffix.lower() == CAPTION_EXTENSION}
         for name in names:
-            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+            suffix = Path(name).suffix.lower()
+            if suffix == CAPTION_EXTENSION:
                 continue
             file = folder / name
             key = file.relative_to(root).as_posix()
             if not share.take(key):
+                continue
+            if suffix not in IMAGE_EXTENSIONS:
+                problems.append(Problem(key, file, f"{UNSUPPORTED}; skipped"))
                 continue
             try:
                 check_key(key)
@@ -270,9 +279,10 @@ def _add_unique(records: dict[str, ImageRecord], record: ImageRecord, where: str
 
 
 def _decode_line(raw: bytes) -> str:
-    """One manifest line as text; a line that is not UTF-8 is refused (its path could be anything)."""
+    """One manifest line as text; a line that is not UTF-8 is refused (its path could be anything). A
+    UTF-8 byte-order mark (line 1 of a manifest saved by a Windows editor) is dropped."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
         raise ValueError(f"not UTF-8: byte {raw[err.start]:#04x} at column {err.start + 1}") from err
 
@@ -314,7 +324,7 @@ def _manifest_record(root: Path, key: str, entry: dict, problems: list[Problem])
     raw = entry["image"]
     path = root / key
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise ValueError(f"unsupported extension: {raw!r}")
+        raise ValueError(f"{UNSUPPORTED}: {raw!r}")
     try:
         exists = path.is_file()
     except OSError as err:  # e.g. ENAMETOOLONG: is_file() only swallows "not found" errors
@@ -350,15 +360,28 @@ def _declared_size(entry: dict) -> tuple[int, int] | None:
 def _read_caption(path: Path, key: str, problems: list[Problem]) -> str | None:
     """Stripped caption text, or None (plus a problem) when the file cannot be read.
 
-    Bytes that are not UTF-8 become U+FFFD and the caption is kept, with a problem naming the
-    byte: one stray Latin-1 byte in an artist tag should not make the image train unconditioned
-    (an empty caption), and every other tag of the caption is still right.
+    A byte-order mark picks the codec (UTF-8 or UTF-16, as Windows editors write them) and is dropped;
+    anything else is read as UTF-8. Bytes that are not UTF-8 become U+FFFD and the caption is kept,
+    with a problem naming the byte: one stray Latin-1 byte in an artist tag should not make the image
+    train unconditioned (an empty caption), and every other tag of the caption is still right.
     """
     try:
         data = path.read_bytes()
     except OSError as err:
         problems.append(Problem(key, path, f"unreadable caption: {err}"))
         return None
+    codec = next((codec for bom, codec in BOMS if data.startswith(bom)), None)
+    if codec is not None:
+        try:
+            return data.decode(codec).strip()
+        except UnicodeDecodeError as err:
+            problems.append(Problem(key, path, f"caption not {codec}: bytes {err.start}-{err.end} are "
+                                               "invalid, kept with U+FFFD in their place"))
+            return data.decode(codec, errors="replace").strip()
+    if b"\x00" in data:  # UTF-16 without a BOM: ASCII text with a NUL after (or before) every byte
+        problems.append(Problem(key, path, "caption holds NUL bytes (UTF-16 without a byte-order mark?): "
+                                           "NULs removed; save it as UTF-8"))
+        data = data.replace(b"\x00", b"")
     try:
         return data.decode("utf-8").strip()
     except UnicodeDecodeError as err:
