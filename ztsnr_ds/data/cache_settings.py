@@ -21,9 +21,12 @@ NOT_CACHE_SETTINGS = ("cache_dir", "shard_max_mb")  # where the cache lies, how 
 
 
 def cache_settings(data) -> dict:
-    """The data.* settings a cache depends on (a CacheConfig), JSON-able; the source as an absolute path."""
-    settings = {k: v for k, v in asdict(data).items() if k not in NOT_CACHE_SETTINGS}
-    settings["source"] = str(Path(data.source).resolve())
+    """The data.* settings a cache depends on (a CacheConfig), JSON-able. The sources as [name, absolute
+    path, template] each (data.source is the source named ""): their repeats and caption edits act per
+    use, not on the cache, so changing them needs no rebuild."""
+    skip = (*NOT_CACHE_SETTINGS, "source", "sources")
+    settings = {k: v for k, v in asdict(data).items() if k not in skip}
+    settings["sources"] = [[s.name, str(Path(s.path).resolve()), s.template] for s in data.source_list()]
     return json.loads(json.dumps(settings))
 
 

@@ -224,6 +224,7 @@ class CacheIndex:
         names += ["source"] if "sources" in meta else []
         try:
             self.columns = {name: self._column(folder, name) for name in names}
+            self.columns.setdefault("source", np.broadcast_to(np.int16(0), (self.rows,)))  # no memory per row
             self.keys_blob = self._blob(folder / "keys.bin", self.columns["key_offsets"])
             self.captions_blob = self._blob(folder / "captions.bin", self.columns["caption_offsets"])
             self._check(starts)
@@ -231,7 +232,6 @@ class CacheIndex:
             if damaged := self.column_problems():
                 raise CacheError(f"{root / INDEX}: {'; '.join(damaged)}") from err
             raise
-        self.columns.setdefault("source", np.broadcast_to(np.int16(0), (self.rows,)))  # no memory per row
         by_bucket = self.columns["by_bucket"]
         self.buckets = {key: by_bucket[starts[i]:starts[i + 1]] for i, key in enumerate(self.bucket_keys)}
 
