@@ -40,6 +40,7 @@ RUN_FLAGS = ("--help", "--print_config")
 def parsers() -> dict[str, object]:
     """Each launch script's own argument parsing, by script name."""
     from ztsnr_ds.config import build_parser
+    from ztsnr_ds.vae_config import build_parser as vae_parser
 
     def load(name: str) -> dict:
         return runpy.run_path(str(ROOT / "launch" / name))
@@ -51,6 +52,8 @@ def parsers() -> dict[str, object]:
         "sample.py": lambda argv: load("sample.py")["build_parser"]().parse_args(argv),
         "posthoc_ema.py": lambda argv: load("posthoc_ema.py")["build_parser"]().parse_args(argv),
         "gpu_check.py": lambda argv: load("gpu_check.py")["parse_args"](argv),
+        "extract_lora.py": lambda argv: load("extract_lora.py")["build_parser"]().parse_args(argv),
+        "train_vae.py": lambda argv: vae_parser().parse_args(argv),
     }
 
 
@@ -130,6 +133,7 @@ def test_every_option_of_the_launch_scripts_has_help(monkeypatch):
     """`--help` explains every option: train.py's from the config fields' docstrings, the others' help=."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     from ztsnr_ds.config import build_parser
+    from ztsnr_ds.vae_config import build_parser as vae_parser
 
     scripts = {"cache.py": "cli_parser", "export.py": "build_parser", "sample.py": "build_parser",
                "posthoc_ema.py": "build_parser"}

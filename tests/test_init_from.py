@@ -89,7 +89,7 @@ def test_new_run_starts_from_saved_optimizer_and_ema_bitwise(run_config, source,
     # a restart of the new run resumes its own tag (and says so) and keeps the lineage
     capsys.readouterr()
     _, config_dict = parse(["--config", str(run_config), "--trainer.output_dir", str(tmp_path / "b"),
-                            "--trainer.init_from", str(src_dir), "--trainer.max_steps", "2"])
+                            "--trainer.init_from", str(src_dir), "--trainer.max_steps", "2", *EMA])
     assert config_dict["lineage"] == lineage
     assert "not applied, the run resumes its own checkpoint" in capsys.readouterr().err
 
@@ -112,4 +112,4 @@ def test_bad_init_from_names_the_key(run_config, source, tmp_path):
     for value, out in ((str(tmp_path / "missing"), tmp_path / "d"), (str(src_dir), src_dir)):
         with pytest.raises(ConfigError, match="trainer.init_from"):
             parse(["--config", str(run_config), "--trainer.output_dir", str(out),
-                   "--trainer.init_from", value])
+                   "--trainer.init_from", value, *EMA])
