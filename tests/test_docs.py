@@ -133,7 +133,6 @@ def test_every_option_of_the_launch_scripts_has_help(monkeypatch):
     """`--help` explains every option: train.py's from the config fields' docstrings, the others' help=."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     from ztsnr_ds.config import build_parser
-    from ztsnr_ds.vae_config import build_parser as vae_parser
 
     scripts = {"cache.py": "cli_parser", "export.py": "build_parser", "sample.py": "build_parser",
                "posthoc_ema.py": "build_parser"}
