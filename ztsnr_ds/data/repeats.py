@@ -103,14 +103,14 @@ class EpochUses:
 
     def _draw(self, rng: np.random.Generator) -> dict[int, np.ndarray]:
         """Each fractional source's extras: a mask over its rows, bucket after bucket, with k_s set, every
-        k-subset of the n rows equally likely. Each row draws a 16-bit uniform key; the rows whose key is
+        k-subset of the n rows equally likely. Each row draws an 8-bit uniform key; the rows whose key is
         below v, the k-th smallest key, are in, and a uniform choice of the rest among the rows at v (about
-        n / 65536 of them): two passes over 2-byte keys instead of a partition of n floats."""
+        n / 256 of them): a few passes over 1-byte keys instead of a partition of n floats."""
         masks = {}
         for s in np.flatnonzero(self.extras).tolist():  # a loop over the sources, not the rows
             n, k = int(self.images[s]), int(self.extras[s])
-            key = rng.integers(0, 1 << 16, n, dtype=np.uint16)
-            at_most = np.cumsum(np.bincount(key, minlength=1 << 16))  # (65536,) rows with key <= v
+            key = rng.integers(0, 256, n, dtype=np.uint8)
+            at_most = np.cumsum(np.bincount(key, minlength=256))  # (256,) rows with key <= v
             v = int(np.searchsorted(at_most, k))  # the smallest v with at_most[v] >= k
             masks[s] = key < v
             rest = k - (int(at_most[v - 1]) if v else 0)
@@ -174,15 +174,15 @@ def source_table(sources: dict[str, dict]) -> list[str]:
 
 def seen_by_step(source: np.ndarray | None, step_starts: np.ndarray, count: int) -> np.ndarray:
     """Samples of each of ``count`` sources before each step: row k counts source[:step_starts[k]] (the
-    source of every use in plan order; None for one source: the steps' starts). One cumulative count per
-    source but the last (the rest), in int32 where an epoch's uses fit.
+    source of every use in plan order; None for one source: the steps' starts). Each source but the last
+    (the rest) is counted per step, then summed over the steps: no array of N counts.
     Shape: (N,), (K + 1,) -> (K + 1, S)."""
     starts = np.asarray(step_starts, dtype=np.int64)
     if count == 1:
         return starts[:, None]
     seen = np.zeros((len(starts), count), dtype=np.int64)  # every step holds >= 1 id: starts[1:] >= 1
-    total = np.int32 if len(source) < 2**31 else np.int64
     for s in range(count - 1):
-        seen[1:, s] = np.cumsum(source == s, dtype=total)[starts[1:] - 1]
+        per_step = np.add.reduceat((source == s).view(np.uint8), starts[:-1], dtype=np.int32)  # bytes: fast
+        seen[1:, s] = per_step.cumsum(dtype=np.int64)
     seen[:, -1] = starts - seen[:, :-1].sum(1)
     return seen

@@ -515,7 +515,7 @@ def _fingerprint(keys: Sequence[str], buckets: Sequence[np.ndarray]) -> str:
     digest = hashlib.blake2b(digest_size=32)
     for key, ids in zip(keys, buckets):
         digest.update(f"{key}:{len(ids)};".encode())
-        digest.update(ids.astype("<i8", copy=False).tobytes())
+        digest.update(ids.astype("<i8", copy=False))  # the buffer itself: no bytes copy
     return digest.hexdigest()
 
 
