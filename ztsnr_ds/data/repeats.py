@@ -36,8 +36,11 @@ class SourceRepeats:
         return len(self.source)
 
     def digest(self) -> str:
-        """Of the names and repeats: a resume under other repeats would plan other epochs."""
-        text = ";".join(f"{name}={float(r)!r}" for name, r in zip(self.names, self.repeats, strict=True))
+        """Of the names, the repeats and the way uses are drawn ("uses 2": EpochUses' layout and draw, so a
+        checkpoint of the first version is refused, not silently continued on other epochs): a resume
+        under other repeats would plan other epochs."""
+        text = "uses 2;" + ";".join(f"{name}={float(r)!r}"
+                                    for name, r in zip(self.names, self.repeats, strict=True))
         return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
