@@ -94,6 +94,9 @@ class EpochUses:
         self.whole = np.floor(mix.repeats).astype(np.int64)
         if self.whole.max(initial=0) > 127:
             raise ValueError(f"data.sources repeats {mix.repeats.max():g}: at most 127 per epoch")
+        if (self.whole.max(initial=0) + 1) * self.rows >= 1 << ROW_BITS:
+            raise ValueError(f"data.sources repeats: {self.rows} cached rows are too many to repeat (use ids "
+                             f"need < 2^{ROW_BITS})")
         self.grouped, counts = [], []  # B x (n_b,) rows by source; (B, S) rows per source
         for ids in buckets:
             source = mix.source[ids]
