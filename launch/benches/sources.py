@@ -18,8 +18,8 @@ from launch.benches import arg, benchmark, interleaved_times
 )
 def bench_sources(args: argparse.Namespace) -> None:
     """Sampler start-up and one epoch's rank plan: 3 sources with repeats 2.5 / 1 / 0.5 (shares 0.2 / 0.3 /
-    0.5 of the rows, so an epoch has 1.05 N uses) and one source against no sources (the sampler as it
-    was before data.sources), in one process.
+    0.5 of the rows, so an epoch has 1.05 N uses) and one source against no sources (the sampler's path
+    without data.sources), in one process.
 
     Timed: the sampler's construction (uniqueness check, digest, per-source counts, epoch 0) and a later
     epoch's rank plan with this rank's samples-seen counts (what the trainer computes once an epoch); also
@@ -59,8 +59,7 @@ def bench_sources(args: argparse.Namespace) -> None:
     print(f"{args.rows:,} rows in {len(keys)} NAI buckets, world {args.world}, micro-batch "
           f"{args.micro_batch}, median of {args.repeats} (interleaved). Uses per epoch: single "
           f"{uses['single']:,}, 3 sources {uses['3 sources']:,}.\n")
-    print("| case | no sources (before) s | 1 source s | 3 sources s | 1 / before | 3 / before "
-          "| 3 / before per use |")
+    print("| case | no sources s | 1 source s | 3 sources s | 1 / none | 3 / none | 3 / none per use |")
     print("|---|---|---|---|---|---|---|")
     for what in ("init", "plan"):
         a, b, c = (med[f"{what} {name}"] for name in ("none", "single", "3 sources"))

@@ -36,8 +36,11 @@ class SourceRepeats:
         return len(self.source)
 
     def digest(self) -> str:
-        """Of the names and repeats: a resume under other repeats would plan other epochs."""
-        text = ";".join(f"{name}={float(r)!r}" for name, r in zip(self.names, self.repeats, strict=True))
+        """Of the names, the repeats and the way uses are drawn ("uses 2": EpochUses' layout and draw, so a
+        checkpoint of the first version is refused, not silently continued on other epochs): a resume
+        under other repeats would plan other epochs."""
+        text = "uses 2;" + ";".join(f"{name}={float(r)!r}"
+                                    for name, r in zip(self.names, self.repeats, strict=True))
         return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
@@ -71,40 +74,84 @@ def images_per_source(buckets: Sequence[np.ndarray], mix: SourceRepeats) -> np.n
     return np.bincount(mix.source[rows], minlength=len(mix.names)).astype(np.int64)
 
 
+ROW_BITS = 48
+"""A packed use id (EpochUses) holds the use id in its low 48 bits and the use's source above them."""
+
+
 class EpochUses:
-    """Each bucket's use ids per epoch (module docstring): row i of source s appears floor(r_s) times,
-    plus once more if drawn into the source's k_s extras (drawn over the whole source, so the counts per
-    source are exact whatever the buckets). What does not change between epochs is kept from the start:
-    each training row's whole copies (1 byte a row) and the rows of each source with a fractional part;
-    an epoch then costs its k_s draws and a few vectorised passes per bucket."""
+    """Each epoch's use ids (module docstring), laid out bucket after bucket for `sampler.plan_pool`, which
+    permutes each bucket's run in place: row i of source s appears floor(r_s) times, plus once more if drawn
+    into the source's k_s extras (drawn over the whole source, so the counts per source are exact whatever
+    the buckets). Each use id is packed with its source (ROW_BITS) at no cost, so the plan's sources are
+    read back without a lookup per use (`unpack_sources`).
 
-    def __init__(self, buckets: Sequence[np.ndarray], mix: SourceRepeats, images: np.ndarray) -> None:
-        self.buckets, self.rows = [np.asarray(ids, dtype=np.int64) for ids in buckets], mix.rows
-        whole = np.floor(mix.repeats).astype(np.int64)
-        if whole.max(initial=0) > 127:
+    Kept from the start: each bucket's rows grouped by source (one slice per source and bucket); an epoch
+    then costs its k_s draws (over the rows of the sources with a fractional part only) and one write of
+    every use, a slice at a time (a loop over buckets x sources x copies, not the rows)."""
+
+    def __init__(self, buckets: Sequence[np.ndarray], mix: SourceRepeats) -> None:
+        self.rows, count = mix.rows, len(mix.names)
+        self.whole = np.floor(mix.repeats).astype(np.int64)
+        if self.whole.max(initial=0) > 127:
             raise ValueError(f"data.sources repeats {mix.repeats.max():g}: at most 127 per epoch")
-        self.copies = [whole[mix.source[ids]].astype(np.int8) for ids in self.buckets]  # B x (n_b,)
-        self.extras = uses_per_source(images, mix.repeats) - whole * images  # k_s (images: per source)
-        self.members = {}
-        if self.extras.any():
-            rows = np.concatenate(self.buckets)  # (N,)
-            source = mix.source[rows]
-            self.members = {int(s): rows[source == s] for s in np.flatnonzero(self.extras)}
-        self.most = int(whole.max(initial=0))
+        if (self.whole.max(initial=0) + 1) * self.rows >= 1 << ROW_BITS:
+            raise ValueError(f"data.sources repeats: {self.rows} cached rows are too many to repeat (use ids "
+                             f"need < 2^{ROW_BITS})")
+        self.grouped, counts = [], []  # B x (n_b,) rows by source; (B, S) rows per source
+        for ids in buckets:
+            source = mix.source[ids]
+            self.grouped.append(np.concatenate([ids[source == s] for s in range(count)]))
+            counts.append(np.bincount(source, minlength=count))
+        self.counts = np.array(counts, dtype=np.int64).reshape(len(buckets), count)
+        self.images = self.counts.sum(0)  # (S,) training images per source
+        self.extras = uses_per_source(self.images, mix.repeats) - self.whole * self.images  # k_s
+        self.runs = np.c_[np.zeros(len(buckets), np.int64), np.cumsum(self.counts, axis=1)]  # (B, S + 1)
 
-    def __call__(self, rng: np.random.Generator) -> list[np.ndarray]:
-        """The use ids of one epoch, bucket by bucket, the extras drawn from ``rng``. Shape: B x (uses_b,)."""
-        extra = np.zeros(self.rows, dtype=bool)  # (R,) rows with a use more this epoch
-        for s, members in self.members.items():  # a loop over the sources, not the rows
-            k = int(self.extras[s])  # the k smallest of n uniform draws: k of n without replacement
-            extra[members[np.argpartition(rng.random(len(members), dtype=np.float32), k - 1)[:k]]] = True
-        out = []
-        for ids, copies in zip(self.buckets, self.copies, strict=True):
-            parts = [ids[copies > c] + c * self.rows for c in range(self.most)]
-            more = extra[ids]
-            parts.append(ids[more] + copies[more].astype(np.int64) * self.rows)
-            out.append(np.concatenate(parts))
-        return out
+    def _draw(self, rng: np.random.Generator) -> dict[int, np.ndarray]:
+        """Each fractional source's extras: a mask over its rows, bucket after bucket, with k_s set, every
+        k-subset of the n rows equally likely. Each row draws an 8-bit uniform key; the rows whose key is
+        below v, the k-th smallest key, are in, and a uniform choice of the rest among the rows at v (about
+        n / 256 of them): a few passes over 1-byte keys instead of a partition of n floats."""
+        masks = {}
+        for s in np.flatnonzero(self.extras).tolist():  # a loop over the sources, not the rows
+            n, k = int(self.images[s]), int(self.extras[s])
+            key = rng.integers(0, 256, n, dtype=np.uint8)
+            at_most = np.cumsum(np.bincount(key, minlength=256))  # (256,) rows with key <= v
+            v = int(np.searchsorted(at_most, k))  # the smallest v with at_most[v] >= k
+            masks[s] = key < v
+            rest = k - (int(at_most[v - 1]) if v else 0)
+            masks[s][rng.choice(np.flatnonzero(key == v), rest, replace=False)] = True
+        return masks
+
+    def __call__(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """The packed use ids of one epoch, bucket after bucket, the extras drawn from ``rng``, and the
+        uses of each bucket. Shape: (U,), (B,)."""
+        masks = self._draw(rng)
+        bounds = {s: np.r_[0, np.cumsum(self.counts[:, s])] for s in masks}  # each bucket's part of a mask
+        extra = [[(s, masks[s][bounds[s][b]:bounds[s][b + 1]]) for s in masks] for b in range(len(self.runs))]
+        drawn = np.array([[np.count_nonzero(m) for _, m in more] for more in extra], np.int64)
+        sizes = self.counts @ self.whole + drawn.reshape(len(self.runs), -1).sum(1)
+        pool, at = np.empty(int(sizes.sum()), dtype=np.int64), 0
+        for ids, run, more in zip(self.grouped, self.runs.tolist(), extra):
+            for c in range(int(self.whole.max(initial=0))):  # copy c: every source with more than c copies
+                for s in np.flatnonzero(self.whole > c).tolist():  # a source at a time: its ids carry it
+                    n = run[s + 1] - run[s]
+                    np.add(ids[run[s]:run[s + 1]], c * self.rows + (s << ROW_BITS), out=pool[at:at + n])
+                    at += n
+            for s, mask in more:  # one use more of the drawn rows
+                n = int(np.count_nonzero(mask))
+                np.compress(mask, ids[run[s]:run[s + 1]], out=pool[at:at + n])
+                pool[at:at + n] += int(self.whole[s]) * self.rows + (s << ROW_BITS)
+                at += n
+        return pool, sizes
+
+
+def unpack_sources(uses: np.ndarray) -> np.ndarray:
+    """The source of every packed use id (EpochUses): its top 16 bits, read as a strided view (no shift of
+    the whole array); unpacks ``uses`` in place. Shape: (N,) int64 -> (N,) int16."""
+    source = uses.view(np.int16)[3 if np.little_endian else 0::4].copy()
+    np.bitwise_and(uses, (1 << ROW_BITS) - 1, out=uses)
+    return source
 
 
 def source_summary(images: np.ndarray, mix: SourceRepeats, world_size: int) -> dict[str, dict]:
@@ -131,13 +178,17 @@ def source_table(sources: dict[str, dict]) -> list[str]:
     return lines
 
 
-def seen_by_step(uses: np.ndarray, step_starts: np.ndarray, mix: SourceRepeats) -> np.ndarray:
-    """Samples of each source in an epoch plan before each step: row k counts the use ids
-    uses[:step_starts[k]] by source (one source: the steps' starts). Shape: (N,), (K + 1,) -> (K + 1, S)."""
-    if len(mix.names) == 1:
-        return np.asarray(step_starts, dtype=np.int64)[:, None]
-    source = np.take(mix.source, uses, mode="wrap")  # (N,) the source of row u mod R
-    starts = np.asarray(step_starts[:-1], dtype=np.int64)  # every step holds >= 1 id: no empty segment
-    per_step = np.column_stack([np.add.reduceat(source == s, starts, dtype=np.int64)
-                                for s in range(len(mix.names))])  # (K, S)
-    return np.vstack([np.zeros((1, len(mix.names)), np.int64), per_step.cumsum(0)])
+def seen_by_step(source: np.ndarray | None, step_starts: np.ndarray, count: int) -> np.ndarray:
+    """Samples of each of ``count`` sources before each step: row k counts source[:step_starts[k]] (the
+    source of every use in plan order; None for one source: the steps' starts). Each source but the last
+    (the rest) is counted per step, then summed over the steps: no array of N counts.
+    Shape: (N,), (K + 1,) -> (K + 1, S)."""
+    starts = np.asarray(step_starts, dtype=np.int64)
+    if count == 1:
+        return starts[:, None]
+    seen = np.zeros((len(starts), count), dtype=np.int64)  # every step holds >= 1 id: starts[1:] >= 1
+    for s in range(count - 1):
+        per_step = np.add.reduceat((source == s).view(np.uint8), starts[:-1], dtype=np.int32)  # bytes: fast
+        seen[1:, s] = per_step.cumsum(dtype=np.int64)
+    seen[:, -1] = starts - seen[:, :-1].sum(1)
+    return seen

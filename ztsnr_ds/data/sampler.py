@@ -49,6 +49,7 @@ from ztsnr_ds.data.repeats import (
     seen_by_step,
     source_summary,
     source_table,
+    unpack_sources,
 )
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,17 @@ def plan_epoch(buckets: Sequence[np.ndarray], micro_batches: np.ndarray, world_s
     """The plan of the module docstring for buckets (index order) and per-bucket micro-batches;
     rng None keeps ids and batches in order. Needs sum of sizes >= world_size."""
     sizes = np.array([len(ids) for ids in buckets], dtype=np.int64)
-    pool = np.concatenate([rng.permutation(ids) if rng is not None else ids for ids in buckets])  # (N,)
+    return plan_pool(np.concatenate(buckets), sizes, micro_batches, world_size, rng)
+
+
+def plan_pool(pool: np.ndarray, sizes: np.ndarray, micro_batches: np.ndarray, world_size: int,
+              rng: np.random.Generator | None) -> EpochPlan:
+    """`plan_epoch` of the buckets laid out one after another in `pool` (sizes[b] ids each), which it
+    permutes in place, bucket by bucket (the draws of ``rng.permutation`` of each bucket: one whole copy
+    of the ids fewer). Shape: pool (N,), sizes (B,)."""
+    if rng is not None:
+        for first, end in zip((np.cumsum(sizes) - sizes).tolist(), np.cumsum(sizes).tolist()):
+            rng.shuffle(pool[first:end])
     bucket, start, size = _global_batches(sizes, micro_batches * world_size)
     if rng is not None:
         order = rng.permutation(len(size))
@@ -150,13 +161,14 @@ def _join_small(bucket: np.ndarray, start: np.ndarray, size: np.ndarray, caps: n
     ids (one id per rank, so no micro-batch grows), each placed where its first tail was; the L < W ids
     left over join a step with room for them (`_host`), else get W - L ids of a `_donor` step and follow
     it as one more step of W, else wait for another epoch. Returns the pieces in step order and their step
-    index.
+    index. Python runs over the tails only; the one-batch steps stay arrays (key 2i: batch i's place).
     Shape: 4 x (P,)."""
     small = np.flatnonzero(size < world_size)
     if not len(small):
         return bucket, start, size, np.arange(len(size))
-    steps: dict[float, list[Piece]] = {int(i): [(int(bucket[i]), int(start[i]), int(size[i]))]
-                                       for i in np.flatnonzero(size >= world_size)}
+    big = np.flatnonzero(size >= world_size)  # the one-batch steps
+    big_size = size[big]
+    groups: dict[int, list[Piece]] = {}
     group: list[Piece] = []
     need, at = world_size, 0
     for i in small:  # Python over the tails only
@@ -167,39 +179,53 @@ def _join_small(bucket: np.ndarray, start: np.ndarray, size: np.ndarray, caps: n
             group.append((b, first, take))
             first, left, need = first + take, left - take, need - take
             if not need:
-                steps[at], group, need = group, [], world_size
-    host = _host(steps, group, caps, world_size) if group else None
-    donor = _donor(steps, need, world_size) if group and host is None else None
+                groups[2 * at], group, need = group, [], world_size
+    host = _host(bucket[big], big_size, big, groups, group, caps, world_size) if group else None
+    donor = _donor(big_size, big, need, world_size) if group and host is None else None
     if host is not None:
-        steps[host] += group
+        groups[host] = groups.get(host, []) + group  # after the host's own pieces (stable sort below)
     elif donor is not None:  # the donor keeps size - need >= W ids: its micro-batches only shrink
-        ((b, first, n),) = steps[donor]
-        steps[donor] = [(b, first, n - need)]
-        steps[donor + 0.5] = [(b, first + n - need, need), *group]
-    ordered = [piece for key in sorted(steps) for piece in steps[key]]
-    step = np.repeat(np.arange(len(steps)), [len(steps[key]) for key in sorted(steps)])
-    return (*np.array(ordered, dtype=np.int64).reshape(-1, 3).T, step)
+        j = int(np.searchsorted(big, donor))
+        big_size = big_size.copy()
+        big_size[j] -= need
+        groups[2 * donor + 1] = [(int(bucket[donor]), int(start[donor] + big_size[j]), need), *group]
+    extra = np.array([(key, *piece) for key, pieces in groups.items() for piece in pieces],
+                     dtype=np.int64).reshape(-1, 4).T
+    key = np.r_[2 * big, extra[0]]
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    step = np.cumsum(np.r_[True, key[1:] != key[:-1]]) - 1
+    return (np.r_[bucket[big], extra[1]][order], np.r_[start[big], extra[2]][order],
+            np.r_[big_size, extra[3]][order], step)
 
 
-def _donor(steps: dict[float, list[Piece]], need: int, world_size: int) -> int | None:
-    """The one-bucket step that can give `need` ids and keep >= W: the largest, then the last; None if
+def _donor(big_size: np.ndarray, big: np.ndarray, need: int, world_size: int) -> int | None:
+    """The one-batch step that can give `need` ids and keep >= W: the largest, then the last; None if
     there is none (every step holds < W + need ids)."""
-    sizes = [(pieces[0][2], key) for key, pieces in steps.items() if len(pieces) == 1]
-    best = max(sizes, default=(0, None))
-    return best[1] if best[0] >= world_size + need else None
+    if not len(big):
+        return None
+    best = int(big[big_size == big_size.max()].max())
+    return best if int(big_size.max()) >= world_size + need else None
 
 
-def _host(steps: dict[float, list[Piece]], leftover: list[Piece], caps: np.ndarray,
-          world_size: int) -> float | None:
+def _host(big_bucket: np.ndarray, big_size: np.ndarray, big: np.ndarray, groups: dict[int, list[Piece]],
+          leftover: list[Piece], caps: np.ndarray, world_size: int) -> int | None:
     """A step whose W micro-batches can hold the leftover pieces too with none over its bucket's micro-batch
     (sum of ceil(size / m_b) over all pieces <= W): the one with the most spare micro-batches, then the
-    fewest ids, then the last; None if no step has the room."""
-    def spare(pieces: list[Piece]) -> int:
-        return world_size - sum(-(-s // int(caps[b])) for b, _, s in pieces + leftover)
+    fewest ids, then the last; None if no step has the room. Returns its key (`_join_small`)."""
+    def slots(pieces: list[Piece]) -> int:
+        return sum(-(-s // int(caps[b])) for b, _, s in pieces)
 
-    fits = [key for key, pieces in steps.items() if spare(pieces) >= 0]
-    return max(fits, key=lambda key: (spare(steps[key]), -sum(s for _, _, s in steps[key]), key),
-               default=None)
+    room = world_size - slots(leftover)
+    spare = room - (-(-big_size // caps[big_bucket]))  # the one-batch steps, vectorised
+    fits = np.flatnonzero(spare >= 0)
+    best = []
+    if len(fits):
+        j = fits[np.lexsort((big[fits], -big_size[fits], spare[fits]))[-1]]
+        best.append((int(spare[j]), -int(big_size[j]), 2 * int(big[j])))
+    best += [(room - slots(pieces), -sum(s for _, _, s in pieces), key) for key, pieces in groups.items()
+             if room - slots(pieces) >= 0]
+    return max(best, default=(0, 0, None))[2]
 
 
 def _split_steps(size: np.ndarray, bucket: np.ndarray, step: np.ndarray, caps: np.ndarray,
@@ -265,25 +291,37 @@ class BucketBatchSampler:
         self.seed, self.shuffle, self.base_area = seed, shuffle, base_area
         self.micro_batches = bucket_micro_batches(self.keys, micro_batch, base_area)
         self.repeats, self.resume_data, self._seen = repeats, resume_data, {}
-        images = images_per_source(self._buckets, repeats) if repeats is not None else None
+        self._uses = EpochUses(self._buckets, repeats) if self._repeating else None
+        images = self._uses.images if self._uses is not None else (
+            images_per_source(self._buckets, repeats) if repeats is not None else None)
         self.sources = source_summary(images, repeats, world_size) if repeats is not None else None
         self._digest = _fingerprint(self.keys, self._buckets) + (repeats.digest() if self._repeating else "")
-        self._uses = EpochUses(self._buckets, repeats, images) if self._repeating else None
-        first = self.plan(0)
+        first, self._seen[0] = self._planned(0)
         self.summary_dict = self._summarise(first)
         self._plans = {0: first.rank_plan(rank)}
-        self._count_sources(0, first)
         self.epoch, self.position = 0, 0
 
     # ---- the plan -------------------------------------------------------------------------------
 
     def plan(self, epoch: int) -> EpochPlan:
         """All ranks' plan of `epoch` (pure: the same on every rank)."""
+        return self._planned(epoch)[0]
+
+    def _planned(self, epoch: int) -> tuple[EpochPlan, np.ndarray | None]:
+        """The plan of `epoch` and, with sources, its (steps + 1, sources) samples of each source before
+        step k (all ranks; `seen_by_step`), read from the packed use ids with repeats."""
         rng = np.random.default_rng(_epoch_seed(self.seed, epoch)) if self.shuffle else None
-        buckets = self._buckets
-        if self._uses is not None:  # its own generator: the plan's draws stay those of a run without repeats
-            buckets = self._uses(np.random.default_rng([_epoch_seed(self.seed, epoch), 1]))
-        return plan_epoch(buckets, self.micro_batches, self.world_size, rng)
+        if self._uses is None:
+            plan = plan_epoch(self._buckets, self.micro_batches, self.world_size, rng)
+            several = self.repeats is not None and len(self.repeats.names) > 1
+            source = self.repeats.source[plan.ids] if several else None
+        else:  # its own generator: the plan's draws stay those of a run without repeats
+            pool, sizes = self._uses(np.random.default_rng([_epoch_seed(self.seed, epoch), 1]))
+            plan = plan_pool(pool, sizes, self.micro_batches, self.world_size, rng)
+            source = unpack_sources(plan.ids)
+        if self.repeats is None:
+            return plan, None
+        return plan, seen_by_step(source, plan.offsets[::self.world_size], len(self.repeats.names))
 
     @property
     def _repeating(self) -> bool:
@@ -293,16 +331,10 @@ class BucketBatchSampler:
         """This rank's plan of `epoch`, kept for the current and the next epoch only."""
         if epoch not in self._plans:
             self._plans = {e: p for e, p in self._plans.items() if e >= self.epoch}
-            plan = self.plan(epoch)
+            plan, seen = self._planned(epoch)
             self._plans[epoch] = plan.rank_plan(self.rank)
-            self._count_sources(epoch, plan)
+            self._seen = {e: v for e, v in self._seen.items() if e in self._plans} | {epoch: seen}
         return self._plans[epoch]
-
-    def _count_sources(self, epoch: int, plan: EpochPlan) -> None:
-        """Keep (steps + 1, sources): samples of each source before step k of `epoch` (all ranks)."""
-        if self.repeats is not None:
-            self._seen = {e: v for e, v in self._seen.items() if e in self._plans}
-            self._seen[epoch] = seen_by_step(plan.ids, plan.offsets[::self.world_size], self.repeats)
 
     def samples_seen(self) -> dict[str, int]:
         """{"seen/<source>": samples of that source all ranks trained on so far} (epochs before this one
@@ -483,7 +515,7 @@ def _fingerprint(keys: Sequence[str], buckets: Sequence[np.ndarray]) -> str:
     digest = hashlib.blake2b(digest_size=32)
     for key, ids in zip(keys, buckets):
         digest.update(f"{key}:{len(ids)};".encode())
-        digest.update(ids.astype("<i8", copy=False).tobytes())
+        digest.update(ids.astype("<i8", copy=False))  # the buffer itself: no bytes copy
     return digest.hexdigest()
 
 
