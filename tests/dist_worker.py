@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 tests/dist_worker.py --record DIR <launch/train.py arguments>
 
 The run is launch/train.py's (parse, init_distributed, Trainer, train); afterwards each rank writes
-DIR/rank{r}.pt with its module's weights, its optimizer partition right after resume, and the
+DIR/rank{r}.pt with its module's weights, its UNet group's optimizer partition right after resume, and the
 sample ids of every micro-batch it trained on. Only observation is added: nothing in the run changes.
 """
 
@@ -23,9 +23,10 @@ import torch  # noqa: E402
 from ztsnr_ds.config import parse_or_exit  # noqa: E402
 
 
-def partition(optimizer: torch.optim.Optimizer) -> dict:
-    """A copy of this rank's ZeRO partition as the client optimizer holds it: flat weights, state."""
-    (param,) = [p for group in optimizer.param_groups for p in group["params"]]
+def partition(optimizer: torch.optim.Optimizer, group: int = 0) -> dict:
+    """A copy of this rank's ZeRO partition of param group `group` (the UNet's: the first) as the client
+    optimizer holds it: flat weights, state. ZeRO gives the client one flat tensor per group."""
+    (param,) = optimizer.param_groups[group]["params"]
     state = optimizer.state[param]
     return {"param": param.detach().clone()} | {k: v.clone() if torch.is_tensor(v) else v
                                                  for k, v in state.items()}
