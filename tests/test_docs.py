@@ -22,7 +22,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_LIMIT = 8 * 1024
 
 NOT_RUN = {
-    r"^make demo$": "4.5 minutes of CPU; tests/test_demo.py checks its parts (VAE, data, the fp32 engine)",
+    r"^make demo$": "4 minutes of CPU; tests/test_demo.py checks its parts (VAE, data, the fp32 engine)",
     r"^make test\b": "the test suite itself",
     r"^python -m venv ": "creates a virtual environment and downloads torch (no network here)",
     r"^COMFYUI_DIR=": "needs a ComfyUI checkout; it is tests/test_comfyui.py with ComfyUI's location",
