@@ -12,6 +12,8 @@ a checkpoint after every step):
                 runs), resumed from one_rank's step 1
     text_one_rank, text_two_ranks
                 one_rank and two_ranks training both text encoders too, 2 steps
+    text_two_to_one
+                two_to_one of text_two_ranks (its step 1, text encoders trained)
 Global batch = micro-batch x world size = 4 in all of them, so every run draws the same global
 batches (see test_two_ranks_train_on_the_same_global_batches_as_one). The 20-image cache has buckets
 of 8 and 3 images: with seed 0 the first two steps are tails of 3 samples, which 2 ranks split 2 + 1.
@@ -199,6 +201,20 @@ def two_to_one(run_config, two_ranks, tmp_path_factory) -> Run:
 
 
 @pytest.fixture(scope="module")
+def text_two_to_one(run_config, text_two_ranks, tmp_path_factory) -> Run:
+    """text_two_ranks' step-1 checkpoint resumed on 1 rank, as two_to_one; `resumed` holds the partition of
+    every param group (UNet, CLIP-L, bigG), keyed by group index."""
+    out = tmp_path_factory.mktemp("text_two_to_one")
+    trainer, ids = in_process_run(run_config, out, 4, *TRAIN_TEXT, "--trainer.resume",
+                                  str(text_two_ranks.tag(RESUME_STEP)))
+    trainer.resume()
+    resumed = {g: partition(trainer.optimizer, g) for g in range(len(trainer.optimizer.param_groups))}
+    trainer.resume_tag = None  # resumed above; train() goes on from here
+    trainer.train()
+    return Run(out, ids, [trainer.engine.module.state_dict()], [resumed])
+
+
+@pytest.fixture(scope="module")
 def one_to_two(run_config, one_rank, tmp_path_factory) -> Run:
     """one_rank's step-1 checkpoint resumed by two single-process "nodes" (127.0.0.1 and localhost)."""
     out = tmp_path_factory.mktemp("one_to_two")
@@ -251,9 +267,10 @@ def saved_partitions(tag: Path, group: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def assert_resumed_bitwise(resumed: list[dict], tag: Path, n_params: int) -> None:
-    """The live partitions right after resume, joined, equal the saved ones bit for bit (padding aside)."""
-    saved = saved_partitions(tag)
+def assert_resumed_bitwise(resumed: list[dict], tag: Path, n_params: int, group: int = 0) -> None:
+    """The live partitions of param group `group` right after resume, joined, equal the saved ones bit for
+    bit (padding aside)."""
+    saved = saved_partitions(tag, group)
     for key, value in saved.items():
         live = torch.cat([r[key] for r in resumed])
         assert live.dtype == value.dtype == torch.bfloat16
@@ -378,6 +395,23 @@ def test_two_rank_checkpoint_resumes_on_one_rank(one_rank, two_ranks, two_to_one
     bit, and the run continues with the global batches the 2-rank run trained on next."""
     assert_moved_run_continues(two_to_one, two_ranks, one_rank, tiny_sdxl, world_size=1)
     assert (two_ranks.tag(RESUME_STEP) / checkpoint.UNIVERSAL_DIR / "zero").is_dir()
+
+
+def test_two_rank_checkpoint_with_trained_text_encoders_resumes_on_one_rank(text_two_ranks, text_two_to_one):
+    """2 -> 1 with both text encoders trained: the universal checkpoint re-cuts every param group (UNet,
+    CLIP-L, bigG) bit for bit, and the run continues with text_two_ranks' next global batch at its loss."""
+    unet, encoders = split_encoders(text_two_ranks.modules[0], list(ENCODERS.values()))
+    tag = text_two_ranks.tag(RESUME_STEP)
+    for group, component in enumerate([unet, *encoders.values()]):  # the param groups' order
+        n_params = sum(t.numel() for t in component.values())
+        assert_resumed_bitwise([r[group] for r in text_two_to_one.resumed], tag, n_params, group)
+        assert text_two_to_one.resumed[0][group]["exp_avg"][:n_params].float().norm() > 0, group  # trained
+    assert text_two_to_one.resumed[0].keys() == {0, 1, 2}
+    assert text_two_to_one.ids == text_two_ranks.ids[RESUME_STEP:]
+    later = {s: v for s, v in text_two_ranks.losses().items() if s > RESUME_STEP}
+    assert_losses_close(text_two_to_one.losses(), later, first=RESUME_STEP + 1)
+    assert checkpoint.read_state(text_two_to_one.tag(TEXT_STEPS))[checkpoint.WORLD_SIZE] == 1
+    assert (tag / checkpoint.UNIVERSAL_DIR / "zero").is_dir()
 
 
 def test_one_rank_checkpoint_resumes_on_two_nodes(one_rank, one_to_two, tiny_sdxl):
