@@ -40,7 +40,7 @@ import torch
 
 from ztsnr_ds import integrity, safe_load
 from ztsnr_ds.ema import SNAPSHOT_DIR
-from ztsnr_ds.engine import any_rank, wait_group
+from ztsnr_ds.engine import any_rank, build_ds_config, wait_group
 
 STATE_FILE = "ztsnr_state.json"
 LATEST_FILE = "latest"
@@ -373,6 +373,16 @@ def _rotate(checkpoint_dir: Path, keep_last: int, current: Path) -> None:
     for tag in checkpoint_dir.glob(f"{TAG_PREFIX}*"):
         if tag.is_dir() and tag not in keep and tag.name < current.name:
             shutil.rmtree(tag, ignore_errors=True)
+
+
+def resume_ds_config(path: str | Path, micro_batch: int, grad_accum: int, world_size: int,
+                     tag_dir: Path | None) -> dict:
+    """engine.build_ds_config for an engine that will load ``tag_dir`` (None: a fresh start): a tag saved
+    by another number of ranks needs ``"checkpoint": {"load_universal": true}`` (`needs_universal`)."""
+    ds_config = build_ds_config(path, micro_batch, grad_accum, world_size)
+    if needs_universal(tag_dir, world_size):
+        ds_config["checkpoint"] = {"load_universal": True}
+    return ds_config
 
 
 def needs_universal(tag_dir: Path | None, world_size: int) -> bool:

@@ -32,7 +32,7 @@ from ztsnr_ds.config import TrainConfig, TrainerConfig
 from ztsnr_ds.data_checks import open_cache
 from ztsnr_ds.device import to_device
 from ztsnr_ds.ema import EMA_DIR, ShardedEMA
-from ztsnr_ds.engine import DistInfo, any_rank, build_ds_config, initialize, is_pure_bf16, wait_group
+from ztsnr_ds.engine import DistInfo, any_rank, initialize, is_pure_bf16, wait_group
 from ztsnr_ds.generate import SampleSpec, generate
 from ztsnr_ds.holdout import HoldoutLoss, holdout_count, holdout_ids, training_buckets
 from ztsnr_ds.metrics import BandMeter, MetricLogger
@@ -110,11 +110,9 @@ class Trainer:
     # ----------------------------------------------------------------------------- set-up
     def build_engine(self) -> None:
         cfg = self.cfg
-        ds_config = build_ds_config(cfg.deepspeed_config, cfg.trainer.micro_batch, cfg.trainer.grad_accum,
-                                    self.dist.world_size)
-        if checkpoint.needs_universal(self.resume_tag or init_from.source_tag(cfg.trainer.init_from),
-                                      self.dist.world_size):
-            ds_config["checkpoint"] = {"load_universal": True}  # another world size: ZeRO needs universal
+        loads = self.resume_tag or init_from.source_tag(cfg.trainer.init_from)  # the tag the engine loads
+        ds_config = checkpoint.resume_ds_config(cfg.deepspeed_config, cfg.trainer.micro_batch,
+                                                cfg.trainer.grad_accum, self.dist.world_size, loads)
         # Pure bf16 never holds fp32 weights, so load bf16; the fp32-master mode keeps full precision.
         dtype = torch.bfloat16 if is_pure_bf16(ds_config) else torch.float32
         unet = load_unet(cfg.model.unet_path or cfg.model.pretrained, dtype=dtype)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from ztsnr_ds import checkpoint
 from ztsnr_ds.data.sources import MISSING_CAPTION, BadImage, load_image, scan_share
 from ztsnr_ds.ema import EMA_DIR, ShardedEMA
-from ztsnr_ds.engine import DistInfo, any_rank, build_ds_config, initialize, is_pure_bf16, wait_group
+from ztsnr_ds.engine import DistInfo, any_rank, initialize, is_pure_bf16, wait_group
 from ztsnr_ds.image_metrics import psnr, ssim
 from ztsnr_ds.metrics import MetricLogger, image_grid
 from ztsnr_ds.optim import AdamWSR
@@ -73,10 +73,8 @@ class VAETrainer:
     def build_engine(self) -> None:
         """Decoder + post_quant_conv into the DeepSpeed engine; the encoder side frozen beside it."""
         cfg = self.cfg
-        ds_config = build_ds_config(cfg.deepspeed_config, cfg.trainer.micro_batch, cfg.trainer.grad_accum,
-                                    self.dist.world_size)
-        if checkpoint.needs_universal(self.resume_tag, self.dist.world_size):
-            ds_config["checkpoint"] = {"load_universal": True}
+        ds_config = checkpoint.resume_ds_config(cfg.deepspeed_config, cfg.trainer.micro_batch,
+                                                cfg.trainer.grad_accum, self.dist.world_size, self.resume_tag)
         dtype = torch.bfloat16 if is_pure_bf16(ds_config) else torch.float32
         vae = load_vae(cfg.model.pretrained, dtype)
         self.vae_config = json.loads(json.dumps(dict(vae.config), default=str))
